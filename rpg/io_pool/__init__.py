@@ -1,0 +1,31 @@
+"""rpg.io_pool: every blocking call rpg makes runs here, on real OS threads, never on a loop."""
+
+from rpg.io_pool.lane import (
+    IOPoolError,
+    IOTimeout,
+    Lane,
+    LaneClosed,
+    LaneDegraded,
+    LaneFull,
+)
+from rpg.io_pool.pool import NET, SPAWN, IOPool, read_mounts
+from rpg.io_pool.process import Child, SpawnError, spawn
+from rpg.io_pool.watch import LoopWatch, loop_blocked_total
+
+__all__ = [
+    "IOPool",
+    "Lane",
+    "IOPoolError",
+    "IOTimeout",
+    "LaneFull",
+    "LaneDegraded",
+    "LaneClosed",
+    "SPAWN",
+    "NET",
+    "read_mounts",
+    "Child",
+    "SpawnError",
+    "spawn",
+    "LoopWatch",
+    "loop_blocked_total",
+]

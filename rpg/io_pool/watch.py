@@ -1,0 +1,149 @@
+"""Loop watch: gevent's monitor thread for a loop rpg runs, plus a loop-lag ticker.
+
+Every block of the loop longer than ``gevent.config.max_blocking_time`` (default 0.1 s) becomes
+an ``EventLoopBlocked`` event; rpg logs it through structlog and counts it (per watch and in
+total). The ticker greenlet sleeps ``tick`` seconds at a time and records how late it woke up,
+which gives the loop-lag percentiles the benchmarks report.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from time import perf_counter
+from typing import Any
+
+import gevent
+import numpy as np
+import zope.event
+from gevent._monitor import PeriodicMonitoringThread
+from gevent.events import EventLoopBlocked
+
+from rpg.log import get_logger
+
+_total_lock = threading.Lock()
+_total_blocked = 0
+_watches: "weakref.WeakKeyDictionary[Any, LoopWatch]" = weakref.WeakKeyDictionary()
+
+
+def loop_blocked_total() -> int:
+    """EventLoopBlocked events seen by every LoopWatch in this process."""
+    return _total_blocked
+
+
+class _QuietMonitor(PeriodicMonitoringThread):
+    """gevent's monitor thread without the stderr dump: rpg logs the event instead."""
+
+    def _show_blocking_report(self, hub: Any, report: Any, active_greenlet: Any) -> Any:
+        return (active_greenlet, report)
+
+
+def _on_gevent_event(event: Any) -> None:
+    global _total_blocked
+    if not isinstance(event, EventLoopBlocked):
+        return
+    hub = getattr(event, "hub", None)
+    watch = _watches.get(hub) if hub is not None else None
+    if watch is None:
+        return
+    with _total_lock:
+        _total_blocked += 1
+    watch._blocked(event)
+
+
+zope.event.subscribers.append(_on_gevent_event)
+
+
+def _blocked_stack(info: Any) -> str:
+    """The blocked greenlet's stack from gevent's report, without the all-threads dump."""
+    lines: list[str] = []
+    for line in info or []:
+        text = str(line)
+        if text.startswith("Info:"):
+            break
+        if text.strip() and not text.startswith("===="):
+            lines.append(text)
+    return "\n".join(lines[-12:])
+
+
+class LoopWatch:
+    """Watches one gevent loop. ``start`` and ``stop`` must run in that loop's thread."""
+
+    def __init__(self, name: str, tick: float = 0.01, ring: int = 8192) -> None:
+        self.name = name
+        self.tick = tick
+        self.blocked_events = 0
+        self.max_blocked_s = 0.0
+        self._lags = np.zeros(ring, dtype=np.float64)
+        self._n = 0
+        self._hub: Any = None
+        self._monitor: Any = None
+        self._own_monitor = False
+        self._ticker: Any = None
+        self._log = get_logger("loop_watch", loop=name)
+
+    def start(self) -> "LoopWatch":
+        hub = gevent.get_hub()
+        self._hub = hub
+        _watches[hub] = self
+        if hub.periodic_monitoring_thread is None:
+            self._monitor = _QuietMonitor(hub)
+            hub.periodic_monitoring_thread = self._monitor
+            self._own_monitor = True
+        else:
+            self._monitor = hub.periodic_monitoring_thread
+        self._ticker = gevent.spawn(self._tick_loop)
+        return self
+
+    def _blocked(self, event: Any) -> None:
+        self.blocked_events += 1
+        self.max_blocked_s = max(self.max_blocked_s, float(event.blocking_time))
+        self._log.warning(
+            "event_loop_blocked",
+            blocking_time_s=event.blocking_time,
+            greenlet=repr(event.greenlet),
+            stack=_blocked_stack(event.info),
+        )
+
+    def _tick_loop(self) -> None:
+        tick = self.tick
+        ring = len(self._lags)
+        while True:
+            t0 = perf_counter()
+            gevent.sleep(tick)
+            lag = perf_counter() - t0 - tick
+            self._lags[self._n % ring] = lag if lag > 0 else 0.0
+            self._n += 1
+
+    def lag_ms(self, q: float) -> float:
+        n = min(self._n, len(self._lags))
+        if n == 0:
+            return 0.0
+        return float(np.percentile(self._lags[:n], q) * 1000.0)
+
+    def max_lag_ms(self) -> float:
+        n = min(self._n, len(self._lags))
+        return float(self._lags[:n].max() * 1000.0) if n else 0.0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "loop": self.name,
+            "blocked_events": self.blocked_events,
+            "lag_p50_ms": round(self.lag_ms(50), 3),
+            "lag_p99_ms": round(self.lag_ms(99), 3),
+            "lag_max_ms": round(self.max_lag_ms(), 3),
+            "ticks": self._n,
+        }
+
+    def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.kill(block=False)
+            self._ticker = None
+        if self._own_monitor and self._monitor is not None:
+            self._monitor.kill()
+            if self._hub is not None and self._hub.periodic_monitoring_thread is self._monitor:
+                self._hub.periodic_monitoring_thread = None
+            self._monitor = None
+            self._own_monitor = False
+        if self._hub is not None:
+            _watches.pop(self._hub, None)

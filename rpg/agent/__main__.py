@@ -1,0 +1,34 @@
+"""Entry point of the agent process: ``python -m rpg.agent --config agent.json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rpg.log import get_logger
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rpg.agent")
+    ap.add_argument("--config", required=True, help="agent configuration (JSON, holds the token)")
+    args = ap.parse_args(argv)
+    log = get_logger("agent")
+    try:
+        with open(args.config, encoding="utf-8") as fh:  # before any loop runs
+            cfg = json.load(fh)
+    except (OSError, ValueError) as exc:
+        log.error("agent_config_unreadable", path=args.config, error=str(exc))
+        return 2
+    missing = [k for k in ("pilot_uid", "token", "hub_address", "sandbox", "cores", "gpus",
+                           "heartbeat_interval", "heartbeat_timeout") if k not in cfg]
+    if missing:
+        log.error("agent_config_incomplete", path=args.config, missing=missing)
+        return 2
+    from rpg.agent.agent import Agent
+
+    return Agent(cfg).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

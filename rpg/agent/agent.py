@@ -1,0 +1,339 @@
+"""The agent: runs on the pilot's resource, in its own process, on its own gevent loop.
+
+It calls in to the hub, pulls units in batches (long poll), runs each unit's lifecycle as a
+greenlet (stage in, get cores, execute, stage out) and pushes state updates in batches, which
+double as heartbeats. If the hub goes silent past the heartbeat timeout, the agent kills its
+units and exits; when its runtime ends it fails the units still running and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import gevent
+import zerorpc
+from gevent import GreenletExit
+from gevent.event import Event
+
+from rpg import states
+from rpg.agent.executor import read_outputs, spawn_unit, unit_argv
+from rpg.agent.scheduler import Scheduler
+from rpg.agent.stager import StagingError, make_sandbox, stage
+from rpg.io_pool import IOPool, IOPoolError, LoopWatch, SpawnError
+from rpg.log import get_logger
+
+EXIT_OK = 0
+EXIT_HUB_LOST = 3
+EXIT_REJECTED = 4
+PUSH_BATCH = 10000
+STAGING_TIMEOUT = 300.0
+KILL_GRACE = 2.0
+
+
+class Agent:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.uid: str = cfg["pilot_uid"]
+        self.token: str = cfg["token"]
+        self.sandbox: str = cfg["sandbox"]
+        self.cores = int(cfg["cores"])
+        self.gpus = int(cfg["gpus"])
+        self.hb_interval = float(cfg["heartbeat_interval"])
+        self.hb_timeout = float(cfg["heartbeat_timeout"])
+        self.staging_timeout = float(cfg.get("staging_timeout", STAGING_TIMEOUT))
+        self.kill_grace = float(cfg.get("kill_grace", KILL_GRACE))
+        self.nodes = cfg.get("nodes") or [[socket.gethostname(), self.cores, self.gpus]]
+        self.log = get_logger("agent", pilot=self.uid)
+        self.units: dict[str, Any] = {}  # uid -> greenlet
+        self.executing = 0
+        self.cancel_reasons: dict[str, tuple[str, str]] = {}
+        self.updates: list[list[Any]] = []
+        self.have_updates = Event()
+        self.done = Event()
+        self.stop_info: tuple[str, str, str] | None = None  # (why, unit state, reason)
+        self.last_ok = time.monotonic()
+        self.base_env = dict(os.environ)
+        self.base_env.update(cfg.get("environment") or {})
+        self.counters = {"units": 0, "pushes": 0, "updates": 0, "pulls": 0}
+
+    # -- main ------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.watch = LoopWatch("agent").start()
+        self.pool = IOPool()
+        self.sched = Scheduler([(str(n[0]), int(n[1]), int(n[2])) for n in self.nodes])
+        ctx = zerorpc.Context()
+        timeout = max(5.0, self.hb_timeout)
+        self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
+        self.rpc_push = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
+        self.rpc_pull.connect(self.cfg["hub_address"])
+        self.rpc_push.connect(self.cfg["hub_address"])
+        loops: list[Any] = []
+        code = EXIT_OK
+        try:
+            self._register()
+            loops = [gevent.spawn(self._pull_loop), gevent.spawn(self._push_loop)]
+            runtime = float(self.cfg.get("runtime_s") or 0)
+            if runtime > 0:
+                loops.append(gevent.spawn_later(runtime, self.stop, "runtime", states.FAILED,
+                                                "pilot runtime ended"))
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                gevent.signal_handler(sig, self.stop, "signal", states.CANCELED,
+                                      f"agent received signal {sig}")
+            self.done.wait()
+            why, unit_state, reason = self.stop_info or ("?", states.CANCELED, "agent stopped")
+            self.log.info("agent_stopping", why=why, units=len(self.units))
+            self._stop_units(unit_state, reason)
+            if why == "hub_lost":
+                code = EXIT_HUB_LOST
+            elif why == "rejected":
+                code = EXIT_REJECTED
+            else:
+                self._final_push()
+        except _Rejected as exc:
+            self.log.error("agent_rejected", error=str(exc))
+            code = EXIT_REJECTED
+        except _HubLost as exc:
+            self.log.error("hub_lost", error=str(exc))
+            code = EXIT_HUB_LOST
+        finally:
+            self._stop_units(states.CANCELED, "agent exiting")
+            gevent.killall(loops, timeout=5)
+            self.rpc_pull.close()
+            self.rpc_push.close()
+            ctx.destroy(linger=0)
+            self.pool.close(wait=2.0)
+            self.watch.stop()
+        self.log.info("agent_exit", code=code, **self.counters)
+        return code
+
+    def stop(self, why: str, unit_state: str, reason: str) -> None:
+        if self.stop_info is None:
+            self.stop_info = (why, unit_state, reason)
+        self.done.set()
+
+    def _stop_units(self, unit_state: str, reason: str) -> None:
+        for uid, g in list(self.units.items()):
+            self.cancel_reasons.setdefault(uid, (unit_state, reason))
+            g.kill(block=False)
+        gevent.joinall(list(self.units.values()), timeout=self.kill_grace + 10)
+
+    # -- hub calls -------------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "cores": self.cores,
+                "gpus": self.gpus, "sandbox": self.sandbox}
+        deadline = time.monotonic() + self.hb_timeout
+        while True:
+            try:
+                self.rpc_push.register(self.uid, self.token, info)
+                self.last_ok = time.monotonic()
+                self.log.info("agent_registered")
+                return
+            except zerorpc.RemoteError as exc:
+                raise _Rejected(f"hub refused register: {exc.msg}") from None
+            except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as exc:
+                if time.monotonic() > deadline:
+                    raise _HubLost(f"hub did not answer register: {exc}") from None
+                gevent.sleep(0.2)
+
+    def _rpc_failed(self, exc: BaseException) -> None:
+        silent = time.monotonic() - self.last_ok
+        self.log.warning("hub_call_failed", error=str(exc)[:200], silent_s=round(silent, 2))
+        if silent > self.hb_timeout:
+            self.stop("hub_lost", states.CANCELED, f"hub silent for {silent:.1f} s")
+        else:
+            gevent.sleep(min(0.5, self.hb_interval))
+
+    def _pull_loop(self) -> None:
+        high_water = self.cores * 2 + 256
+        while not self.done.is_set():
+            waiting = len(self.units) - self.executing
+            want = max(0, high_water - waiting)
+            try:
+                resp = self.rpc_pull.pull(self.uid, self.token, want, 0.5)
+            except zerorpc.RemoteError as exc:
+                self.stop("rejected", states.CANCELED, f"hub rejected pull: {exc.msg}")
+                return
+            except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as exc:
+                self._rpc_failed(exc)
+                continue
+            self.last_ok = time.monotonic()
+            self.counters["pulls"] += 1
+            for item in resp["units"]:
+                uid = item["uid"]
+                if uid not in self.units:
+                    self.units[uid] = gevent.spawn(self._unit, uid, item["description"])
+                    self.counters["units"] += 1
+            for uid in resp["cancel"]:
+                g = self.units.get(uid)
+                if g is not None:
+                    self.cancel_reasons.setdefault(
+                        uid, (states.CANCELED, "canceled by the application"))
+                    g.kill(block=False)
+            if resp["shutdown"]:
+                self.stop("shutdown", states.CANCELED, "pilot stopped")
+
+    def _push_loop(self) -> None:
+        while True:
+            self.have_updates.wait(timeout=self.hb_interval)
+            self.have_updates.clear()
+            self._push_once()
+
+    def _push_once(self) -> bool:
+        batch = self.updates[:PUSH_BATCH]
+        del self.updates[:len(batch)]
+        try:
+            resp = self.rpc_push.push(self.uid, self.token, batch)
+        except zerorpc.RemoteError as exc:
+            self.updates[:0] = batch
+            self.stop("rejected", states.CANCELED, f"hub rejected push: {exc.msg}")
+            return False
+        except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as exc:
+            self.updates[:0] = batch  # keep order; resend next time
+            self.have_updates.set()
+            self._rpc_failed(exc)
+            return False
+        self.last_ok = time.monotonic()
+        self.counters["pushes"] += 1
+        self.counters["updates"] += len(batch)
+        if resp.get("errors"):
+            self.log.warning("updates_rejected", count=len(resp["errors"]),
+                             first=resp["errors"][0])
+        if self.updates:
+            self.have_updates.set()
+        if resp.get("shutdown") and not self.done.is_set():
+            self.stop("shutdown", states.CANCELED, "pilot stopped")
+        return True
+
+    def _final_push(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.updates and time.monotonic() < deadline:
+            if not self._push_once():
+                gevent.sleep(0.1)
+
+    def report(self, uid: str, state: str, **fields: Any) -> None:
+        self.updates.append([uid, state, time.time(), fields])
+        self.have_updates.set()
+
+    # -- one unit --------------------------------------------------------------------------------
+
+    def _unit(self, uid: str, desc: dict[str, Any]) -> None:
+        sandbox = os.path.join(self.sandbox, uid)
+        slots = child = None
+        executing = False
+        try:
+            self.report(uid, states.STAGING_IN, sandbox=sandbox)
+            if desc["input_staging"]:
+                self._stage(desc["input_staging"], "in", sandbox, create=True)
+            self.report(uid, states.SCHEDULING)
+            cores, gpus = int(desc["cores"]), int(desc["gpus"])
+            if not self.sched.fits_ever(cores, gpus):
+                raise _UnitFailed(f"needs {cores} cores and {gpus} gpus on one node; "
+                                  f"the pilot's nodes are smaller")
+            slots = self.sched.allocate(cores, gpus)
+            self.report(uid, states.EXECUTING)
+            self.executing += 1
+            executing = True
+            env = self._unit_env(uid, sandbox, slots, desc)
+            child = self._spawn(unit_argv(desc), sandbox, env, desc)
+            timeout = desc.get("timeout")
+            rc = child.wait(timeout=timeout)
+            timed_out = rc is None
+            if timed_out:
+                rc = child.terminate(grace=self.kill_grace)
+            self.sched.free(slots)
+            slots = None
+            self.executing -= 1
+            executing = False
+            self.report(uid, states.STAGING_OUT)
+            out, err = self.pool.for_path(sandbox).run(
+                read_outputs, sandbox, desc["stdout"], desc["stderr"],
+                timeout=self.staging_timeout)
+            fields = {"exit_code": rc, "stdout": out, "stderr": err}
+            if timed_out:
+                self.report(uid, states.FAILED, reason=f"timed out after {timeout:g} s; killed",
+                            **fields)
+                return
+            if desc["output_staging"]:
+                self._stage(desc["output_staging"], "out", sandbox)
+            if rc == 0:
+                self.report(uid, states.DONE, **fields)
+            else:
+                why = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
+                self.report(uid, states.FAILED, reason=why, **fields)
+        except GreenletExit:
+            state, reason = self.cancel_reasons.get(uid, (states.CANCELED, "canceled"))
+            rc = child.terminate(grace=self.kill_grace) if child is not None else None
+            self.report(uid, state, reason=reason, exit_code=rc)
+        except (_UnitFailed, StagingError, IOPoolError, SpawnError, OSError) as exc:
+            rc = child.terminate(grace=self.kill_grace) if child is not None else None
+            self.report(uid, states.FAILED, reason=str(exc), exit_code=rc)
+        finally:
+            if slots is not None:
+                self.sched.free(slots)
+            if executing:
+                self.executing -= 1
+            self.units.pop(uid, None)
+            self.cancel_reasons.pop(uid, None)
+
+    def _spawn(self, argv: list[str], sandbox: str, env: dict[str, str], desc: dict) -> Any:
+        # The spawn runs in a thread: if this greenlet is killed meanwhile, the process still
+        # starts, so wait for it and kill it rather than leave an orphan.
+        g = gevent.spawn(self.pool.spawn.run, spawn_unit, argv, sandbox, env, desc["stdout"],
+                         desc["stderr"], timeout=60)
+        try:
+            return g.get()
+        except GreenletExit:
+            try:
+                child = g.get(timeout=65)
+                child.terminate(grace=self.kill_grace)
+            except Exception:
+                pass
+            raise
+
+    def _stage(self, directives: list[dict], direction: str, sandbox: str,
+               create: bool = False) -> None:
+        if create:
+            self.pool.for_path(sandbox).run(make_sandbox, sandbox, timeout=self.staging_timeout)
+        for d in directives:
+            outer = d["source"] if direction == "in" else d["target"]
+            lane = self.pool.for_path(outer if outer.startswith("/") else sandbox)
+            try:
+                lane.run(stage, d, direction, sandbox, self.sandbox, timeout=self.staging_timeout)
+            except (StagingError, IOPoolError) as exc:
+                if "non_fatal" in (d.get("flags") or []):
+                    self.log.warning("staging_failed_non_fatal", error=str(exc))
+                    continue
+                raise StagingError(f"staging {direction}: {exc}") from None
+
+    def _unit_env(self, uid: str, sandbox: str, slots: Any, desc: dict) -> dict[str, str]:
+        env = dict(self.base_env)
+        env.update(desc.get("environment") or {})
+        env.update({
+            "RPG_UNIT_UID": uid,
+            "RPG_PILOT_UID": self.uid,
+            "RPG_UNIT_SANDBOX": sandbox,
+            "RPG_PILOT_SANDBOX": self.sandbox,
+            "RPG_NODE": self.sched.node_names[slots.node],
+            "RPG_CORES": ",".join(map(str, slots.cores.tolist())),
+        })
+        if len(slots.gpus):
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots.gpus.tolist()))
+        return env
+
+
+class _UnitFailed(Exception):
+    pass
+
+
+class _Rejected(Exception):
+    pass
+
+
+class _HubLost(Exception):
+    pass

@@ -1,0 +1,115 @@
+"""The agent's scheduler: free cores and GPUs as numpy free-lists, per node.
+
+``allocate`` pops cores off a node's free stack (O(cores asked), independent of the pilot's
+size); ``free`` pushes them back. Waiters are served first come, first served, with a bounded
+backfill window so one big unit does not stall small ones behind it forever.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Sequence
+
+import numpy as np
+from gevent.event import AsyncResult
+
+BACKFILL_WINDOW = 64
+
+
+class Slots:
+    """Cores and GPUs held by one unit on one node."""
+
+    __slots__ = ("node", "cores", "gpus")
+
+    def __init__(self, node: int, cores: np.ndarray, gpus: np.ndarray) -> None:
+        self.node = node
+        self.cores = cores
+        self.gpus = gpus
+
+
+class _Stack:
+    def __init__(self, n: int) -> None:
+        self.ids = np.arange(n - 1, -1, -1, dtype=np.int64)  # lowest id on top
+        self.top = n
+
+    def pop(self, k: int) -> np.ndarray:
+        self.top -= k
+        return self.ids[self.top:self.top + k][::-1].copy()
+
+    def push(self, ids: np.ndarray) -> None:
+        k = len(ids)
+        self.ids[self.top:self.top + k] = ids[::-1]
+        self.top += k
+
+
+class Scheduler:
+    def __init__(self, nodes: Sequence[tuple[str, int, int]]) -> None:
+        if not nodes:
+            raise ValueError("scheduler: at least one node is needed")
+        self.node_names = [n[0] for n in nodes]
+        self.total_cores = np.array([n[1] for n in nodes], dtype=np.int64)
+        self.total_gpus = np.array([n[2] for n in nodes], dtype=np.int64)
+        self.free_cores = self.total_cores.copy()
+        self.free_gpus = self.total_gpus.copy()
+        self._cores = [_Stack(int(n)) for n in self.total_cores]
+        self._gpus = [_Stack(int(n)) for n in self.total_gpus]
+        self._waiters: deque[list[Any]] = deque()  # [cores, gpus, AsyncResult]
+
+    def fits_ever(self, cores: int, gpus: int) -> bool:
+        return bool(np.any((self.total_cores >= cores) & (self.total_gpus >= gpus)))
+
+    def try_allocate(self, cores: int, gpus: int) -> Slots | None:
+        ok = np.flatnonzero((self.free_cores >= cores) & (self.free_gpus >= gpus))
+        if len(ok) == 0:
+            return None
+        node = int(ok[0])
+        self.free_cores[node] -= cores
+        self.free_gpus[node] -= gpus
+        return Slots(node, self._cores[node].pop(cores), self._gpus[node].pop(gpus))
+
+    def allocate(self, cores: int, gpus: int = 0) -> Slots:
+        """Cores and GPUs on one node; waits (cooperatively) in line until they are free."""
+        if not self._waiters:
+            slots = self.try_allocate(cores, gpus)
+            if slots is not None:
+                return slots
+        waiter = [cores, gpus, AsyncResult()]
+        self._waiters.append(waiter)
+        try:
+            return waiter[2].get()
+        except BaseException:
+            if waiter[2].ready():  # granted, but we are leaving: give it back
+                self.free(waiter[2].value)
+            else:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+
+    def free(self, slots: Slots) -> None:
+        n = slots.node
+        self._cores[n].push(slots.cores)
+        self._gpus[n].push(slots.gpus)
+        self.free_cores[n] += len(slots.cores)
+        self.free_gpus[n] += len(slots.gpus)
+        self._serve()
+
+    def _serve(self) -> None:
+        checked = 0
+        waiters = self._waiters
+        i = 0
+        while i < len(waiters) and checked < BACKFILL_WINDOW:
+            cores, gpus, result = waiters[i]
+            slots = self.try_allocate(cores, gpus)
+            if slots is None:
+                i += 1
+                checked += 1
+                if self.free_cores.max() == 0:
+                    break
+                continue
+            del waiters[i]
+            result.set(slots)
+
+    def waiting(self) -> int:
+        return len(self._waiters)

@@ -1,0 +1,380 @@
+"""PilotDescription, UnitDescription and staging directives, validated at construction.
+
+Unknown fields and bad values raise ``DescriptionError``, whose message names the description,
+the field and the problem. Descriptions are plain data: ``as_dict()`` is what crosses process
+boundaries, and ``from_dict`` validates again on the other side.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import posixpath
+import re
+from typing import Any, Callable
+
+MAX_STR = 4096
+MAX_ARGS = 10_000
+
+
+class DescriptionError(ValueError):
+    """A description field is unknown or has a bad value."""
+
+    def __init__(self, where: str, field: str, problem: str) -> None:
+        super().__init__(f"{where}.{field}: {problem}")
+        self.where = where
+        self.field = field
+        self.problem = problem
+
+
+# -- field checks --------------------------------------------------------------------------------
+
+Check = Callable[[str, str, Any], Any]
+
+
+def _str(required: bool = False, max_len: int = MAX_STR) -> Check:
+    def check(where: str, field: str, v: Any) -> Any:
+        if v is None and not required:
+            return None
+        if not isinstance(v, str):
+            raise DescriptionError(where, field, f"must be a string, got {type(v).__name__}")
+        if required and not v.strip():
+            raise DescriptionError(where, field, "must not be empty")
+        if len(v) > max_len:
+            raise DescriptionError(where, field, f"is {len(v)} characters long (max {max_len})")
+        if "\x00" in v:
+            raise DescriptionError(where, field, "must not contain NUL bytes")
+        return v
+    return check
+
+
+def _int(lo: int, hi: int = 10**9) -> Check:
+    def check(where: str, field: str, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise DescriptionError(where, field, f"must be an integer, got {type(v).__name__}")
+        if not lo <= v <= hi:
+            raise DescriptionError(where, field, f"must be between {lo} and {hi}, got {v}")
+        return v
+    return check
+
+
+def _num(lo: float, hi: float = 1e9, optional: bool = False, open_lo: bool = True) -> Check:
+    def check(where: str, field: str, v: Any) -> Any:
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DescriptionError(where, field, f"must be a number, got {type(v).__name__}")
+        if v != v or (v <= lo if open_lo else v < lo) or v > hi:
+            rel = ">" if open_lo else ">="
+            raise DescriptionError(where, field, f"must be {rel} {lo} and <= {hi}, got {v}")
+        return float(v)
+    return check
+
+
+def _optional(check: Check) -> Check:
+    def wrapped(where: str, field: str, v: Any) -> Any:
+        return None if v is None else check(where, field, v)
+    return wrapped
+
+
+def _bool(where: str, field: str, v: Any) -> Any:
+    if not isinstance(v, bool):
+        raise DescriptionError(where, field, f"must be True or False, got {type(v).__name__}")
+    return v
+
+
+def _str_list(where: str, field: str, v: Any) -> Any:
+    if v is None:
+        return []
+    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+        raise DescriptionError(where, field, f"must be a list of strings, got {type(v).__name__}")
+    if len(v) > MAX_ARGS:
+        raise DescriptionError(where, field, f"has {len(v)} items (max {MAX_ARGS})")
+    out = []
+    for i, item in enumerate(v):
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise DescriptionError(
+                where, f"{field}[{i}]", f"must be a string or number, got {type(item).__name__}")
+        s = str(item)
+        if "\x00" in s or len(s) > 128 * 1024:
+            raise DescriptionError(where, f"{field}[{i}]", "is too long or contains NUL bytes")
+        out.append(s)
+    return out
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env(where: str, field: str, v: Any) -> Any:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise DescriptionError(where, field, f"must be a dict of str to str, got {type(v).__name__}")
+    out = {}
+    for k, val in v.items():
+        if not isinstance(k, str) or not _ENV_NAME.match(k):
+            raise DescriptionError(where, field, f"bad variable name {k!r}")
+        if isinstance(val, bool) or not isinstance(val, (str, int, float)):
+            raise DescriptionError(
+                where, f"{field}[{k!r}]", f"must be a string or number, got {type(val).__name__}")
+        s = str(val)
+        if "\x00" in s:
+            raise DescriptionError(where, f"{field}[{k!r}]", "must not contain NUL bytes")
+        out[k] = s
+    return out
+
+
+def _tags(where: str, field: str, v: Any) -> Any:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise DescriptionError(where, field, f"must be a dict of str to str, got {type(v).__name__}")
+    for k, val in v.items():
+        if not isinstance(k, str) or not isinstance(val, str):
+            raise DescriptionError(where, field, f"tag {k!r}: keys and values must be strings")
+    return dict(v)
+
+
+def _file_name(where: str, field: str, v: Any) -> Any:
+    v = _str(required=True, max_len=255)(where, field, v)
+    if "/" in v or v in (".", ".."):
+        raise DescriptionError(where, field, f"must be a plain file name, got {v!r}")
+    return v
+
+
+# -- staging ---------------------------------------------------------------------------------------
+
+STAGING_ACTIONS = ("copy", "link", "move", "transfer")
+STAGING_FLAGS = ("create_parents", "non_fatal", "recursive")
+SCHEMES = ("client", "pilot", "unit")
+
+
+def split_url(path: str) -> tuple[str, str]:
+    """``"pilot://a/b"`` -> ``("pilot", "a/b")``; a bare path is ``("", path)``."""
+    m = re.match(r"^([a-z]+)://(.*)$", path)
+    if not m:
+        return "", path
+    return m.group(1), m.group(2)
+
+
+def escapes(rel: str) -> bool:
+    """True if a relative path leaves its root (``..`` above it, or absolute)."""
+    if rel.startswith("/"):
+        return True
+    norm = posixpath.normpath(rel)
+    return norm == ".." or norm.startswith("../")
+
+
+class StagingDirective:
+    """One staging step: ``{source, target, action, flags}``.
+
+    Sandbox-side paths (the target of input staging, the source of output staging) are relative
+    to the unit sandbox (or ``pilot://`` for the pilot sandbox) and must not leave it. The other
+    side may be an absolute path or ``client://path`` on the application's machine.
+    """
+
+    def __init__(self, d: dict[str, Any], where: str, direction: str) -> None:
+        if not isinstance(d, dict):
+            raise DescriptionError(
+                where, "", f"a staging directive must be a dict, got {type(d).__name__}")
+        unknown = set(d) - {"source", "target", "action", "flags"}
+        if unknown:
+            raise DescriptionError(where, sorted(unknown)[0], "unknown staging field")
+        self.source: str = _str(required=True)(where, "source", d.get("source"))
+        target = d.get("target")
+        if target is None:
+            target = posixpath.basename(split_url(self.source)[1].rstrip("/")) or "."
+        self.target: str = _str(required=True)(where, "target", target)
+        action = d.get("action", "copy")
+        if action not in STAGING_ACTIONS:
+            raise DescriptionError(
+                where, "action", f"must be one of {', '.join(STAGING_ACTIONS)}, got {action!r}")
+        self.action: str = action
+        flags = d.get("flags", ["create_parents"])
+        if isinstance(flags, str):
+            flags = [flags]
+        if not isinstance(flags, (list, tuple)) or any(f not in STAGING_FLAGS for f in flags):
+            raise DescriptionError(where, "flags", f"must be a list of {', '.join(STAGING_FLAGS)}")
+        self.flags: list[str] = list(flags)
+        self.direction = direction
+        inner, outer = ("target", "source") if direction == "in" else ("source", "target")
+        self._check_inner(where, inner, getattr(self, inner))
+        self._check_outer(where, outer, getattr(self, outer))
+        if self.action == "transfer" and split_url(getattr(self, outer))[0] != "client":
+            raise DescriptionError(where, "action", "'transfer' needs a client:// side")
+
+    @staticmethod
+    def _check_inner(where: str, field: str, path: str) -> None:
+        scheme, rel = split_url(path)
+        if scheme not in ("", "unit", "pilot"):
+            raise DescriptionError(
+                where, field, f"the sandbox side must be relative, unit:// or pilot://, got {path!r}")
+        if escapes(rel):
+            raise DescriptionError(
+                where, field, f"{path!r} escapes the sandbox (absolute or '..' above it)")
+
+    @staticmethod
+    def _check_outer(where: str, field: str, path: str) -> None:
+        scheme, rel = split_url(path)
+        if scheme and scheme not in SCHEMES:
+            raise DescriptionError(where, field, f"unknown scheme {scheme!r}:// in {path!r}")
+        if scheme in ("unit", "pilot") and escapes(rel):
+            raise DescriptionError(where, field, f"{path!r} escapes the sandbox")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "target": self.target, "action": self.action,
+                "flags": list(self.flags)}
+
+
+def _staging(direction: str) -> Check:
+    def check(where: str, field: str, v: Any) -> Any:
+        if v is None:
+            return []
+        if not isinstance(v, (list, tuple)):
+            raise DescriptionError(where, field, f"must be a list of directives, got {type(v).__name__}")
+        out = []
+        for i, d in enumerate(v):
+            if isinstance(d, StagingDirective):
+                d = d.as_dict()
+            if isinstance(d, str):  # shorthand: a path staged under its own name
+                d = {"source": d} if direction == "in" else {"source": d, "target": d}
+            out.append(StagingDirective(d, f"{where}.{field}[{i}]", direction).as_dict())
+        return out
+    return check
+
+
+# -- descriptions ----------------------------------------------------------------------------------
+
+class _Description:
+    """Base: a fixed set of validated fields, from keywords or a dict."""
+
+    _fields: dict[str, tuple[Any, Check]] = {}
+
+    def __init__(self, from_dict: dict[str, Any] | None = None, **kw: Any) -> None:
+        where = type(self).__name__
+        values: dict[str, Any] = {}
+        if from_dict is not None:
+            if not isinstance(from_dict, dict):
+                raise DescriptionError(where, "", f"expects a dict or keywords, got "
+                                                  f"{type(from_dict).__name__}")
+            values.update(from_dict)
+        values.update(kw)
+        unknown = sorted(set(values) - set(self._fields))
+        if unknown:
+            raise DescriptionError(
+                where, unknown[0], f"unknown field (known: {', '.join(sorted(self._fields))})")
+        for name, (default, _check) in self._fields.items():
+            object.__setattr__(self, name, copy.deepcopy(values.get(name, default)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Check (and normalise) every field; raises DescriptionError naming the first bad one."""
+        where = type(self).__name__
+        for name, (_default, check) in self._fields.items():
+            object.__setattr__(self, name, check(where, name, getattr(self, name)))
+        self._validate_more(where)
+
+    def _validate_more(self, where: str) -> None:
+        pass
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._fields:
+            raise DescriptionError(type(self).__name__, name, "unknown field")
+        object.__setattr__(self, name, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: copy.deepcopy(getattr(self, name)) for name in self._fields}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        return cls(d)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items() if v not in (None, [], {}))
+        return f"{type(self).__name__}({fields})"
+
+
+class UnitDescription(_Description):
+    """What to run, with what, and what to stage. Fields as in RADICAL-Pilot's TaskDescription."""
+
+    _fields = {
+        "executable": (None, _str(required=True)),
+        "arguments": ([], _str_list),
+        "environment": ({}, _env),
+        "cores": (1, _int(1, 1_000_000)),
+        "gpus": (0, _int(0, 100_000)),
+        "input_staging": ([], _staging("in")),
+        "output_staging": ([], _staging("out")),
+        "stdout": ("STDOUT", _file_name),
+        "stderr": ("STDERR", _file_name),
+        "pre_exec": ([], _str_list),
+        "timeout": (None, _num(0.0, 10 * 365 * 86400.0, optional=True)),
+        "tags": ({}, _tags),
+        "name": (None, _str(max_len=256)),
+        "restartable": (False, _bool),
+    }
+
+    def _validate_more(self, where: str) -> None:
+        if self.stdout == self.stderr:
+            raise DescriptionError(where, "stderr", "must differ from stdout")
+
+
+RESOURCE_RE = re.compile(
+    r"^(local|slurm|(ssh|slurm\+ssh)://([A-Za-z0-9._-]+@)?[A-Za-z0-9._-]+(:[0-9]{1,5})?)$")
+
+
+def _resource(where: str, field: str, v: Any) -> Any:
+    v = _str(required=True, max_len=512)(where, field, v)
+    if not RESOURCE_RE.match(v):
+        raise DescriptionError(
+            where, field,
+            f"must be 'local', 'slurm', 'ssh://[user@]host[:port]' or "
+            f"'slurm+ssh://[user@]host[:port]', got {v!r}")
+    return v
+
+
+def _abs_or_none(where: str, field: str, v: Any) -> Any:
+    v = _str()(where, field, v)
+    if v is not None and not (v.startswith("/") or v.startswith("~")):
+        raise DescriptionError(where, field, f"must be an absolute path, got {v!r}")
+    return v
+
+
+class PilotDescription(_Description):
+    """A resource request: where (``resource``), how big (cores/gpus), how long (runtime)."""
+
+    _fields = {
+        "resource": ("local", _resource),
+        "cores": (1, _int(1, 10_000_000)),
+        "gpus": (0, _int(0, 1_000_000)),
+        "runtime": (10.0, _num(0.0, 366 * 24 * 60.0)),
+        "sandbox": (None, _abs_or_none),
+        "environment": ({}, _env),
+        "heartbeat_interval": (1.0, _num(0.01, 3600.0)),
+        "heartbeat_timeout": (10.0, _num(0.05, 86400.0)),
+        "tags": ({}, _tags),
+        "keep_sandbox": (False, _bool),
+        # ssh
+        "ssh_key_file": (None, _abs_or_none),
+        "ssh_known_hosts": ("~/.ssh/known_hosts", _abs_or_none),
+        "ssh_trust_unknown_host": (False, _bool),
+        "remote_python": ("python3", _str(required=True)),
+        # batch systems
+        "queue": (None, _str(max_len=256)),
+        "project": (None, _str(max_len=256)),
+        "nodes": (None, _optional(_int(1, 1_000_000))),
+        "job_name": (None, _str(max_len=256)),
+    }
+
+    def _validate_more(self, where: str) -> None:
+        if self.heartbeat_timeout < self.heartbeat_interval:
+            raise DescriptionError(where, "heartbeat_timeout",
+                                   f"must be >= heartbeat_interval ({self.heartbeat_interval})")
+
+
+def resolve_client_path(path: str) -> str:
+    """``client://rel`` -> absolute path on the application's machine (string work only)."""
+    scheme, rel = split_url(path)
+    if scheme != "client":
+        return path
+    return os.path.abspath(os.path.expanduser(rel))

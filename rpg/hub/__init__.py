@@ -1,0 +1,1 @@
+"""The hub: lifecycles, binding, the zerorpc service for agents, and launchers."""

@@ -1,0 +1,26 @@
+"""Launchers start a pilot's agent on its resource, watch it, and stop it.
+
+``launcher_for`` picks one by the description's resource: ``local`` (a child process here),
+``ssh://`` (paramiko) and ``slurm`` (a batch job) as they are built.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rpg.hub.launchers.base import Launcher, LaunchError
+from rpg.hub.launchers.local import LocalLauncher
+
+if TYPE_CHECKING:
+    from rpg.hub.hub import Hub
+    from rpg.hub.records import PilotRecord
+
+
+def launcher_for(hub: "Hub", pilot: "PilotRecord") -> Launcher:
+    resource = pilot.desc["resource"]
+    if resource == "local":
+        return LocalLauncher(hub, pilot)
+    raise LaunchError(f"resource {resource!r}: no launcher for it in this version of rpg")
+
+
+__all__ = ["Launcher", "LaunchError", "LocalLauncher", "launcher_for"]

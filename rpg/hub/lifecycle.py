@@ -1,0 +1,140 @@
+"""UnitLifecycle and PilotLifecycle: one greenlet each, on the hub loop.
+
+Each waits where it must (for a pilot, for the agent to call in, for a final state), re-checks
+its prerequisites after every wait, and keeps its cleanup in one try/finally: cancel is killing
+the greenlet, at any point.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent import GreenletExit
+
+from rpg import states
+from rpg.hub.launchers import LaunchError, launcher_for
+
+if TYPE_CHECKING:
+    from rpg.hub.hub import Hub
+    from rpg.hub.records import PilotRecord, UnitRecord
+
+
+class UnitLifecycle:
+    def __init__(self, hub: "Hub", unit: "UnitRecord") -> None:
+        self.hub = hub
+        self.unit = unit
+
+    def run(self) -> None:
+        hub, unit = self.hub, self.unit
+        try:
+            while True:
+                if unit.cancel_reason is not None:
+                    raise GreenletExit()
+                pilot, why = hub.choose_pilot(unit)
+                if pilot is not None:
+                    break
+                if why is not None:
+                    hub.unit_final(unit, states.FAILED, "hub", reason=why)
+                    return
+                hub.wait_pilots_changed(timeout=5.0)
+            hub.bind(unit, pilot)
+            unit.final.wait()
+        except GreenletExit:
+            pass
+        finally:
+            if not states.is_final(unit.state):
+                # Canceled before the agent had it (a queued entry is skipped by the next pull),
+                # or the session is closing.
+                hub.unit_final(unit, states.CANCELED, "hub",
+                               reason=unit.cancel_reason or "canceled")
+            unit.greenlet = None
+
+
+class PilotLifecycle:
+    BOOTSTRAP_TIMEOUT = 60.0
+
+    def __init__(self, hub: "Hub", pilot: "PilotRecord") -> None:
+        self.hub = hub
+        self.pilot = pilot
+
+    def run(self) -> None:
+        hub, p = self.hub, self.pilot
+        final, reason = states.FAILED, None
+        launcher = None
+        try:
+            hub.emit("pilot", p, states.LAUNCHING, "hub", sandbox=p.sandbox)
+            launcher = launcher_for(hub, p)
+            p.launcher = launcher
+            launcher.launch()
+            if p.state == states.LAUNCHING:
+                hub.emit("pilot", p, states.PENDING, "hub")
+            final, reason = self._wait_active(launcher)
+            if final is None:
+                final, reason = self._watch(launcher)
+        except GreenletExit:
+            final = p.final_state_hint or states.CANCELED
+            reason = p.reason or ("canceled by the application" if final == states.CANCELED
+                                  else None)
+        except LaunchError as exc:
+            final, reason = states.FAILED, str(exc)
+        except Exception as exc:
+            hub.log.exception("pilot_lifecycle_error", pilot=p.uid)
+            final, reason = states.FAILED, f"internal error: {exc!r}"
+        finally:
+            self._finish(launcher, final, reason)
+
+    def _wait_active(self, launcher) -> tuple[str | None, str | None]:
+        p = self.pilot
+        deadline = time.monotonic() + launcher.bootstrap_timeout(self.BOOTSTRAP_TIMEOUT)
+        while not p.registered.is_set():
+            ended = launcher.poll(timeout=0.2)
+            if ended is not None:
+                return states.FAILED, f"agent ended before calling in: {ended}"
+            if launcher.queued():
+                deadline = time.monotonic() + launcher.bootstrap_timeout(self.BOOTSTRAP_TIMEOUT)
+            if time.monotonic() > deadline:
+                return states.FAILED, "agent did not call in within the bootstrap timeout"
+        return None, None
+
+    def _watch(self, launcher) -> tuple[str, str | None]:
+        p = self.pilot
+        interval = float(p.desc["heartbeat_interval"])
+        hb_timeout = float(p.desc["heartbeat_timeout"])
+        while True:
+            ended = launcher.poll(timeout=interval)
+            if ended is not None:
+                if launcher.ended_cleanly():
+                    return states.DONE, p.reason or "agent finished (runtime ended)"
+                return states.FAILED, f"agent died: {ended}"
+            silent = time.time() - p.last_seen
+            if silent > hb_timeout:
+                return states.FAILED, f"no heartbeat from the agent for {silent:.1f} s"
+
+    def _finish(self, launcher, final: str, reason: str | None) -> None:
+        hub, p = self.hub, self.pilot
+        p.stopping = True
+        p.wake.set()  # a long-polling agent hears "shutdown" now
+        if launcher is not None:
+            try:
+                launcher.stop(grace=5.0)
+            except GreenletExit:
+                raise
+            except Exception as exc:
+                hub.log.error("launcher_stop_failed", pilot=p.uid, error=str(exc))
+        # Whatever the agent did not report as final ends here, with the pilot's reason.
+        why = f"pilot {p.uid} ended ({final}): {reason or 'no reason given'}"
+        unit_state = states.FAILED if final == states.FAILED else states.CANCELED
+        if final == states.DONE and reason and "runtime" in reason:
+            unit_state = states.FAILED
+        for uid in list(p.in_flight) + list(p.queue):
+            unit = hub.units.get(uid)
+            if unit is not None and not states.is_final(unit.state):
+                hub.unit_final(unit, unit_state, "hub", reason=why)
+        p.queue.clear()
+        p.reason = reason
+        if not states.is_final(p.state):
+            hub.emit("pilot", p, final, "hub", reason=reason)
+        hub.pilots_changed()
+        gevent.sleep(0)

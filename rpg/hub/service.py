@@ -1,0 +1,173 @@
+"""The hub's zerorpc service: what agents call, in bulk, with their pilot's secret token.
+
+Every call names its pilot and carries the token; the token is checked (constant time) before
+anything is touched, and every payload is validated before use. A bad call gets a clear error
+back (zerorpc raises it as RemoteError in the caller) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import TYPE_CHECKING, Any
+
+from rpg import states
+
+if TYPE_CHECKING:
+    from rpg.hub.hub import Hub
+    from rpg.hub.records import PilotRecord
+
+MAX_PULL = 5000
+MAX_PUSH = 20000
+MAX_WAIT_S = 5.0
+MAX_TEXT = 1 << 20
+UNIT_FIELDS = {"exit_code": int, "stdout": str, "stderr": str, "reason": str, "sandbox": str}
+
+
+class ProtocolError(ValueError):
+    """A malformed or unauthorized call."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ProtocolError(msg)
+
+
+class HubService:
+    def __init__(self, hub: "Hub") -> None:
+        self._hub = hub
+        self.counters = {"register": 0, "pull": 0, "push": 0, "updates": 0, "rejected": 0}
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def _pilot(self, pilot_uid: Any, token: Any) -> "PilotRecord":
+        try:
+            _check(isinstance(pilot_uid, str) and len(pilot_uid) < 256, "pilot_uid must be a string")
+            _check(isinstance(token, str) and len(token) < 1024, "token must be a string")
+            p = self._hub.pilots.get(pilot_uid)
+            # Compare against a dummy when the pilot is unknown, so timing tells nothing.
+            expected = p.token if p is not None else "x" * 43
+            ok = hmac.compare_digest(expected.encode(), token.encode())
+            _check(p is not None and ok, "unknown pilot or bad token")
+            return p  # type: ignore[return-value]
+        except ProtocolError as exc:
+            self.counters["rejected"] += 1
+            self._hub.log.warning("rpc_rejected", pilot=str(pilot_uid)[:64], error=str(exc))
+            raise
+
+    def _reject(self, p: "PilotRecord", msg: str) -> None:
+        self.counters["rejected"] += 1
+        p.rejected_calls += 1
+        self._hub.log.warning("rpc_rejected", pilot=p.uid, error=msg)
+        raise ProtocolError(msg)
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def register(self, pilot_uid: str, token: str, info: dict) -> dict:
+        """The agent calls in: the pilot becomes ACTIVE. Returns the agent's settings."""
+        p = self._pilot(pilot_uid, token)
+        if not isinstance(info, dict) or len(info) > 64:
+            self._reject(p, "register: info must be a small dict")
+        if states.is_final(p.state) or p.stopping:
+            self._reject(p, f"register: pilot {p.uid} is {p.state}, not launching")
+        self.counters["register"] += 1
+        p.agent_info = {str(k)[:64]: v for k, v in info.items()
+                        if isinstance(v, (str, int, float, bool, list))}
+        p.last_seen = time.time()
+        if p.state in (states.NEW, states.LAUNCHING, states.PENDING):
+            self._hub.emit("pilot", p, states.ACTIVE, "agent",
+                           **{k: p.agent_info[k] for k in ("pid", "host") if k in p.agent_info})
+        p.registered.set()
+        return {"ok": True, "pilot": p.uid}
+
+    def pull(self, pilot_uid: str, token: str, max_units: int, wait_s: float) -> dict:
+        """Hand out up to ``max_units`` bound units and pending cancels (long poll ``wait_s``)."""
+        p = self._pilot(pilot_uid, token)
+        if isinstance(max_units, bool) or not isinstance(max_units, int) or max_units < 0:
+            self._reject(p, "pull: max_units must be an integer >= 0")
+        if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or wait_s < 0:
+            self._reject(p, "pull: wait_s must be a number >= 0")
+        self.counters["pull"] += 1
+        p.last_seen = time.time()
+        max_units = min(max_units, MAX_PULL)
+        if not p.stopping and not p.cancels and not (p.queue and max_units):
+            p.wake.clear()
+            p.wake.wait(min(float(wait_s), MAX_WAIT_S))
+            p.last_seen = time.time()
+        return self._work(p, max_units)
+
+    def _work(self, p: "PilotRecord", max_units: int) -> dict:
+        hub = self._hub
+        out = []
+        if not p.stopping:
+            while p.queue and len(out) < max_units:
+                uid = p.queue.popleft()
+                unit = hub.units.get(uid)
+                if unit is None or states.is_final(unit.state):
+                    continue  # canceled while queued
+                unit.at_agent = True
+                p.in_flight.add(uid)
+                out.append({"uid": uid, "description": unit.desc})
+        cancels, p.cancels = p.cancels, []
+        cancels = [u for u in cancels if u in p.in_flight]
+        return {"units": out, "cancel": cancels, "shutdown": p.stopping}
+
+    def push(self, pilot_uid: str, token: str, updates: list) -> dict:
+        """State updates from the agent, in bulk: ``[[uid, state, time, {fields}], ...]``.
+
+        Each update is validated on its own; a bad one is rejected with its reason and the
+        others still apply. Doubles as the agent's heartbeat.
+        """
+        p = self._pilot(pilot_uid, token)
+        if not isinstance(updates, list) or len(updates) > MAX_PUSH:
+            self._reject(p, f"push: updates must be a list of at most {MAX_PUSH} items")
+        self.counters["push"] += 1
+        p.last_seen = time.time()
+        hub = self._hub
+        applied = 0
+        errors: list[list[str]] = []
+        for i, upd in enumerate(updates):
+            try:
+                uid, state, ts, fields = self._valid_update(p, upd)
+                unit = hub.units[uid]
+                if states.is_final(state):
+                    hub.unit_final(unit, state, "agent", ts=ts, **fields)
+                else:
+                    hub.emit("unit", unit, state, "agent", ts=ts, **fields)
+                applied += 1
+            except (ProtocolError, states.IllegalTransition) as exc:
+                errors.append([str(upd[0]) if isinstance(upd, list) and upd else f"#{i}",
+                               str(exc)[:300]])
+        self.counters["updates"] += applied
+        if errors:
+            self.counters["rejected"] += len(errors)
+            p.rejected_calls += len(errors)
+            hub.log.warning("push_updates_rejected", pilot=p.uid, count=len(errors),
+                            first=errors[0])
+        return {"applied": applied, "errors": errors, "shutdown": p.stopping}
+
+    def _valid_update(self, p: "PilotRecord", upd: Any) -> tuple[str, str, float, dict]:
+        _check(isinstance(upd, list) and len(upd) == 4,
+               "an update must be [uid, state, time, fields]")
+        uid, state, ts, fields = upd
+        _check(isinstance(uid, str) and uid in self._hub.units, f"unknown unit {str(uid)[:64]!r}")
+        _check(uid in p.in_flight, f"unit {uid} is not running on pilot {p.uid}")
+        _check(isinstance(state, str) and state in states.UNIT_STATES,
+               f"unknown unit state {str(state)[:32]!r}")
+        _check(state not in (states.NEW, states.BOUND), f"the agent cannot set {state}")
+        _check(not isinstance(ts, bool) and isinstance(ts, (int, float)) and ts > 0,
+               "time must be a positive number")
+        _check(isinstance(fields, dict), "fields must be a dict")
+        clean = {}
+        for k, v in fields.items():
+            _check(k in UNIT_FIELDS, f"unknown field {str(k)[:32]!r}")
+            want = UNIT_FIELDS[k]
+            _check(isinstance(v, want) and not isinstance(v, bool) or v is None,
+                   f"field {k} must be {want.__name__}")
+            if isinstance(v, str):
+                _check(len(v) <= MAX_TEXT, f"field {k} is longer than {MAX_TEXT} characters")
+            clean[k] = v
+        unit = self._hub.units[uid]
+        states.path("unit", unit.state, state)  # raises IllegalTransition
+        return uid, state, float(ts), clean
+

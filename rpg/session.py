@@ -1,0 +1,386 @@
+"""Session, PilotManager, UnitManager and the Unit/Pilot objects the application holds.
+
+Every public call is thread-safe and returns at once: it hands work to the hub thread. State
+changes come back as events, which the session's callback thread applies to the Unit and Pilot
+objects (in order, each state once) before calling the application's callbacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import secrets
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence, Union
+
+from rpg import states
+from rpg.description import (
+    DescriptionError,
+    PilotDescription,
+    UnitDescription,
+    resolve_client_path,
+    split_url,
+)
+from rpg.hub.hub import Hub
+from rpg.log import get_logger
+
+_session_ids = itertools.count()
+Callback = Callable[[Any, str], Any]
+
+
+class SessionClosed(RuntimeError):
+    """The session was closed; it accepts no more work."""
+
+
+class _Entity:
+    """What Unit and Pilot share: uid, state, history, wait, cancel."""
+
+    _kind = ""
+
+    def __init__(self, uid: str, mgr: Any) -> None:
+        self.uid = uid
+        self.state = states.NEW
+        self.reason: str | None = None
+        self.history: list[tuple[str, float]] = [(states.NEW, time.time())]
+        self._mgr = mgr
+
+    def _apply(self, state: str, ts: float, fields: dict[str, Any]) -> None:
+        self.state = state
+        self.history.append((state, ts))
+        for k, v in fields.items():
+            if k in self._fields:
+                setattr(self, k, v)
+
+    _fields: frozenset[str] = frozenset()
+
+    @property
+    def final(self) -> bool:
+        return self.state in states.FINAL
+
+    def wait(self, state: str | Sequence[str] | None = None,
+             timeout: float | None = None) -> str:
+        """Wait until this reaches ``state`` (default: a final state) or any final state."""
+        return self._mgr._session._wait([self], state, timeout)[0]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.uid} {self.state}>"
+
+
+class Unit(_Entity):
+    _fields = frozenset({"exit_code", "stdout", "stderr", "sandbox", "pilot", "reason"})
+
+    def __init__(self, uid: str, description: UnitDescription, mgr: "UnitManager") -> None:
+        super().__init__(uid, mgr)
+        self.description = description
+        self.name = description.name
+        self.exit_code: int | None = None
+        self.stdout: str | None = None
+        self.stderr: str | None = None
+        self.sandbox: str | None = None
+        self.pilot: str | None = None
+
+    def cancel(self) -> None:
+        """Ask for this unit to be canceled; returns at once."""
+        self._mgr.cancel_units([self.uid])
+
+
+class Pilot(_Entity):
+    _fields = frozenset({"reason", "sandbox", "pid", "host"})
+
+    def __init__(self, uid: str, description: PilotDescription, mgr: "PilotManager") -> None:
+        super().__init__(uid, mgr)
+        self.description = description
+        self.sandbox: str | None = None
+        self.pid: int | None = None
+        self.host: str | None = None
+
+    def cancel(self) -> None:
+        """Ask for this pilot to be canceled (its units end CANCELED); returns at once."""
+        self._mgr.cancel_pilots([self.uid])
+
+
+class Session:
+    """A hub (own thread, own gevent loop, zerorpc on 127.0.0.1) and its callback thread."""
+
+    def __init__(self, sandbox: str | None = None,
+                 hub_address: str = "tcp://127.0.0.1:0", uid: str | None = None) -> None:
+        self.uid = uid or "rpg.session.{}.{}.{:04d}".format(
+            time.strftime("%Y%m%d-%H%M%S"), os.getpid(), next(_session_ids))
+        self.sandbox = os.path.abspath(sandbox or os.path.join(os.getcwd(), self.uid))
+        self.log = get_logger("session", session=self.uid)
+        self._events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._objects: dict[str, _Entity] = {}
+        self._ids = itertools.count()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.callback_errors = 0
+        self.hub = Hub(self.uid, self.sandbox, hub_address, self._events)
+        self._cb_thread = threading.Thread(target=self._callback_loop,
+                                           name=f"rpg-callbacks-{self.uid}", daemon=True)
+        self._cb_thread.start()
+        try:
+            self.hub.start()
+        except BaseException:
+            self._events.put(None)
+            self._cb_thread.join(5)
+            raise
+        self.log.info("session_started", sandbox=self.sandbox, hub=self.hub.address)
+
+    @property
+    def profile_path(self) -> str:
+        return self.hub.profile.path
+
+    @property
+    def hub_address(self) -> str | None:
+        return self.hub.address
+
+    def _next_uid(self, prefix: str) -> str:
+        return f"{prefix}.{next(self._ids):06d}"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionClosed(f"session {self.uid} is closed")
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def _callback_loop(self) -> None:
+        get = self._events.get
+        while True:
+            ev = get()
+            batch = [ev]
+            try:
+                while len(batch) < 4096:
+                    batch.append(self._events.get_nowait())
+            except queue.Empty:
+                pass
+            stop = False
+            for ev in batch:
+                if ev is None:
+                    stop = True
+                    continue
+                kind, uid, state, ts, fields = ev
+                obj = self._objects.get(uid)
+                if obj is None:
+                    continue
+                with self._cond:
+                    obj._apply(state, ts, fields)
+                for cb in list(obj._mgr._callbacks):
+                    try:
+                        cb(obj, state)
+                    except Exception:
+                        self.callback_errors += 1
+                        self.log.exception("callback_failed", uid=uid, state=state,
+                                           callback=getattr(cb, "__qualname__", repr(cb)))
+            with self._cond:
+                self._cond.notify_all()
+            if stop:
+                return
+
+    def _wait(self, objs: Sequence[_Entity], state: str | Sequence[str] | None,
+              timeout: float | None) -> list[str]:
+        if threading.current_thread() is self._cb_thread:
+            raise RuntimeError("wait cannot be called from inside a callback (it would never "
+                               "see the next state); use the callback itself")
+        want = set(states.FINAL)
+        if state is not None:
+            want |= {state} if isinstance(state, str) else set(state)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        i = 0
+        with self._cond:
+            while True:
+                while i < len(objs) and objs[i].state in want:
+                    i += 1
+                if i >= len(objs) or (self._closed and not self._cb_thread.is_alive()):
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(remaining if remaining is not None else 1.0)
+        return [o.state for o in objs]
+
+    # -- close -----------------------------------------------------------------------------------
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop everything: agents, unit processes, threads, sockets. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.hub.close(timeout=timeout)
+        self._events.put(None)
+        if threading.current_thread() is not self._cb_thread:
+            self._cb_thread.join(timeout)
+        self.log.info("session_closed")
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _as_list(x: Any) -> tuple[list[Any], bool]:
+    if isinstance(x, (list, tuple)):
+        return list(x), True
+    return [x], False
+
+
+class _Manager:
+    _prefix = ""
+
+    def __init__(self, session: Session) -> None:
+        session._check_open()
+        self._session = session
+        self.uid = session._next_uid(self._prefix)
+        self._callbacks: list[Callback] = []
+        self._mine: dict[str, _Entity] = {}
+
+    def register_callback(self, cb: Callback) -> None:
+        """Call ``cb(obj, state)`` on the callback thread at every state change."""
+        if not callable(cb):
+            raise TypeError(f"register_callback: {cb!r} is not callable")
+        self._callbacks.append(cb)
+
+    def _select(self, uids: str | Iterable[str] | None) -> list[Any]:
+        if uids is None:
+            return list(self._mine.values())
+        if isinstance(uids, str):
+            uids = [uids]
+        out = []
+        for uid in uids:
+            if uid not in self._mine:
+                raise KeyError(f"{type(self).__name__}: unknown uid {uid!r}")
+            out.append(self._mine[uid])
+        return out
+
+    def _wait(self, uids: str | Iterable[str] | None, state: Any,
+              timeout: float | None) -> list[str]:
+        return self._session._wait(self._select(uids), state, timeout)
+
+
+class PilotManager(_Manager):
+    _prefix = "pmgr"
+
+    def submit_pilots(self, descriptions: Union[PilotDescription, dict, Sequence[Any]]
+                      ) -> Union[Pilot, list[Pilot]]:
+        """Launch pilots; returns at once with Pilot objects (state NEW)."""
+        s = self._session
+        s._check_open()
+        descs, many = _as_list(descriptions)
+        checked = [_validated(PilotDescription, d, i) for i, d in enumerate(descs)]
+        pilots, items = [], []
+        for desc in checked:
+            uid = s._next_uid("pilot")
+            p = Pilot(uid, desc, self)
+            s._objects[uid] = p
+            self._mine[uid] = p
+            pilots.append(p)
+            items.append((uid, desc.as_dict(), secrets.token_urlsafe(32)))
+        s.hub.post(s.hub.submit_pilots, self.uid, items)
+        return pilots if many else pilots[0]
+
+    def wait_pilots(self, uids: str | Iterable[str] | None = None,
+                    state: str | Sequence[str] | None = None,
+                    timeout: float | None = None) -> list[str]:
+        return self._wait(uids, state, timeout)
+
+    def cancel_pilots(self, uids: str | Iterable[str] | None = None) -> None:
+        """Cancel pilots (all of this manager's by default); returns at once."""
+        s = self._session
+        if s._closed:
+            return
+        targets = [p.uid for p in self._select(uids)]
+        s.hub.post(s.hub.cancel_pilots, targets)
+
+    def get_pilots(self, uids: str | Iterable[str] | None = None) -> list[Pilot]:
+        return self._select(uids)
+
+
+class UnitManager(_Manager):
+    _prefix = "umgr"
+
+    def add_pilots(self, pilots: Union[Pilot, Sequence[Pilot]]) -> None:
+        """Units of this manager may run on these pilots."""
+        s = self._session
+        s._check_open()
+        lst, _ = _as_list(pilots)
+        for p in lst:
+            if not isinstance(p, Pilot):
+                raise TypeError(f"add_pilots: expected Pilot objects, got {type(p).__name__}")
+        s.hub.post(s.hub.add_pilots, self.uid, [p.uid for p in lst])
+
+    def remove_pilots(self, pilots: Union[Pilot, Sequence[Pilot]]) -> None:
+        s = self._session
+        s._check_open()
+        lst, _ = _as_list(pilots)
+        s.hub.post(s.hub.remove_pilots, self.uid, [p.uid for p in lst])
+
+    def submit_units(self, descriptions: Union[UnitDescription, dict, Sequence[Any]]
+                     ) -> Union[Unit, list[Unit]]:
+        """Submit units; returns at once with Unit objects (state NEW).
+
+        All descriptions are validated first: if one is bad, none is submitted and the error
+        names its index and field.
+        """
+        s = self._session
+        s._check_open()
+        descs, many = _as_list(descriptions)
+        checked = [_validated(UnitDescription, d, i) for i, d in enumerate(descs)]
+        units, items = [], []
+        for desc in checked:
+            uid = s._next_uid("unit")
+            u = Unit(uid, desc, self)
+            s._objects[uid] = u
+            self._mine[uid] = u
+            units.append(u)
+            d = desc.as_dict()
+            _resolve_client_paths(d)
+            items.append((uid, d))
+        s.hub.post(s.hub.submit_units, self.uid, items)
+        return units if many else units[0]
+
+    def wait_units(self, uids: str | Iterable[str] | None = None,
+                   state: str | Sequence[str] | None = None,
+                   timeout: float | None = None) -> list[str]:
+        """Wait until the units reach ``state`` (default: final) or a final state.
+
+        Returns their states (some may not be there yet if ``timeout`` ran out).
+        """
+        return self._wait(uids, state, timeout)
+
+    def cancel_units(self, uids: str | Iterable[str] | None = None) -> None:
+        """Cancel units (all of this manager's by default). Never blocks; works in callbacks."""
+        s = self._session
+        if s._closed:
+            return
+        if uids is None:
+            s.hub.post(s.hub.cancel_units, None, "canceled by the application", self.uid)
+            return
+        targets = [u.uid for u in self._select(uids)]
+        s.hub.post(s.hub.cancel_units, targets)
+
+    def get_units(self, uids: str | Iterable[str] | None = None) -> list[Unit]:
+        return self._select(uids)
+
+
+def _validated(cls: type, d: Any, index: int) -> Any:
+    try:
+        if isinstance(d, cls):
+            d.validate()
+            return d
+        if isinstance(d, dict):
+            return cls(d)
+    except DescriptionError as exc:
+        raise DescriptionError(f"{exc.where} #{index}", exc.field, exc.problem) from None
+    raise TypeError(f"#{index}: expected a {cls.__name__} or a dict, got {type(d).__name__}")
+
+
+def _resolve_client_paths(d: dict[str, Any]) -> None:
+    """client:// paths are relative to the application's cwd: make them absolute now."""
+    for key, side in (("input_staging", "source"), ("output_staging", "target")):
+        for directive in d[key]:
+            if split_url(directive[side])[0] == "client":
+                directive[side] = "client://" + resolve_client_path(directive[side])

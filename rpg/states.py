@@ -1,0 +1,85 @@
+"""The state tables: the single source of truth for hub, agent, API and docs.
+
+Units and pilots move forward along one ordered path; any non-final state may jump to a final
+state (a unit may be canceled or may fail at any point). A transition not in the table raises
+``IllegalTransition``. When a component reports a state further along the path than the next
+one (the agent reports in batches), ``path`` fills in the skipped intermediates, so each
+callback fires once per state, in order.
+"""
+
+from __future__ import annotations
+
+
+class IllegalTransition(ValueError):
+    """A state change that the table does not allow."""
+
+
+# Unit states
+NEW = "NEW"
+BOUND = "BOUND"
+STAGING_IN = "STAGING_IN"
+SCHEDULING = "SCHEDULING"
+EXECUTING = "EXECUTING"
+STAGING_OUT = "STAGING_OUT"
+DONE = "DONE"
+FAILED = "FAILED"
+CANCELED = "CANCELED"
+
+# Pilot states (NEW, DONE, FAILED, CANCELED are shared names)
+LAUNCHING = "LAUNCHING"
+PENDING = "PENDING"
+ACTIVE = "ACTIVE"
+
+FINAL = frozenset({DONE, FAILED, CANCELED})
+
+UNIT_PATH = (NEW, BOUND, STAGING_IN, SCHEDULING, EXECUTING, STAGING_OUT, DONE)
+PILOT_PATH = (NEW, LAUNCHING, PENDING, ACTIVE, DONE)
+
+UNIT_STATES = frozenset(UNIT_PATH) | FINAL
+PILOT_STATES = frozenset(PILOT_PATH) | FINAL
+
+
+def _table(path: tuple[str, ...]) -> dict[str, frozenset[str]]:
+    table: dict[str, frozenset[str]] = {}
+    for i, state in enumerate(path[:-1]):
+        table[state] = frozenset({path[i + 1], FAILED, CANCELED})
+    for final in FINAL:
+        table[final] = frozenset()
+    return table
+
+
+UNIT_TRANSITIONS = _table(UNIT_PATH)
+PILOT_TRANSITIONS = _table(PILOT_PATH)
+
+
+def is_final(state: str) -> bool:
+    return state in FINAL
+
+
+def check(kind: str, old: str, new: str) -> None:
+    """Raise IllegalTransition unless ``old -> new`` is a single step of the table."""
+    table = UNIT_TRANSITIONS if kind == "unit" else PILOT_TRANSITIONS
+    if old not in table:
+        raise IllegalTransition(f"{kind} state {old!r} is not a {kind} state")
+    if new not in table[old]:
+        raise IllegalTransition(f"{kind}: illegal transition {old} -> {new}")
+
+
+def path(kind: str, old: str, new: str) -> list[str]:
+    """The states from ``old`` (exclusive) to ``new`` (inclusive), skipped ones filled in.
+
+    ``new`` must be ahead of ``old`` on the path, or final (reached from wherever ``old`` is).
+    Raises IllegalTransition otherwise (a step backwards, leaving a final state, unknown state).
+    """
+    order = UNIT_PATH if kind == "unit" else PILOT_PATH
+    states = UNIT_STATES if kind == "unit" else PILOT_STATES
+    if new not in states:
+        raise IllegalTransition(f"{kind}: unknown state {new!r}")
+    if old in FINAL:
+        raise IllegalTransition(f"{kind}: illegal transition {old} -> {new} (already final)")
+    if new in (FAILED, CANCELED):
+        return [new]
+    i, j = order.index(old), order.index(new)
+    if j <= i:
+        raise IllegalTransition(f"{kind}: illegal transition {old} -> {new} (backwards)")
+    return list(order[i + 1 : j + 1])

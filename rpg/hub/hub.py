@@ -211,6 +211,18 @@ class Hub:
             pilot.in_flight.discard(unit.uid)
             pilot.load_cores -= int(unit.desc["cores"])
         unit.final.set()
+        unit.wake.set()
+
+    def agent_final(self, unit: UnitRecord, state: str, ts: float, fields: dict[str, Any]) -> None:
+        """The agent says a unit ended. Output that goes back to the application's machine
+        (client://) is the launcher's to move first: the lifecycle greenlet does that."""
+        pilot = self.pilots.get(unit.pilot) if unit.pilot else None
+        launcher = pilot.launcher if pilot is not None else None
+        if state == states.DONE and launcher is not None and launcher.has_stage_out(unit.desc):
+            unit.done_at_agent = (state, ts, fields)
+            unit.wake.set()
+        else:
+            self.unit_final(unit, state, "agent", ts=ts, **fields)
 
     # -- binding ---------------------------------------------------------------------------------
 
@@ -249,6 +261,9 @@ class Hub:
         unit.pilot = pilot.uid
         pilot.load_cores += int(unit.desc["cores"])
         self.emit("unit", unit, states.BOUND, "hub", pilot=pilot.uid)
+
+    def enqueue(self, unit: UnitRecord, pilot: PilotRecord) -> None:
+        """Hand a bound unit to its pilot's queue; the agent's next pull takes it."""
         pilot.queue.append(unit.uid)
         pilot.wake.set()
 

@@ -40,7 +40,18 @@ class UnitLifecycle:
                     return
                 hub.wait_pilots_changed(timeout=5.0)
             hub.bind(unit, pilot)
-            unit.final.wait()
+            launcher = pilot.launcher
+            if launcher is not None and launcher.has_stage_in(unit.desc):
+                if not self._client_staging(launcher.stage_in):
+                    return
+            hub.enqueue(unit, pilot)
+            while not states.is_final(unit.state):
+                unit.wake.wait()
+                unit.wake.clear()
+                if unit.done_at_agent is not None and not states.is_final(unit.state):
+                    state, ts, fields = unit.done_at_agent
+                    if self._client_staging(launcher.stage_out):
+                        hub.unit_final(unit, state, "agent", ts=ts, **fields)
         except GreenletExit:
             pass
         finally:
@@ -50,6 +61,17 @@ class UnitLifecycle:
                 hub.unit_final(unit, states.CANCELED, "hub",
                                reason=unit.cancel_reason or "canceled")
             unit.greenlet = None
+
+    def _client_staging(self, step) -> bool:
+        """Run a launcher's client:// staging step; a failure ends the unit FAILED."""
+        try:
+            step(self.unit)
+            return True
+        except GreenletExit:
+            raise
+        except Exception as exc:
+            self.hub.unit_final(self.unit, states.FAILED, "hub", reason=f"client staging: {exc}")
+            return False
 
 
 class PilotLifecycle:

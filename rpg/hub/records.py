@@ -12,7 +12,8 @@ from rpg import states
 
 class UnitRecord:
     __slots__ = ("uid", "umgr", "desc", "state", "pilot", "greenlet", "final", "reason",
-                 "exit_code", "stdout", "stderr", "sandbox", "at_agent", "cancel_reason")
+                 "exit_code", "stdout", "stderr", "sandbox", "at_agent", "cancel_reason",
+                 "wake", "done_at_agent")
 
     def __init__(self, uid: str, umgr: str, desc: dict[str, Any]) -> None:
         self.uid = uid
@@ -29,6 +30,8 @@ class UnitRecord:
         self.sandbox: str | None = None
         self.at_agent = False  # handed to the agent (pulled); cancel must go through it
         self.cancel_reason: str | None = None
+        self.wake = Event()  # the lifecycle greenlet has something to look at
+        self.done_at_agent: tuple[str, float, dict[str, Any]] | None = None
 
 
 class PilotRecord:

@@ -11,6 +11,8 @@ import hmac
 import time
 from typing import TYPE_CHECKING, Any
 
+import gevent
+
 from rpg import states
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ MAX_PULL = 5000
 MAX_PUSH = 20000
 MAX_WAIT_S = 5.0
 MAX_TEXT = 1 << 20
+YIELD_EVERY = 200
 UNIT_FIELDS = {"exit_code": int, "stdout": str, "stderr": str, "reason": str, "sandbox": str}
 
 
@@ -127,11 +130,13 @@ class HubService:
         applied = 0
         errors: list[list[str]] = []
         for i, upd in enumerate(updates):
+            if i and i % YIELD_EVERY == 0:
+                gevent.sleep(0)  # a big batch must not hold the loop
             try:
                 uid, state, ts, fields = self._valid_update(p, upd)
                 unit = hub.units[uid]
                 if states.is_final(state):
-                    hub.unit_final(unit, state, "agent", ts=ts, **fields)
+                    hub.agent_final(unit, state, ts, fields)
                 else:
                     hub.emit("unit", unit, state, "agent", ts=ts, **fields)
                 applied += 1

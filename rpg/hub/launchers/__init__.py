@@ -20,6 +20,14 @@ def launcher_for(hub: "Hub", pilot: "PilotRecord") -> Launcher:
     resource = pilot.desc["resource"]
     if resource == "local":
         return LocalLauncher(hub, pilot)
+    if resource.startswith("ssh://"):
+        from rpg.hub.launchers.ssh import SSHLauncher
+
+        return SSHLauncher(hub, pilot)
+    if resource == "slurm" or resource.startswith("slurm+ssh://"):
+        from rpg.hub.launchers.slurm import SlurmLauncher
+
+        return SlurmLauncher(hub, pilot)
     raise LaunchError(f"resource {resource!r}: no launcher for it in this version of rpg")
 
 

@@ -55,3 +55,18 @@ class Launcher:
 
     def stop(self, grace: float) -> None:
         raise NotImplementedError
+
+    # client:// staging that the agent cannot do itself (it runs on another machine). The unit
+    # stays BOUND during stage_in and STAGING_OUT during stage_out; both run on the unit's
+    # lifecycle greenlet (blocking work in lanes) and raise on failure (the unit FAILS).
+    def has_stage_in(self, desc: dict[str, Any]) -> bool:
+        return False
+
+    def has_stage_out(self, desc: dict[str, Any]) -> bool:
+        return False
+
+    def stage_in(self, unit: Any) -> None:
+        pass
+
+    def stage_out(self, unit: Any) -> None:
+        pass

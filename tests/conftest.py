@@ -13,6 +13,17 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def _thread_names() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                names.append(f"{tid}:{fh.read().strip()}")
+        except OSError:
+            pass
+    return names
+
+
 def _sockets() -> int:
     n = 0
     for fd in os.listdir("/proc/self/fd"):
@@ -63,9 +74,14 @@ def no_leaks(request):
     if kids:
         problems.append(f"child processes left: {_describe(kids)}")
     if threads > threads0:
-        problems.append(f"threads: {threads0} before, {threads} after")
+        problems.append(f"threads: {threads0} before, {threads} after: {_thread_names()}")
     if sockets > sockets0:
         problems.append(f"sockets: {sockets0} before, {sockets} after")
+    if threads > threads0:
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     pytest.fail("leak after test: " + "; ".join(problems), pytrace=False)
 
 

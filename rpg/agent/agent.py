@@ -25,6 +25,7 @@ from rpg.agent.scheduler import Scheduler
 from rpg.agent.stager import StagingError, make_sandbox, stage
 from rpg.io_pool import IOPool, IOPoolError, LoopWatch, SpawnError
 from rpg.log import get_logger
+from rpg.rpc import no_zero_copy
 
 EXIT_OK = 0
 EXIT_HUB_LOST = 3
@@ -70,6 +71,8 @@ class Agent:
         timeout = max(5.0, self.hb_timeout)
         self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
         self.rpc_push = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
+        no_zero_copy(self.rpc_pull)
+        no_zero_copy(self.rpc_push)
         self.rpc_pull.connect(self.cfg["hub_address"])
         self.rpc_push.connect(self.cfg["hub_address"])
         loops: list[Any] = []
@@ -176,7 +179,7 @@ class Agent:
                         uid, (states.CANCELED, "canceled by the application"))
                     g.kill(block=False)
             if resp["shutdown"]:
-                self.stop("shutdown", states.CANCELED, "pilot stopped")
+                self.stop("shutdown", states.CANCELED, str(resp["shutdown"]))
 
     def _push_loop(self) -> None:
         while True:
@@ -207,7 +210,7 @@ class Agent:
         if self.updates:
             self.have_updates.set()
         if resp.get("shutdown") and not self.done.is_set():
-            self.stop("shutdown", states.CANCELED, "pilot stopped")
+            self.stop("shutdown", states.CANCELED, str(resp["shutdown"]))
         return True
 
     def _final_push(self, timeout: float = 10.0) -> None:

@@ -25,6 +25,7 @@ from rpg.hub.records import PilotRecord, UnitRecord
 from rpg.hub.service import HubService
 from rpg.io_pool import IOPool, LoopWatch
 from rpg.log import ProfileWriter, get_logger
+from rpg.rpc import no_zero_copy
 
 PROFILE_FLUSH_S = 0.2
 
@@ -88,6 +89,7 @@ class Hub:
             ctx = zerorpc.Context()
             self.service = HubService(self)
             server = zerorpc.Server(self.service, context=ctx, heartbeat=5)
+            no_zero_copy(server)
             endpoint = self.requested_address
             host, _, port = endpoint[len("tcp://"):].rpartition(":")
             if host not in ("127.0.0.1", "localhost", "[::1]"):

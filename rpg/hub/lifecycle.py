@@ -137,6 +137,8 @@ class PilotLifecycle:
     def _finish(self, launcher, final: str, reason: str | None) -> None:
         hub, p = self.hub, self.pilot
         p.stopping = True
+        p.stop_reason = (reason if final != states.CANCELED
+                         else f"pilot {p.uid} canceled") or f"pilot {p.uid} stopped"
         p.wake.set()  # a long-polling agent hears "shutdown" now
         if launcher is not None:
             try:

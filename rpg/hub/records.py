@@ -38,7 +38,7 @@ class PilotRecord:
     __slots__ = ("uid", "pmgr", "desc", "state", "token", "sandbox", "queue", "in_flight",
                  "cancels", "wake", "last_seen", "registered", "launcher", "greenlet",
                  "load_cores", "agent_info", "stopping", "reason", "final_state_hint",
-                 "rejected_calls")
+                 "rejected_calls", "stop_reason")
 
     def __init__(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
                  sandbox: str) -> None:
@@ -62,6 +62,7 @@ class PilotRecord:
         self.reason: str | None = None
         self.final_state_hint: str | None = None
         self.rejected_calls = 0
+        self.stop_reason = ""  # told to the agent with "shutdown"; its units end with it
 
     @property
     def cores(self) -> int:

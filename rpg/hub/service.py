@@ -113,7 +113,7 @@ class HubService:
                 out.append({"uid": uid, "description": unit.desc})
         cancels, p.cancels = p.cancels, []
         cancels = [u for u in cancels if u in p.in_flight]
-        return {"units": out, "cancel": cancels, "shutdown": p.stopping}
+        return {"units": out, "cancel": cancels, "shutdown": p.stopping and p.stop_reason}
 
     def push(self, pilot_uid: str, token: str, updates: list) -> dict:
         """State updates from the agent, in bulk: ``[[uid, state, time, {fields}], ...]``.
@@ -149,7 +149,8 @@ class HubService:
             p.rejected_calls += len(errors)
             hub.log.warning("push_updates_rejected", pilot=p.uid, count=len(errors),
                             first=errors[0])
-        return {"applied": applied, "errors": errors, "shutdown": p.stopping}
+        return {"applied": applied, "errors": errors,
+                "shutdown": p.stopping and p.stop_reason}
 
     def _valid_update(self, p: "PilotRecord", upd: Any) -> tuple[str, str, float, dict]:
         _check(isinstance(upd, list) and len(upd) == 4,

@@ -1,0 +1,98 @@
+"""Analytics over a session's profile events: counts, throughput, overheads, concurrency.
+
+``analyze`` takes profile records (dicts with time, uid, state, component) as written by the hub
+and returns plain numbers; ``format_summary`` renders them as the table ``rpg run`` and
+``rpg report`` print.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+
+from rpg import states
+
+
+def analyze(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    units: dict[str, dict[str, float]] = {}
+    pilots: dict[str, dict[str, float]] = {}
+    for ev in events:
+        uid, st, t = ev.get("uid", ""), ev.get("state", ""), float(ev.get("time", 0.0))
+        if uid.startswith("unit."):
+            units.setdefault(uid, {})[st] = t
+        elif uid.startswith("pilot."):
+            pilots.setdefault(uid, {})[st] = t
+    counts = {s: 0 for s in (states.DONE, states.FAILED, states.CANCELED)}
+    counts["unfinished"] = 0
+    execs, overheads, waits, spans = [], [], [], []
+    first_new, last_final = None, None
+    for times in units.values():
+        final = next((s for s in states.FINAL if s in times), None)
+        if final is None:
+            counts["unfinished"] += 1
+            continue
+        counts[final] += 1
+        t_new = times.get(states.NEW, times[final])
+        first_new = t_new if first_new is None else min(first_new, t_new)
+        last_final = times[final] if last_final is None else max(last_final, times[final])
+        if states.EXECUTING in times:
+            end = times.get(states.STAGING_OUT, times[final])
+            spans.append((times[states.EXECUTING], end))
+            execs.append(end - times[states.EXECUTING])
+            waits.append(times[states.EXECUTING] - times.get(states.SCHEDULING,
+                                                             times[states.EXECUTING]))
+            overheads.append((times[final] - t_new) - execs[-1] - waits[-1])
+    out: dict[str, Any] = {"units": len(units), "counts": counts}
+    if first_new is not None and last_final is not None and last_final > first_new:
+        out["makespan_s"] = last_final - first_new
+        out["throughput_per_s"] = (len(units) - counts["unfinished"]) / (last_final - first_new)
+    if overheads:
+        ov = np.array(overheads)
+        out["overhead_ms"] = {"mean": float(ov.mean() * 1e3),
+                              "p50": float(np.percentile(ov, 50) * 1e3),
+                              "p95": float(np.percentile(ov, 95) * 1e3)}
+        out["exec_s_mean"] = float(np.mean(execs))
+        out["core_wait_s_mean"] = float(np.mean(waits))
+    if spans:
+        out["peak_concurrency"] = _peak(spans)
+    startup = [p[states.ACTIVE] - p[states.NEW] for p in pilots.values()
+               if states.ACTIVE in p and states.NEW in p]
+    if startup:
+        out["pilot_startup_s"] = float(np.mean(startup))
+    return out
+
+
+def _peak(spans: list[tuple[float, float]]) -> int:
+    starts = np.sort(np.array([s for s, _ in spans]))
+    ends = np.sort(np.array([e for _, e in spans]))
+    # running at each start = starts so far - ends strictly before it
+    running = np.arange(1, len(starts) + 1) - np.searchsorted(ends, starts, side="right")
+    return int(running.max()) if len(running) else 0
+
+
+def format_summary(a: dict[str, Any], title: str = "rpg summary") -> str:
+    rows = [(title, "")]
+    for k, v in a["counts"].items():
+        if v or k != "unfinished":
+            rows.append((f"units {k}", str(v)))
+    if "makespan_s" in a:
+        rows.append(("makespan", f"{a['makespan_s']:.2f} s"))
+        rows.append(("throughput", f"{a['throughput_per_s']:.1f} units/s"))
+    if "pilot_startup_s" in a:
+        rows.append(("pilot NEW -> ACTIVE", f"{a['pilot_startup_s']:.2f} s"))
+    if "overhead_ms" in a:
+        o = a["overhead_ms"]
+        rows.append(("rpg overhead per unit*", f"mean {o['mean']:.1f} ms, p50 {o['p50']:.1f} ms, "
+                                              f"p95 {o['p95']:.1f} ms"))
+        rows.append(("execution per unit", f"mean {a['exec_s_mean'] * 1e3:.1f} ms"))
+        rows.append(("waiting for cores", f"mean {a['core_wait_s_mean'] * 1e3:.1f} ms"))
+    if "peak_concurrency" in a:
+        rows.append(("peak concurrent units", str(a["peak_concurrency"])))
+    width = max(len(r[0]) for r in rows)
+    lines = [rows[0][0], "-" * (width + 40)]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows[1:]]
+    if "overhead_ms" in a:
+        lines.append("* submit to final state, less execution and waiting for cores: binding,")
+        lines.append("  staging, spawn, output collection and state round trips")
+    return "\n".join(lines)

@@ -41,9 +41,12 @@ export SLURM_CONF="$CONF"
 
 log() { echo "slurm.sh: $*" >&2; }
 
+SHOW_MUNGE_LOG=0
+
 show_logs() {
-    local f
-    for f in "$CTLD_LOG" "$SLURMD_LOG" "$MUNGED_LOG" "$STATE/munged.out"; do
+    local f files=("$CTLD_LOG" "$SLURMD_LOG")
+    ((SHOW_MUNGE_LOG)) && files+=("$MUNGED_LOG" "$STATE/munged.out")
+    for f in "${files[@]}"; do
         if [[ -s "$f" ]]; then
             log "---- last lines of $f ----"
             tail -n 30 "$f" >&2 || true
@@ -63,8 +66,8 @@ pid_alive() {
     local pidfile=$1 pattern=$2 pid
     [[ -f "$pidfile" ]] || return 0
     pid="$(tr -dc '0-9' <"$pidfile" 2>/dev/null || true)"
-    [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 0
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$pattern"; then
+    [[ -n "$pid" ]] && alive "$pid" || return 0
+    if { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -- "$pattern" >/dev/null; then
         echo "$pid"
     fi
 }
@@ -76,6 +79,13 @@ port_open() {
     timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
 }
 
+# true if pid exists and is not a zombie (PID 1 in containers may reap late)
+alive() {
+    local st
+    st="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
+    [[ -n "$st" && "$st" != Z && "$st" != X ]]
+}
+
 # stop a process (TERM, bounded wait, KILL)
 stop_pid() {
     local pid=$1 name=$2 secs=${3:-15}
@@ -84,13 +94,13 @@ stop_pid() {
     local deadline
     deadline=$((SECONDS + secs))
     while ((SECONDS < deadline)); do
-        kill -0 "$pid" 2>/dev/null || { log "stopped $name (pid $pid)"; return 0; }
+        alive "$pid" || { log "stopped $name (pid $pid)"; return 0; }
         sleep 0.2
     done
     log "$name (pid $pid) did not exit on SIGTERM within ${secs}s, sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
     sleep 0.5
-    if kill -0 "$pid" 2>/dev/null; then die "could not stop $name (pid $pid)"; fi
+    if alive "$pid"; then die "could not stop $name (pid $pid)"; fi
 }
 
 # ----------------------------------------------------------------- install
@@ -122,6 +132,7 @@ start_munge() {
     if munge_ok; then
         return 0
     fi
+    SHOW_MUNGE_LOG=1
     id munge >/dev/null 2>&1 || die "user 'munge' does not exist (broken munge install?)"
 
     mkdir -p /etc/munge /var/lib/munge /var/log/munge "$MUNGE_RUN"
@@ -167,6 +178,7 @@ start_munge() {
     pid="$(pid_alive "$MUNGED_PIDFILE" munged)"
     echo "${pid:-unknown}" >"$MUNGED_MARK"
     log "started munged (pid ${pid:-?})"
+    SHOW_MUNGE_LOG=0
 }
 
 stop_munge() {
@@ -174,7 +186,7 @@ stop_munge() {
     local pid
     pid="$(tr -dc '0-9' <"$MUNGED_MARK" || true)"
     if [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] \
-        && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q munged; then
+        && { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep munged >/dev/null; then
         stop_pid "$pid" munged 10
     fi
     rm -f "$MUNGED_MARK"
@@ -214,6 +226,7 @@ SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=2
 PriorityType=priority/basic
 ReturnToService=2
+EnforcePartLimits=ALL
 SlurmdParameters=config_overrides
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool
@@ -300,8 +313,9 @@ verify() {
         esac
         sleep 0.3
     done
-    [[ -s "$out" ]] && grep -q root "$out" \
-        || die "verification job $jobid did not complete in 30s (state '$state')"
+    if ! [[ -s "$out" ]] || ! grep -q root "$out"; then
+        die "verification job $jobid did not complete in 30s (state '$state'): $(cat "$out" 2>/dev/null)"
+    fi
     rm -f "$out"
 
     local srun_out
@@ -330,8 +344,10 @@ do_start() {
         stop_pid "$(ctld_pid)" slurmctld
     fi
 
-    ensure_installed
-    start_munge
+    # fresh cluster state every start (job ids restart at 1)
+    rm -rf "$STATE/ctld" "$STATE/spool"
+    rm -f "$CTLD_LOG" "$SLURMD_LOG" "$CTLD_PID" "$SLURMD_PID" \
+        "$STATE/slurmctld.out" "$STATE/slurmd.out"
 
     local p
     for p in "$CTLD_PORT" "$SLURMD_PORT"; do
@@ -340,19 +356,18 @@ do_start() {
         fi
     done
 
-    # fresh cluster state every start (job ids restart at 1)
-    rm -rf "$STATE/ctld" "$STATE/spool"
-    rm -f "$CTLD_LOG" "$SLURMD_LOG" "$CTLD_PID" "$SLURMD_PID"
+    ensure_installed
+    start_munge
     write_conf
 
     "$(command -v slurmctld)" -f "$CONF" -i </dev/null >"$STATE/slurmctld.out" 2>&1 \
         || { cat "$STATE/slurmctld.out" >&2; die "slurmctld failed to start"; }
     local deadline=$((SECONDS + 20))
     while ((SECONDS < deadline)); do
-        [[ -n "$(ctld_pid)" ]] && scontrol ping 2>/dev/null | grep -q UP && break
+        [[ -n "$(ctld_pid)" ]] && scontrol ping 2>/dev/null | grep UP >/dev/null && break
         sleep 0.2
     done
-    scontrol ping 2>/dev/null | grep -q UP \
+    scontrol ping 2>/dev/null | grep UP >/dev/null \
         || { cat "$STATE/slurmctld.out" >&2; die "slurmctld not responding after 20s"; }
 
     "$(command -v slurmd)" -f "$CONF" -N "$NODE" </dev/null >"$STATE/slurmd.out" 2>&1 \
@@ -372,11 +387,27 @@ do_start() {
     cat "$ENVFILE"
 }
 
+# job processes that escaped their job (proctrack/linuxproc does not kill
+# background/daemonized children of a finished job): they carry both our
+# SLURM_CONF and a SLURM_JOB_ID in their environment.
+our_job_leftovers() {
+    local pid env
+    for pid in $(ps -e -o pid=); do
+        [[ "$pid" == "$$" || "$pid" == "$PPID" ]] && continue
+        alive "$pid" || continue
+        env=$'\n'"$({ tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null || true)"$'\n'
+        if [[ "$env" == *$'\n'"SLURM_CONF=$CONF"$'\n'* && "$env" == *$'\n'SLURM_JOB_ID=* ]]; then
+            echo "$pid"
+        fi
+    done
+}
+
 # slurmstepd processes belonging to our cluster (they inherit SLURM_CONF)
 our_stepds() {
     local pid
     for pid in $(pgrep -x slurmstepd 2>/dev/null || true); do
-        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF"; then
+        alive "$pid" || continue
+        if { tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null | grep -x "SLURM_CONF=$CONF" >/dev/null; then
             echo "$pid"
         fi
     done
@@ -395,7 +426,7 @@ do_stop() {
             scancel $jobs 2>/dev/null || true
             local deadline=$((SECONDS + 10))
             while ((SECONDS < deadline)); do
-                [[ -z "$(squeue -h -t all -o %A -t PD,R,CG,S 2>/dev/null || true)" ]] && break
+                [[ -z "$(squeue -h -o %A -t PD,R,CG,S,CF 2>/dev/null || true)" ]] && break
                 sleep 0.3
             done
         fi
@@ -404,9 +435,15 @@ do_stop() {
     stop_pid "$cpid" slurmctld
     local s
     for s in $(our_stepds); do stop_pid "$s" slurmstepd 5; done
+    local -a left
+    mapfile -t left < <(our_job_leftovers)
+    if ((${#left[@]})); then
+        log "killing leftover job processes: ${left[*]}"
+        kill -KILL "${left[@]}" 2>/dev/null || true
+    fi
     rm -f "$CTLD_PID" "$SLURMD_PID"
     stop_munge
-    log "stopped"
+    if [[ -n "$cpid$dpid" ]]; then log "stopped"; else log "not running"; fi
 }
 
 do_env() {

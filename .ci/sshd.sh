@@ -44,15 +44,22 @@ die() {
     exit 1
 }
 
+# true if pid exists and is not a zombie (PID 1 in containers may reap late)
+alive() {
+    local st
+    st="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
+    [[ -n "$st" && "$st" != Z && "$st" != X ]]
+}
+
 # pid of our sshd if it is running, else empty
 running_pid() {
     local pid
     [[ -f "$PIDFILE" ]] || return 0
     pid="$(cat "$PIDFILE" 2>/dev/null || true)"
     [[ "$pid" =~ ^[0-9]+$ ]] || return 0
-    [[ -r "/proc/$pid/cmdline" ]] || return 0
+    alive "$pid" || return 0
     # make sure the pid was not recycled: it must be an sshd using our config
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$CONFIG"; then
+    if { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -- "$CONFIG" >/dev/null; then
         echo "$pid"
     fi
 }
@@ -206,10 +213,11 @@ EOF
     mkdir -p /run/sshd
     chmod 755 /run/sshd
 
-    "$sshd_bin" -t -f "$CONFIG" >"$LOG" 2>&1 || die "sshd config test failed"
+    "$sshd_bin" -t -f "$CONFIG" >"$STATE/sshd.out" 2>&1 \
+        || { cat "$STATE/sshd.out" >&2; die "sshd config test ($sshd_bin -t -f $CONFIG) failed"; }
 
-    "$sshd_bin" -f "$CONFIG" -E "$LOG" </dev/null >>"$LOG" 2>&1 \
-        || die "failed to start $sshd_bin"
+    "$sshd_bin" -f "$CONFIG" -E "$LOG" </dev/null >"$STATE/sshd.out" 2>&1 \
+        || { cat "$STATE/sshd.out" >&2; die "failed to start $sshd_bin"; }
 
     # wait (bounded) for the port and a working login
     local deadline=$((SECONDS + 15)) ok=0
@@ -256,16 +264,16 @@ do_stop() {
     if ((${#kids[@]})); then kill -TERM "${kids[@]}" 2>/dev/null || true; fi
     local deadline=$((SECONDS + 10))
     while ((SECONDS < deadline)); do
-        kill -0 "$pid" 2>/dev/null || break
+        alive "$pid" || break
         sleep 0.1
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
         log "sshd $pid did not exit on SIGTERM, sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
         sleep 0.5
     fi
     if ((${#kids[@]})); then kill -KILL "${kids[@]}" 2>/dev/null || true; fi
-    kill -0 "$pid" 2>/dev/null && die "could not stop sshd $pid"
+    alive "$pid" && die "could not stop sshd $pid"
     rm -f "$PIDFILE"
     log "stopped sshd (pid $pid)"
 }

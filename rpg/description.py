@@ -312,11 +312,22 @@ class UnitDescription(_Description):
         "tags": ({}, _tags),
         "name": (None, _str(max_len=256)),
         "restartable": (False, _bool),
+        # launch="srun": the agent of a SLURM pilot starts the unit as a job step, as `ranks`
+        # tasks of cores/ranks cores each, spread over several nodes if one is too small.
+        "launch": (None, _str(max_len=16)),
+        "ranks": (1, _int(1, 1_000_000)),
     }
 
     def _validate_more(self, where: str) -> None:
         if self.stdout == self.stderr:
             raise DescriptionError(where, "stderr", "must differ from stdout")
+        if self.launch not in (None, "srun"):
+            raise DescriptionError(where, "launch", f"must be None or 'srun', got {self.launch!r}")
+        if self.ranks > 1 and self.launch != "srun":
+            raise DescriptionError(where, "ranks", "ranks > 1 needs launch='srun'")
+        if self.cores % self.ranks:
+            raise DescriptionError(
+                where, "ranks", f"must divide cores ({self.cores}), got {self.ranks}")
 
 
 RESOURCE_RE = re.compile(

@@ -60,6 +60,9 @@ def configure(level: str | None = None, force: bool = False) -> None:
             cache_logger_on_first_use=False,
         )
         _configured = True
+        # zerorpc logs its own recoveries through stdlib logging; without a handler Python's
+        # last-resort handler would print them on the application's stderr.
+        logging.getLogger("zerorpc").addHandler(logging.NullHandler())
 
 
 def get_logger(component: str, **fields: Any) -> Any:
@@ -68,6 +71,7 @@ def get_logger(component: str, **fields: Any) -> Any:
     return structlog.get_logger("rpg").bind(component=component, **fields)
 
 
+BULKY = frozenset({"stdout", "stderr"})  # in the Unit object, not in the profile
 SECRET_FIELDS = frozenset({"token", "secret", "password", "key", "private_key"})
 
 
@@ -85,17 +89,13 @@ class ProfileWriter:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._buf: list[str] = []
+        self._buf: list[tuple] = []
         self._lock = threading.Lock()
         self.events_written = 0
 
     def add(self, time: float, uid: str, state: str, component: str, **extra: Any) -> None:
-        rec = {"time": round(time, 6), "uid": uid, "state": state, "component": component}
-        if extra:
-            rec.update(scrub(extra))
-        line = json.dumps(rec, default=str)
-        with self._lock:
-            self._buf.append(line)
+        # Cheap on the loop: the record is kept as a tuple and serialised at flush, in a lane.
+        self._buf.append((time, uid, state, component, extra))
 
     def pending(self) -> int:
         return len(self._buf)
@@ -104,12 +104,19 @@ class ProfileWriter:
         """Write buffered events; blocking (run it in a lane). Returns the number written."""
         with self._lock:
             buf, self._buf = self._buf, []
-        if not buf:
-            return 0
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write("\n".join(buf) + "\n")
-        self.events_written += len(buf)
-        return len(buf)
+            if not buf:
+                return 0
+            lines = []
+            for time, uid, state, component, extra in buf:
+                rec = {"time": round(time, 6), "uid": uid, "state": state,
+                       "component": component}
+                if extra:
+                    rec.update(scrub({k: v for k, v in extra.items() if k not in BULKY}))
+                lines.append(json.dumps(rec, default=str))
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write("\n".join(lines) + "\n")
+            self.events_written += len(lines)
+            return len(lines)
 
 
 def read_profile(path: str) -> list[dict[str, Any]]:

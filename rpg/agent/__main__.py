@@ -27,7 +27,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rpg.agent.agent import Agent
 
-    return Agent(cfg).run()
+    code = Agent(cfg).run()
+    if cfg.get("exit_code_file"):  # for launchers that watch the agent from afar (ssh)
+        try:
+            with open(cfg["exit_code_file"], "w", encoding="utf-8") as fh:  # the loop is done
+                fh.write(f"{code}\n")
+        except OSError as exc:
+            log.error("agent_exit_code_not_written", path=cfg["exit_code_file"], error=str(exc))
+    return code
 
 
 if __name__ == "__main__":

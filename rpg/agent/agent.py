@@ -8,7 +8,9 @@ units and exits; when its runtime ends it fails the units still running and exit
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import signal
 import socket
 import time
@@ -21,9 +23,10 @@ from gevent.event import Event
 
 from rpg import states
 from rpg.agent.executor import read_outputs, spawn_unit, unit_argv
+from rpg.agent.resources import ResourceError, SrunPlacer, nodes_from_environment
 from rpg.agent.scheduler import Scheduler
 from rpg.agent.stager import StagingError, make_sandbox, stage
-from rpg.io_pool import IOPool, IOPoolError, LoopWatch, SpawnError
+from rpg.io_pool import Batcher, IOPool, IOPoolError, LoopWatch, SpawnError
 from rpg.log import get_logger
 from rpg.rpc import no_zero_copy
 
@@ -47,7 +50,11 @@ class Agent:
         self.hb_timeout = float(cfg["heartbeat_timeout"])
         self.staging_timeout = float(cfg.get("staging_timeout", STAGING_TIMEOUT))
         self.kill_grace = float(cfg.get("kill_grace", KILL_GRACE))
-        self.nodes = cfg.get("nodes") or [[socket.gethostname(), self.cores, self.gpus]]
+        self.resource_manager = cfg.get("resource_manager") or "local"
+        self.nodes = cfg.get("nodes") or (
+            nodes_from_environment(os.environ, self.cores, self.gpus)
+            if self.resource_manager == "slurm"
+            else [[socket.gethostname(), self.cores, self.gpus]])
         self.log = get_logger("agent", pilot=self.uid)
         self.units: dict[str, Any] = {}  # uid -> greenlet
         self.executing = 0
@@ -67,6 +74,10 @@ class Agent:
         self.watch = LoopWatch("agent").start()
         self.pool = IOPool()
         self.sched = Scheduler([(str(n[0]), int(n[1]), int(n[2])) for n in self.nodes])
+        self.srun = SrunPlacer(self.sched) if self.resource_manager == "slurm" else None
+        self.spawner = Batcher(self.pool.spawn, spawn_unit, max_batch=64,
+                               parallel=self.pool.spawn.threads, timeout=120)
+        self.collectors: dict[str, Batcher] = {}
         ctx = zerorpc.Context()
         timeout = max(5.0, self.hb_timeout)
         self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
@@ -106,6 +117,7 @@ class Agent:
         finally:
             self._stop_units(states.CANCELED, "agent exiting")
             gevent.killall(loops, timeout=5)
+            self._write_stats(code)
             self.rpc_pull.close()
             self.rpc_push.close()
             ctx.destroy(linger=0)
@@ -113,6 +125,17 @@ class Agent:
             self.watch.stop()
         self.log.info("agent_exit", code=code, **self.counters)
         return code
+
+    def _write_stats(self, code: int) -> None:
+        """Leave the agent's own numbers (loop lag, lanes, peak RSS) in its sandbox."""
+        stats = {"exit_code": code, "counters": self.counters, "loop": self.watch.stats(),
+                 "lanes": self.pool.health(),
+                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        path = os.path.join(self.sandbox, "agent.stats.json")
+        try:
+            self.pool.for_path(path).run(_write_json, path, stats, timeout=10)
+        except Exception as exc:
+            self.log.warning("agent_stats_not_written", error=str(exc))
 
     def stop(self, why: str, unit_state: str, reason: str) -> None:
         if self.stop_info is None:
@@ -228,6 +251,7 @@ class Agent:
     def _unit(self, uid: str, desc: dict[str, Any]) -> None:
         sandbox = os.path.join(self.sandbox, uid)
         slots = child = None
+        extra: list[Any] = []  # a multi-node srun unit's slots on its other nodes
         executing = False
         try:
             self.report(uid, states.STAGING_IN, sandbox=sandbox)
@@ -235,15 +259,21 @@ class Agent:
                 self._stage(desc["input_staging"], "in", sandbox, create=True)
             self.report(uid, states.SCHEDULING)
             cores, gpus = int(desc["cores"]), int(desc["gpus"])
-            if not self.sched.fits_ever(cores, gpus):
+            argv = unit_argv(desc)
+            if desc.get("launch") == "srun":
+                if self.srun is None:
+                    raise _UnitFailed("launch='srun' needs a pilot on SLURM (resource='slurm')")
+                slots, argv = self.srun.place(desc, argv, extra)
+            elif not self.sched.fits_ever(cores, gpus):
                 raise _UnitFailed(f"needs {cores} cores and {gpus} gpus on one node; "
                                   f"the pilot's nodes are smaller")
-            slots = self.sched.allocate(cores, gpus)
+            else:
+                slots = self.sched.allocate(cores, gpus)
             self.report(uid, states.EXECUTING)
             self.executing += 1
             executing = True
             env = self._unit_env(uid, sandbox, slots, desc)
-            child = self._spawn(unit_argv(desc), sandbox, env, desc)
+            child = self._spawn(argv, sandbox, env, desc)
             timeout = desc.get("timeout")
             rc = child.wait(timeout=timeout)
             timed_out = rc is None
@@ -251,12 +281,12 @@ class Agent:
                 rc = child.terminate(grace=self.kill_grace)
             self.sched.free(slots)
             slots = None
+            while extra:
+                self.sched.free(extra.pop())
             self.executing -= 1
             executing = False
             self.report(uid, states.STAGING_OUT)
-            out, err = self.pool.for_path(sandbox).run(
-                read_outputs, sandbox, desc["stdout"], desc["stderr"],
-                timeout=self.staging_timeout)
+            out, err = self._collector(sandbox).call(sandbox, desc["stdout"], desc["stderr"])
             fields = {"exit_code": rc, "stdout": out, "stderr": err}
             if timed_out:
                 self.report(uid, states.FAILED, reason=f"timed out after {timeout:g} s; killed",
@@ -273,12 +303,15 @@ class Agent:
             state, reason = self.cancel_reasons.get(uid, (states.CANCELED, "canceled"))
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
             self.report(uid, state, reason=reason, exit_code=rc)
-        except (_UnitFailed, StagingError, IOPoolError, SpawnError, OSError) as exc:
+        except (_UnitFailed, StagingError, IOPoolError, SpawnError, OSError,
+                ResourceError) as exc:
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
             self.report(uid, states.FAILED, reason=str(exc), exit_code=rc)
         finally:
             if slots is not None:
                 self.sched.free(slots)
+            while extra:
+                self.sched.free(extra.pop())
             if executing:
                 self.executing -= 1
             self.units.pop(uid, None)
@@ -287,17 +320,25 @@ class Agent:
     def _spawn(self, argv: list[str], sandbox: str, env: dict[str, str], desc: dict) -> Any:
         # The spawn runs in a thread: if this greenlet is killed meanwhile, the process still
         # starts, so wait for it and kill it rather than leave an orphan.
-        g = gevent.spawn(self.pool.spawn.run, spawn_unit, argv, sandbox, env, desc["stdout"],
-                         desc["stderr"], timeout=60)
+        pending = self.spawner.submit(argv, sandbox, env, desc["stdout"], desc["stderr"])
         try:
-            return g.get()
+            return pending.get()
         except GreenletExit:
             try:
-                child = g.get(timeout=65)
+                child = pending.get(timeout=125)
                 child.terminate(grace=self.kill_grace)
             except Exception:
                 pass
             raise
+
+    def _collector(self, sandbox: str) -> Batcher:
+        """Output collection, batched per disk lane."""
+        lane = self.pool.for_path(sandbox)
+        b = self.collectors.get(lane.name)
+        if b is None:
+            b = self.collectors[lane.name] = Batcher(lane, read_outputs, max_batch=128,
+                                                     parallel=2, timeout=self.staging_timeout)
+        return b
 
     def _stage(self, directives: list[dict], direction: str, sandbox: str,
                create: bool = False) -> None:
@@ -305,6 +346,8 @@ class Agent:
             self.pool.for_path(sandbox).run(make_sandbox, sandbox, timeout=self.staging_timeout)
         for d in directives:
             outer = d["source"] if direction == "in" else d["target"]
+            if outer.startswith("client://") and self.cfg.get("client_staging") == "hub":
+                continue  # the hub's launcher moves these (the agent cannot reach the client)
             lane = self.pool.for_path(outer if outer.startswith("/") else sandbox)
             try:
                 lane.run(stage, d, direction, sandbox, self.sandbox, timeout=self.staging_timeout)
@@ -328,6 +371,11 @@ class Agent:
         if len(slots.gpus):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots.gpus.tolist()))
         return env
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
 
 
 class _UnitFailed(Exception):

@@ -1,5 +1,6 @@
 """rpg.io_pool: every blocking call rpg makes runs here, on real OS threads, never on a loop."""
 
+from rpg.io_pool.batch import Batcher
 from rpg.io_pool.lane import (
     IOPoolError,
     IOTimeout,
@@ -14,6 +15,7 @@ from rpg.io_pool.watch import LoopWatch, loop_blocked_total
 
 __all__ = [
     "IOPool",
+    "Batcher",
     "Lane",
     "IOPoolError",
     "IOTimeout",

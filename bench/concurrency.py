@@ -1,0 +1,80 @@
+"""Many concurrent sleeping units: K units of `sleep S` on a pilot with K (virtual) cores.
+
+    python bench/concurrency.py [--units 10000] [--sleep 40] [--json]
+
+Prints the time until all K are EXECUTING, hub and agent loop-lag p99 (from their loop
+watches), loop-blocked events, and hub and agent peak RSS. Baseline for the spawn phase: the
+raw subprocess spawn rate from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import rpg  # noqa: E402
+from bench._common import emit, raw_spawn_rate  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--units", type=int, default=10000)
+    ap.add_argument("--sleep", type=float, default=40.0)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    raw = raw_spawn_rate()
+    k = a.units
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        with rpg.Session(sandbox=os.path.join(d, "s")) as session:
+            pmgr = rpg.PilotManager(session)
+            pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=k, runtime=30))
+            umgr = rpg.UnitManager(session)
+            umgr.add_pilots(pilot)
+            assert pilot.wait(state="ACTIVE", timeout=30) == "ACTIVE", pilot.reason
+            t1 = time.perf_counter()
+            units = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep",
+                                                           arguments=[str(a.sleep)])
+                                       for _ in range(k)])
+            umgr.wait_units(state="EXECUTING", timeout=600)
+            t_exec = time.perf_counter() - t1
+            executing = sum(u.state == "EXECUTING" for u in units)
+            time.sleep(2.0)  # the loops under the full load, for a moment
+            hub = session.hub.stats()["loop"]
+            umgr.cancel_units()
+            umgr.wait_units(timeout=600)
+            canceled = sum(u.state == "CANCELED" for u in units)
+            sandbox = pilot.sandbox or os.path.join(d, "s", pilot.uid)
+        t_total = time.perf_counter() - t0
+        with open(os.path.join(d, "s", pilot.uid, "agent.stats.json")) as fh:
+            agent = json.load(fh)
+    r = {
+        "units": k,
+        "executing_at_once": executing,
+        "time_to_all_executing_s": t_exec,
+        "spawn_rate_per_s": k / t_exec,
+        "raw_spawn_per_s": raw,
+        "ratio_vs_raw_spawn": k / t_exec / raw,
+        "hub_loop_lag_p99_ms": hub["lag_p99_ms"],
+        "hub_loop_blocked_events": hub["blocked_events"],
+        "agent_loop_lag_p99_ms": agent["loop"]["lag_p99_ms"],
+        "agent_loop_blocked_events": agent["loop"]["blocked_events"],
+        "hub_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "agent_peak_rss_mb": agent["peak_rss_mb"],
+        "canceled_after": canceled,
+        "total_s": t_total,
+        "sandbox": sandbox,
+    }
+    emit("concurrency", r, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Batcher: many greenlets' small blocking calls, carried to a lane in bulk.
+
+Each ``call(*args)`` waits for its own result, but calls that arrive while a batch is in flight
+are gathered and handed to the lane as one task (up to ``max_batch``), so a thousand spawns cost
+tens of thread hand-offs instead of a thousand. Up to ``parallel`` batches run at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gevent
+from gevent.event import AsyncResult
+
+from rpg.io_pool.lane import Lane
+
+
+def _apply_each(fn: Callable[..., Any], calls: list[tuple]) -> list[tuple[bool, Any]]:
+    # Runs on a lane thread: one failure does not spoil the batch.
+    out: list[tuple[bool, Any]] = []
+    for args in calls:
+        try:
+            out.append((True, fn(*args)))
+        except Exception as exc:
+            out.append((False, exc))
+    return out
+
+
+class Batcher:
+    def __init__(self, lane: Lane, fn: Callable[..., Any], max_batch: int = 64,
+                 parallel: int = 2, timeout: float | None = None) -> None:
+        self.lane = lane
+        self.fn = fn
+        self.max_batch = max_batch
+        self.parallel = parallel
+        self.timeout = timeout
+        self._pending: list[tuple[tuple, AsyncResult]] = []
+        self._active = 0
+        self.batches = 0
+        self.calls = 0
+
+    def submit(self, *args: Any) -> AsyncResult:
+        """Queue a call; the AsyncResult gets its value or exception."""
+        result = AsyncResult()
+        self._pending.append((args, result))
+        if self._active < self.parallel:
+            self._active += 1
+            gevent.spawn(self._drain)
+        return result
+
+    def call(self, *args: Any) -> Any:
+        """``fn(*args)`` on the lane, batched with whatever else is waiting; blocks the caller."""
+        return self.submit(*args).get()
+
+    def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: len(batch)]
+                self.batches += 1
+                self.calls += len(batch)
+                try:
+                    results = self.lane.run(_apply_each, self.fn, [a for a, _ in batch],
+                                            timeout=self.timeout)
+                except BaseException as exc:  # lane full, closed, timed out, or we are killed
+                    for _, res in batch:
+                        res.set_exception(exc if isinstance(exc, Exception)
+                                          else RuntimeError(f"batch aborted: {exc!r}"))
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, res), (ok, value) in zip(batch, results):
+                    if ok:
+                        res.set(value)
+                    else:
+                        res.set_exception(value)
+        finally:
+            self._active -= 1

@@ -13,7 +13,7 @@ import pytest
 
 import rpg
 from rpg import states
-from rpg.agent.cleanup import pilot_processes
+from rpg.agent.cleanup import pilot_key, pilot_processes
 from rpg.log import read_profile
 
 UNIT_ORDER = [s for s in states.UNIT_PATH if s != states.NEW]
@@ -31,6 +31,17 @@ def local_pilot(session, cores=4, **kw):
     umgr = rpg.UnitManager(session)
     umgr.add_pilots(pilot)
     return pmgr, pilot, umgr
+
+
+def no_pilot_processes(pilot, timeout: float = 5.0) -> list[int]:
+    """Processes carrying the pilot's marker, once the kills have had time to land."""
+    key = pilot_key(pilot._mgr._session.uid, pilot.uid)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = pilot_processes(key)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 def check_callback_order(history: list[str], final: str) -> None:
@@ -151,7 +162,7 @@ def test_session_and_pilot_active_quickly_and_close_cleans_up(tmp_path):
     assert pilot.state == "DONE"
     assert u.state == "CANCELED" and "closed" in u.reason
     assert not psutil.pid_exists(agent_pid) or psutil.Process(agent_pid).status() == "zombie"
-    assert pilot_processes(pilot.uid) == []
+    assert no_pilot_processes(pilot) == []
 
 
 def test_cancel_executing_queued_and_staging(session, tmp_path):
@@ -170,7 +181,7 @@ def test_cancel_executing_queued_and_staging(session, tmp_path):
     assert time.monotonic() - t0 < 0.5, "cancel must not block"
     try:
         assert umgr.wait_units([running.uid, queued.uid, staging.uid], timeout=20) == [
-            "CANCELED"] * 3
+            "CANCELED"] * 3, [running.reason, queued.reason, staging.reason]
     finally:
         # The staging thread is stuck opening the FIFO; give it a writer so it can finish.
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK) if _has_reader(fifo) else None
@@ -180,7 +191,7 @@ def test_cancel_executing_queued_and_staging(session, tmp_path):
         assert u.reason == "canceled by the application"
     assert running.exit_code is not None and running.exit_code < 0  # killed by a signal
     assert pilot.state == "ACTIVE"
-    assert not [p for p in pilot_processes(pilot.uid)]
+    assert no_pilot_processes(pilot) == []
 
 
 def _has_reader(fifo) -> bool:
@@ -233,9 +244,9 @@ def test_unit_timeout_kills_the_whole_tree(session):
     u = umgr.submit_units(rpg.UnitDescription(
         executable="/bin/sh", arguments=["-c", "sleep 60 & sleep 60; wait"], timeout=1.0))
     assert u.wait(timeout=30) == "FAILED"
-    assert "timed out after 1 s" in u.reason
+    assert "timed out after 1 s" in u.reason, u.reason
     assert u.exit_code is not None and u.exit_code < 0
-    assert pilot_processes(pilot.uid) == []
+    assert no_pilot_processes(pilot) == []
 
 
 def test_sigterm_ignoring_unit_is_killed_after_grace(session):
@@ -246,10 +257,10 @@ def test_sigterm_ignoring_unit_is_killed_after_grace(session):
     time.sleep(0.3)
     t0 = time.monotonic()
     u.cancel()
-    assert u.wait(timeout=30) == "CANCELED"
+    assert u.wait(timeout=30) == "CANCELED", u.reason
     assert time.monotonic() - t0 < 15
     assert u.exit_code == -9
-    assert pilot_processes(pilot.uid) == []
+    assert no_pilot_processes(pilot) == []
 
 
 def test_pilot_cancel_with_units_running(session):
@@ -260,7 +271,7 @@ def test_pilot_cancel_with_units_running(session):
     pilot.cancel()
     assert pilot.wait(timeout=30) == "CANCELED"
     assert umgr.wait_units(timeout=30) == ["CANCELED"] * 4
-    assert pilot_processes(pilot.uid) == []
+    assert no_pilot_processes(pilot) == []
     # Units submitted after the only pilot ended fail with a reason, not hang.
     late = umgr.submit_units(rpg.UnitDescription(executable="/bin/true"))
     assert late.wait(timeout=10) == "FAILED" and "pilot" in late.reason

@@ -22,6 +22,7 @@ from gevent import GreenletExit
 from gevent.event import Event
 
 from rpg import states
+from rpg.agent.cleanup import pilot_key
 from rpg.agent.executor import read_outputs, spawn_unit, unit_argv
 from rpg.agent.resources import ResourceError, SrunPlacer, nodes_from_environment
 from rpg.agent.scheduler import Scheduler
@@ -269,11 +270,11 @@ class Agent:
                                   f"the pilot's nodes are smaller")
             else:
                 slots = self.sched.allocate(cores, gpus)
-            self.report(uid, states.EXECUTING)
             self.executing += 1
             executing = True
             env = self._unit_env(uid, sandbox, slots, desc)
             child = self._spawn(argv, sandbox, env, desc)
+            self.report(uid, states.EXECUTING)  # the process exists now
             timeout = desc.get("timeout")
             rc = child.wait(timeout=timeout)
             timed_out = rc is None
@@ -363,6 +364,7 @@ class Agent:
         env.update({
             "RPG_UNIT_UID": uid,
             "RPG_PILOT_UID": self.uid,
+            "RPG_PILOT_KEY": pilot_key(self.cfg.get("session_uid", ""), self.uid),
             "RPG_UNIT_SANDBOX": sandbox,
             "RPG_PILOT_SANDBOX": self.sandbox,
             "RPG_NODE": self.sched.node_names[slots.node],

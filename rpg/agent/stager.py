@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 from typing import Any
 
 from rpg.description import split_url
+
+
+CHUNK = 1 << 20
 
 
 class StagingError(OSError):
@@ -69,9 +73,13 @@ def stage(directive: dict[str, Any], direction: str, unit_sandbox: str,
                     raise StagingError(f"{label}: source is a directory; add the 'recursive' flag")
                 shutil.copytree(src, dst, dirs_exist_ok=True)
                 nbytes = _size(dst)
-            else:
-                shutil.copyfile(src, dst)
+            elif stat.S_ISREG(os.stat(src).st_mode):
+                shutil.copyfile(src, dst)  # sendfile fast path
                 nbytes = os.path.getsize(dst)
+            else:  # a pipe or device: stream it (shutil refuses them)
+                with open(src, "rb") as fin, open(dst, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, CHUNK)
+                    nbytes = fout.tell()
     except StagingError:
         raise
     except OSError as exc:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rpg.agent.cleanup import pilot_key
+
 if TYPE_CHECKING:
     from rpg.hub.hub import Hub
     from rpg.hub.records import PilotRecord
@@ -25,6 +27,7 @@ class Launcher:
         d = self.pilot.desc
         return {
             "pilot_uid": self.pilot.uid,
+            "session_uid": self.hub.session_uid,
             "token": self.pilot.token,
             "hub_address": hub_address,
             "sandbox": sandbox,
@@ -35,6 +38,11 @@ class Launcher:
             "heartbeat_timeout": d["heartbeat_timeout"],
             "environment": d["environment"],
         }
+
+    @property
+    def key(self) -> str:
+        """RPG_PILOT_KEY of this pilot's unit processes (for rpg.agent.cleanup)."""
+        return pilot_key(self.hub.session_uid, self.pilot.uid)
 
     def launch(self) -> None:
         raise NotImplementedError

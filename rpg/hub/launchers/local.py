@@ -70,7 +70,7 @@ class LocalLauncher(Launcher):
             if child.wait(timeout=grace) is None:
                 child.terminate(grace=2.0)
         # Units live in their own sessions; if the agent died hard they are orphans now.
-        killed = self.hub.pool.spawn.run(kill_pilot_processes, self.pilot.uid, timeout=30)
+        killed = self.hub.pool.spawn.run(kill_pilot_processes, self.key, timeout=30)
         if killed:
             self.hub.log.warning("orphan_unit_processes_killed", pilot=self.pilot.uid,
                                  count=killed)

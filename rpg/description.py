@@ -7,7 +7,6 @@ boundaries, and ``from_dict`` validates again on the other side.
 
 from __future__ import annotations
 
-import copy
 import os
 import posixpath
 import re
@@ -245,6 +244,16 @@ def _staging(direction: str) -> Check:
 
 # -- descriptions ----------------------------------------------------------------------------------
 
+def _copy(v: Any) -> Any:
+    """A copy of plain description data (lists and dicts of scalars), much cheaper than
+    copy.deepcopy; anything else is kept as it is and left to the field checks."""
+    if isinstance(v, list):
+        return [_copy(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _copy(x) for k, x in v.items()}
+    return v
+
+
 class _Description:
     """Base: a fixed set of validated fields, from keywords or a dict."""
 
@@ -264,7 +273,7 @@ class _Description:
             raise DescriptionError(
                 where, unknown[0], f"unknown field (known: {', '.join(sorted(self._fields))})")
         for name, (default, _check) in self._fields.items():
-            object.__setattr__(self, name, copy.deepcopy(values.get(name, default)))
+            object.__setattr__(self, name, _copy(values.get(name, default)))
         self.validate()
 
     def validate(self) -> None:
@@ -283,7 +292,7 @@ class _Description:
         object.__setattr__(self, name, value)
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: copy.deepcopy(getattr(self, name)) for name in self._fields}
+        return {name: _copy(getattr(self, name)) for name in self._fields}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any:

@@ -372,6 +372,8 @@ class PilotDescription(_Description):
         "environment": ({}, _env),
         "heartbeat_interval": (1.0, _num(0.01, 3600.0)),
         "heartbeat_timeout": (10.0, _num(0.05, 86400.0)),
+        "staging_timeout": (300.0, _num(0.0, 86400.0)),
+        "kill_grace": (2.0, _num(0.0, 3600.0, open_lo=False)),
         "tags": ({}, _tags),
         "keep_sandbox": (False, _bool),
         # ssh

@@ -11,6 +11,7 @@ import itertools
 import os
 import queue
 import secrets
+import signal
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence, Union
@@ -27,6 +28,40 @@ from rpg.hub.hub import Hub
 from rpg.log import get_logger
 
 _session_ids = itertools.count()
+_sigterm_lock = threading.Lock()
+_sigterm_users = 0
+
+
+def _sigterm_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _hold_sigterm() -> bool:
+    """While a session is open, SIGTERM unwinds the main thread (so ``with Session()`` closes
+    cleanly: agents stopped, units canceled, profile flushed) instead of killing the process
+    outright. Only when SIGTERM has its default action and we are on the main thread."""
+    global _sigterm_users
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    with _sigterm_lock:
+        current = signal.getsignal(signal.SIGTERM)
+        if current is _sigterm_exit:
+            _sigterm_users += 1
+            return True
+        if current != signal.SIG_DFL:
+            return False
+        signal.signal(signal.SIGTERM, _sigterm_exit)
+        _sigterm_users = 1
+        return True
+
+
+def _release_sigterm() -> None:
+    global _sigterm_users
+    with _sigterm_lock:
+        _sigterm_users -= 1
+        if (_sigterm_users == 0 and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is _sigterm_exit):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 Callback = Callable[[Any, str], Any]
 
 
@@ -69,7 +104,8 @@ class _Entity:
 
 
 class Unit(_Entity):
-    _fields = frozenset({"exit_code", "stdout", "stderr", "sandbox", "pilot", "reason"})
+    _fields = frozenset({"exit_code", "stdout", "stderr", "sandbox", "pilot", "reason",
+                         "restarts"})
 
     def __init__(self, uid: str, description: UnitDescription, mgr: "UnitManager") -> None:
         super().__init__(uid, mgr)
@@ -80,6 +116,12 @@ class Unit(_Entity):
         self.stderr: str | None = None
         self.sandbox: str | None = None
         self.pilot: str | None = None
+        self.restarts = 0
+
+    def _apply(self, state: str, ts: float, fields: dict[str, Any]) -> None:
+        if state == states.NEW:  # a restart: its pilot died, it starts over
+            self.pilot = self.sandbox = None
+        super()._apply(state, ts, fields)
 
     def cancel(self) -> None:
         """Ask for this unit to be canceled; returns at once."""
@@ -127,6 +169,7 @@ class Session:
             self._events.put(None)
             self._cb_thread.join(5)
             raise
+        self._sigterm = _hold_sigterm()
         self.log.info("session_started", sandbox=self.sandbox, hub=self.hub.address)
 
     @property
@@ -209,7 +252,11 @@ class Session:
             if self._closed:
                 return
             self._closed = True
-        self.hub.close(timeout=timeout)
+        try:
+            self.hub.close(timeout=timeout)
+        finally:
+            if getattr(self, "_sigterm", False):
+                _release_sigterm()
         self._events.put(None)
         if threading.current_thread() is not self._cb_thread:
             self._cb_thread.join(timeout)

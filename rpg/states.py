@@ -83,3 +83,13 @@ def path(kind: str, old: str, new: str) -> list[str]:
     if j <= i:
         raise IllegalTransition(f"{kind}: illegal transition {old} -> {new} (backwards)")
     return list(order[i + 1 : j + 1])
+
+
+RESTARTABLE_FROM = frozenset({BOUND, STAGING_IN, SCHEDULING, EXECUTING, STAGING_OUT})
+
+
+def check_restart(kind: str, old: str) -> None:
+    """A unit whose pilot died may start over at NEW (if its description allows restart): the
+    one edge that goes back. Its callbacks then see the states of the new attempt."""
+    if kind != "unit" or old not in RESTARTABLE_FROM:
+        raise IllegalTransition(f"{kind}: cannot restart from {old}")

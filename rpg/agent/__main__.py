@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rpg.log import get_logger
@@ -38,4 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything the agent started is stopped and reaped by now; a zmq or lane thread stuck in a
+    # blocking call (a vanished hub, a dead disk) must not keep the process alive.
+    os._exit(code)

@@ -80,7 +80,7 @@ class Agent:
                                parallel=self.pool.spawn.threads, timeout=120)
         self.collectors: dict[str, Batcher] = {}
         ctx = zerorpc.Context()
-        timeout = max(5.0, self.hb_timeout)
+        timeout = max(1.0, self.hb_timeout)  # a silent hub is noticed within hb_timeout
         self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
         self.rpc_push = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
         no_zero_copy(self.rpc_pull)
@@ -121,7 +121,12 @@ class Agent:
             self._write_stats(code)
             self.rpc_pull.close()
             self.rpc_push.close()
-            ctx.destroy(linger=0)
+            # zmq's term() can block for good when the hub vanished mid-call; never on the
+            # loop, and never for long: the process is about to exit anyway.
+            try:
+                self.pool.net.run(ctx.destroy, 0, timeout=3.0)
+            except IOPoolError as exc:
+                self.log.warning("zmq_context_not_terminated", error=str(exc))
             self.pool.close(wait=2.0)
             self.watch.stop()
         self.log.info("agent_exit", code=code, **self.counters)

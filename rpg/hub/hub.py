@@ -215,6 +215,25 @@ class Hub:
         unit.final.set()
         unit.wake.set()
 
+    def restart_unit(self, unit: UnitRecord, reason: str) -> None:
+        """A restartable unit whose pilot died goes back to NEW and is bound again."""
+        pilot = self.pilots.get(unit.pilot) if unit.pilot else None
+        if pilot is not None:
+            pilot.in_flight.discard(unit.uid)
+            pilot.load_cores -= int(unit.desc["cores"])
+        unit.pilot = None
+        unit.at_agent = False
+        unit.done_at_agent = None
+        unit.restarts += 1
+        states.check_restart("unit", unit.state)
+        unit.state = states.NEW
+        ts = time.time()
+        fields = {"reason": f"restarting: {reason}", "restarts": unit.restarts}
+        self.profile.add(ts, unit.uid, states.NEW, "hub", **fields)
+        self.events.put(("unit", unit.uid, states.NEW, ts, fields))
+        unit.restart = True
+        unit.wake.set()
+
     def agent_final(self, unit: UnitRecord, state: str, ts: float, fields: dict[str, Any]) -> None:
         """The agent says a unit ended. Output that goes back to the application's machine
         (client://) is the launcher's to move first: the lifecycle greenlet does that."""
@@ -246,6 +265,8 @@ class Hub:
         tags = unit.desc.get("tags") or {}
         live = [p for p in pilots if p.active()]
         if not live:
+            if unit.desc.get("restartable"):
+                return None, None  # waits for a pilot to be added
             return None, "no pilot left to run it: every pilot of its unit manager has ended"
         fits = [p for p in live if p.cores >= want_cores and int(p.desc["gpus"]) >= want_gpus
                 and _tags_match(tags, p)]

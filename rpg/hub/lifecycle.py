@@ -29,29 +29,8 @@ class UnitLifecycle:
     def run(self) -> None:
         hub, unit = self.hub, self.unit
         try:
-            while True:
-                if unit.cancel_reason is not None:
-                    raise GreenletExit()
-                pilot, why = hub.choose_pilot(unit)
-                if pilot is not None:
-                    break
-                if why is not None:
-                    hub.unit_final(unit, states.FAILED, "hub", reason=why)
-                    return
-                hub.wait_pilots_changed(timeout=5.0)
-            hub.bind(unit, pilot)
-            launcher = pilot.launcher
-            if launcher is not None and launcher.has_stage_in(unit.desc):
-                if not self._client_staging(launcher.stage_in):
-                    return
-            hub.enqueue(unit, pilot)
-            while not states.is_final(unit.state):
-                unit.wake.wait()
-                unit.wake.clear()
-                if unit.done_at_agent is not None and not states.is_final(unit.state):
-                    state, ts, fields = unit.done_at_agent
-                    if self._client_staging(launcher.stage_out):
-                        hub.unit_final(unit, state, "agent", ts=ts, **fields)
+            while self._attempt():
+                pass  # the pilot died and the unit may restart: bind it again
         except GreenletExit:
             pass
         finally:
@@ -61,6 +40,37 @@ class UnitLifecycle:
                 hub.unit_final(unit, states.CANCELED, "hub",
                                reason=unit.cancel_reason or "canceled")
             unit.greenlet = None
+
+    def _attempt(self) -> bool:
+        """Bind, hand over, wait for the end. True if the unit must start again."""
+        hub, unit = self.hub, self.unit
+        while True:
+            if unit.cancel_reason is not None:
+                raise GreenletExit()
+            pilot, why = hub.choose_pilot(unit)
+            if pilot is not None:
+                break
+            if why is not None:
+                hub.unit_final(unit, states.FAILED, "hub", reason=why)
+                return False
+            hub.wait_pilots_changed(timeout=5.0)
+        hub.bind(unit, pilot)
+        launcher = pilot.launcher
+        if launcher is not None and launcher.has_stage_in(unit.desc):
+            if not self._client_staging(launcher.stage_in):
+                return False
+        hub.enqueue(unit, pilot)
+        while not states.is_final(unit.state):
+            unit.wake.wait()
+            unit.wake.clear()
+            if unit.restart:
+                unit.restart = False
+                return True
+            if unit.done_at_agent is not None and not states.is_final(unit.state):
+                state, ts, fields = unit.done_at_agent
+                if self._client_staging(launcher.stage_out):
+                    hub.unit_final(unit, state, "agent", ts=ts, **fields)
+        return False
 
     def _client_staging(self, step) -> bool:
         """Run a launcher's client:// staging step; a failure ends the unit FAILED."""
@@ -91,7 +101,7 @@ class PilotLifecycle:
             p.launcher = launcher
             launcher.launch()
             if p.state == states.LAUNCHING:
-                hub.emit("pilot", p, states.PENDING, "hub")
+                hub.emit("pilot", p, states.PENDING, "hub", sandbox=p.sandbox)  # may be remote
             final, reason = self._wait_active(launcher)
             if final is None:
                 final, reason = self._watch(launcher)
@@ -113,6 +123,8 @@ class PilotLifecycle:
         while not p.registered.is_set():
             ended = launcher.poll(timeout=0.2)
             if ended is not None:
+                if p.registered.is_set():  # it called in, then ended, within one poll
+                    return self._ended(launcher, ended)
                 return states.FAILED, f"agent ended before calling in: {ended}"
             if launcher.queued():
                 deadline = time.monotonic() + launcher.bootstrap_timeout(self.BOOTSTRAP_TIMEOUT)
@@ -127,12 +139,15 @@ class PilotLifecycle:
         while True:
             ended = launcher.poll(timeout=interval)
             if ended is not None:
-                if launcher.ended_cleanly():
-                    return states.DONE, p.reason or "agent finished (runtime ended)"
-                return states.FAILED, f"agent died: {ended}"
+                return self._ended(launcher, ended)
             silent = time.time() - p.last_seen
             if silent > hb_timeout:
                 return states.FAILED, f"no heartbeat from the agent for {silent:.1f} s"
+
+    def _ended(self, launcher, how: str) -> tuple[str, str]:
+        if launcher.ended_cleanly():
+            return states.DONE, self.pilot.reason or "agent finished (runtime ended)"
+        return states.FAILED, f"agent died: {how}"
 
     def _finish(self, launcher, final: str, reason: str | None) -> None:
         hub, p = self.hub, self.pilot
@@ -154,7 +169,12 @@ class PilotLifecycle:
             unit_state = states.FAILED
         for uid in list(p.in_flight) + list(p.queue):
             unit = hub.units.get(uid)
-            if unit is not None and not states.is_final(unit.state):
+            if unit is None or states.is_final(unit.state):
+                continue
+            if final == states.FAILED and unit.desc.get("restartable") \
+                    and unit.cancel_reason is None:
+                hub.restart_unit(unit, why)
+            else:
                 hub.unit_final(unit, unit_state, "hub", reason=why)
         p.queue.clear()
         p.reason = reason

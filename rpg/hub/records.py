@@ -13,7 +13,7 @@ from rpg import states
 class UnitRecord:
     __slots__ = ("uid", "umgr", "desc", "state", "pilot", "greenlet", "final", "reason",
                  "exit_code", "stdout", "stderr", "sandbox", "at_agent", "cancel_reason",
-                 "wake", "done_at_agent")
+                 "wake", "done_at_agent", "restart", "restarts")
 
     def __init__(self, uid: str, umgr: str, desc: dict[str, Any]) -> None:
         self.uid = uid
@@ -32,6 +32,8 @@ class UnitRecord:
         self.cancel_reason: str | None = None
         self.wake = Event()  # the lifecycle greenlet has something to look at
         self.done_at_agent: tuple[str, float, dict[str, Any]] | None = None
+        self.restart = False  # its pilot died; the lifecycle binds it again
+        self.restarts = 0
 
 
 class PilotRecord:

@@ -118,7 +118,10 @@ class Lane:
         try:
             result = self._pool.spawn(self._call, op, fn, args, kwargs, submitted)
             queued = True
-            return result.get()
+            ok, value = result.get()
+            if ok:
+                return value
+            raise value
         except gevent.Timeout as t:
             if t is not timer:
                 raise
@@ -139,7 +142,10 @@ class Lane:
         try:
             out = fn(*args, **kwargs)
             ok = True
-            return out
+            return True, out
+        except Exception as exc:
+            # Handed back to the caller, who raises it; gevent would print it as a crash.
+            return False, exc
         finally:
             done = perf_counter()
             with self._lock:

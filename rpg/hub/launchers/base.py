@@ -36,6 +36,8 @@ class Launcher:
             "runtime_s": float(d["runtime"]) * 60.0,
             "heartbeat_interval": d["heartbeat_interval"],
             "heartbeat_timeout": d["heartbeat_timeout"],
+            "staging_timeout": d["staging_timeout"],
+            "kill_grace": d["kill_grace"],
             "environment": d["environment"],
         }
 

@@ -135,7 +135,6 @@ class SlurmLauncher(Launcher):
         self.comment = f"rpg:{hub.session_uid}:{pilot.uid}"
         self.job_id: str | None = None
         self.job: dict[str, str] = {}  # last scontrol record
-        self.canceled = False  # rpg issued scancel
         self._submit_lost = False  # sbatch timed out: the job may exist without its id
         self._ended = Event()
         self._poke = Event()
@@ -153,7 +152,9 @@ class SlurmLauncher(Launcher):
         argv = ["sbatch", "--parsable",
                 f"--job-name={d.get('job_name') or 'rpg.' + self.pilot.uid}",
                 f"--chdir={self.sandbox}",
-                f"--output={self.out_path}", f"--error={self.err_path}",
+                # sbatch expands %j and friends in file names; %% is a plain %
+                f"--output={self.out_path.replace('%', '%%')}",
+                f"--error={self.err_path.replace('%', '%%')}",
                 f"--time={walltime_minutes(d['runtime'])}",
                 "--no-requeue",  # a requeued job would start a second agent with the same token
                 f"--comment={self.comment}"]
@@ -207,7 +208,7 @@ class SlurmLauncher(Launcher):
         except GreenletExit:
             try:
                 rc, out, err = g.get(timeout=COMMAND_TIMEOUT + 15)
-                if rc == 0:
+                if rc == 0 and out.strip().split(";")[0].isdigit():
                     self._submitted(out.strip().split(";")[0])
             except (gevent.Timeout, IOPoolError, SlurmCommandError):
                 self._submit_lost = True
@@ -237,24 +238,25 @@ class SlurmLauncher(Launcher):
         log = self.hub.log
         argv = ["scontrol", "show", "job", "-o", str(self.job_id)]
         last = None
+        failures = 0
         while True:
             try:
                 rc, out, err = self.lane.run(run_command, argv, COMMAND_TIMEOUT,
                                              timeout=COMMAND_TIMEOUT + 10)
             except (SlurmCommandError, IOPoolError) as exc:
-                log.warning("slurm_query_failed", pilot=self.pilot.uid, job=self.job_id,
-                            error=str(exc))
-                rc, out, err = -1, "", ""
-            if rc == 0:
-                rec = parse_job_record(out)
-                if rec.get("JobState"):
-                    self.job = rec
+                rc, out, err = -1, "", str(exc)
+            rec = parse_job_record(out) if rc == 0 else {}
+            if rec.get("JobState"):
+                self.job = rec
+                failures = 0
             elif "Invalid job id" in err:
                 if self.job.get("JobState") not in FINAL_STATES:
                     self.job = dict(self.job, JobState=GONE)
-            elif rc > 0:
-                log.warning("slurm_query_failed", pilot=self.pilot.uid, job=self.job_id,
-                            error=" | ".join(_tail_lines(err, 3)))
+            else:  # slurmctld busy or away: keep the last state, try again, log now and then
+                failures += 1
+                if failures % 60 == 1:
+                    log.warning("slurm_query_failed", pilot=self.pilot.uid, job=self.job_id,
+                                failures=failures, error=" | ".join(_tail_lines(err, 3)))
             state = self.job.get("JobState")
             if state != last:
                 log.info("slurm_job_state", pilot=self.pilot.uid, job=self.job_id, state=state,
@@ -267,7 +269,8 @@ class SlurmLauncher(Launcher):
             self._poke.clear()
 
     def queued(self) -> bool:
-        if self.job_id is None or self._ended.is_set():
+        # The agent calling in beats a follower that has not seen the job start yet.
+        if self.job_id is None or self._ended.is_set() or self.pilot.registered.is_set():
             return False
         state = self.job.get("JobState")
         return state is None or state in QUEUED_STATES
@@ -324,13 +327,12 @@ class SlurmLauncher(Launcher):
             if self.job_id is not None:
                 # Units run in sessions of their own and SLURM does not kill those that outlive
                 # the job. This scans the hub's machine only (see the module docstring).
-                killed = self.hub.pool.spawn.run(kill_pilot_processes, uid, timeout=30)
+                killed = self.hub.pool.spawn.run(kill_pilot_processes, self.key, timeout=30)
                 if killed:
                     log.warning("orphan_unit_processes_killed", pilot=uid, count=killed)
 
     def _scancel(self) -> None:
         log = self.hub.log
-        self.canceled = True
         log.info("slurm_job_cancel", pilot=self.pilot.uid, job=self.job_id,
                  state=self.job.get("JobState"))
         try:

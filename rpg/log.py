@@ -35,6 +35,12 @@ def configure(level: str | None = None, force: bool = False) -> None:
     with _configured_lock:
         if _configured and not force:
             return
+        # zerorpc logs its recoveries and every exception a remote call raises (a rejected call
+        # is routine for the hub) through stdlib logging; without a handler Python's last-resort
+        # handler would print them on the application's stderr. rpg logs what matters itself.
+        zlog = logging.getLogger("zerorpc")
+        if not any(isinstance(h, logging.NullHandler) for h in zlog.handlers):
+            zlog.addHandler(logging.NullHandler())
         if structlog.is_configured() and not force:
             _configured = True
             return
@@ -60,9 +66,6 @@ def configure(level: str | None = None, force: bool = False) -> None:
             cache_logger_on_first_use=False,
         )
         _configured = True
-        # zerorpc logs its own recoveries through stdlib logging; without a handler Python's
-        # last-resort handler would print them on the application's stderr.
-        logging.getLogger("zerorpc").addHandler(logging.NullHandler())
 
 
 def get_logger(component: str, **fields: Any) -> Any:

@@ -330,6 +330,8 @@ class Agent:
         try:
             return pending.get()
         except GreenletExit:
+            if self.spawner.withdraw(pending):
+                raise  # never handed to a thread: nothing was started
             try:
                 child = pending.get(timeout=125)
                 child.terminate(grace=self.kill_grace)

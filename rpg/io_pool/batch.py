@@ -7,6 +7,7 @@ tens of thread hand-offs instead of a thousand. Up to ``parallel`` batches run a
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable
 
 import gevent
@@ -34,7 +35,7 @@ class Batcher:
         self.max_batch = max_batch
         self.parallel = parallel
         self.timeout = timeout
-        self._pending: list[tuple[tuple, AsyncResult]] = []
+        self._pending: dict[AsyncResult, tuple] = {}  # insertion-ordered: first come, first run
         self._active = 0
         self.batches = 0
         self.calls = 0
@@ -42,11 +43,15 @@ class Batcher:
     def submit(self, *args: Any) -> AsyncResult:
         """Queue a call; the AsyncResult gets its value or exception."""
         result = AsyncResult()
-        self._pending.append((args, result))
+        self._pending[result] = args
         if self._active < self.parallel:
             self._active += 1
             gevent.spawn(self._drain)
         return result
+
+    def withdraw(self, result: AsyncResult) -> bool:
+        """Take back a call that no batch has picked up yet. True if it will never run."""
+        return self._pending.pop(result, None) is not None
 
     def call(self, *args: Any) -> Any:
         """``fn(*args)`` on the lane, batched with whatever else is waiting; blocks the caller."""
@@ -55,8 +60,10 @@ class Batcher:
     def _drain(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[: self.max_batch]
-                del self._pending[: len(batch)]
+                batch = [(args, res) for res, args in
+                         itertools.islice(self._pending.items(), self.max_batch)]
+                for _, res in batch:
+                    del self._pending[res]
                 self.batches += 1
                 self.calls += len(batch)
                 try:

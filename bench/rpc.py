@@ -19,13 +19,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gevent  # noqa: E402
-import zerorpc  # noqa: E402
+import gevent
+import zerorpc
 
-import rpg  # noqa: E402
-from bench._common import emit  # noqa: E402
-from rpg import states  # noqa: E402
-from rpg.hub.records import PilotRecord, UnitRecord  # noqa: E402
+import rpg
+from bench._common import emit
+from rpg import states
+from rpg.hub.records import PilotRecord, UnitRecord
 
 AGENT_STATES = [states.STAGING_IN, states.SCHEDULING, states.EXECUTING, states.STAGING_OUT,
                 states.DONE]
@@ -41,7 +41,6 @@ def setup(hub, n: int, tag: str) -> tuple[str, str, list[str]]:
     for s in (states.LAUNCHING, states.PENDING, states.ACTIVE):
         hub.emit("pilot", p, s, "bench")
     p.last_seen = time.time()
-    uids = []
     desc = rpg.UnitDescription(executable="/bin/true").as_dict()
     for i in range(n):
         if i % 200 == 0:

@@ -14,8 +14,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import emit  # noqa: E402
-from rpg.agent.scheduler import Scheduler  # noqa: E402
+from bench._common import emit
+from rpg.agent.scheduler import Scheduler
 
 
 def cycle_rate(cores: int, n: int = 20000, per_unit: int = 1) -> float:

@@ -16,8 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import rpg  # noqa: E402
-from bench._common import emit, raw_spawn_rate  # noqa: E402
+import rpg
+from bench._common import emit, raw_spawn_rate
 
 
 def run(units: int, cores: int, sandbox: str) -> dict:

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_stress(argv[1:])
     ap = argparse.ArgumentParser(prog="rpg", description="rpg: pilot jobs for Python on gevent")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="run a real workload (sha256 of staged chunks) on a local pilot")
+    run = sub.add_parser("run", help="a real workload (sha256 of staged chunks), local pilot")
     run.add_argument("--units", type=int, default=200, help="number of units (default 200)")
     run.add_argument("--cores", type=int, default=4, help="pilot cores (default 4)")
     run.add_argument("--input-kb", type=int, default=64, help="input chunk size in KiB (64)")

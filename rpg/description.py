@@ -108,7 +108,8 @@ def _env(where: str, field: str, v: Any) -> Any:
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise DescriptionError(where, field, f"must be a dict of str to str, got {type(v).__name__}")
+        raise DescriptionError(where, field,
+                               f"must be a dict of str to str, got {type(v).__name__}")
     out = {}
     for k, val in v.items():
         if not isinstance(k, str) or not _ENV_NAME.match(k):
@@ -127,7 +128,8 @@ def _tags(where: str, field: str, v: Any) -> Any:
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise DescriptionError(where, field, f"must be a dict of str to str, got {type(v).__name__}")
+        raise DescriptionError(where, field,
+                               f"must be a dict of str to str, got {type(v).__name__}")
     for k, val in v.items():
         if not isinstance(k, str) or not isinstance(val, str):
             raise DescriptionError(where, field, f"tag {k!r}: keys and values must be strings")
@@ -207,7 +209,8 @@ class StagingDirective:
         scheme, rel = split_url(path)
         if scheme not in ("", "unit", "pilot"):
             raise DescriptionError(
-                where, field, f"the sandbox side must be relative, unit:// or pilot://, got {path!r}")
+                where, field,
+                f"the sandbox side must be relative, unit:// or pilot://, got {path!r}")
         if escapes(rel):
             raise DescriptionError(
                 where, field, f"{path!r} escapes the sandbox (absolute or '..' above it)")
@@ -230,7 +233,8 @@ def _staging(direction: str) -> Check:
         if v is None:
             return []
         if not isinstance(v, (list, tuple)):
-            raise DescriptionError(where, field, f"must be a list of directives, got {type(v).__name__}")
+            raise DescriptionError(where, field,
+                                   f"must be a list of directives, got {type(v).__name__}")
         out = []
         for i, d in enumerate(v):
             if isinstance(d, StagingDirective):
@@ -299,7 +303,8 @@ class _Description:
         return cls(d)
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items() if v not in (None, [], {}))
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()
+                           if v not in (None, [], {}))
         return f"{type(self).__name__}({fields})"
 
 

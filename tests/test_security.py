@@ -139,7 +139,7 @@ def test_malformed_messages_get_clear_errors_and_change_nothing(live, kind, payl
     if kind == "push":
         assert out["applied"] == 0
         assert len(out["errors"]) == len(payload)
-        for uid, why in out["errors"]:
+        for _uid, why in out["errors"]:
             assert why
     elif kind == "pull":
         assert out["units"] == [] and out["cancel"] == []
@@ -155,19 +155,19 @@ def test_the_hub_survives_the_garbage_and_runs_normally(live):
     print(f"\nrejected hub calls/updates over this module: {rejected(session)}")
 
 
-def test_secrets_never_reach_logs_or_profiles(tmp_path, monkeypatch):
-    with structlog.testing.capture_logs() as logs:
-        with rpg.Session(sandbox=str(tmp_path / "s")) as session:
-            pmgr = rpg.PilotManager(session)
-            pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=1, runtime=5))
-            umgr = rpg.UnitManager(session)
-            umgr.add_pilots(pilot)
-            u = umgr.submit_units(rpg.UnitDescription(executable="/bin/true"))
-            assert u.wait(timeout=30) == "DONE"
-            token = session.hub.call(lambda: session.hub.pilots[pilot.uid].token)
-            # An intruder's call is logged (rejected) without echoing what it sent.
-            with pytest.raises(zerorpc.RemoteError):
-                Intruder(session.hub.address).pull(pilot.uid, token[::-1], 1, 0)
+def test_secrets_never_reach_logs_or_profiles(tmp_path):
+    with structlog.testing.capture_logs() as logs, \
+            rpg.Session(sandbox=str(tmp_path / "s")) as session:
+        pmgr = rpg.PilotManager(session)
+        pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=1, runtime=5))
+        umgr = rpg.UnitManager(session)
+        umgr.add_pilots(pilot)
+        u = umgr.submit_units(rpg.UnitDescription(executable="/bin/true"))
+        assert u.wait(timeout=30) == "DONE"
+        token = session.hub.call(lambda: session.hub.pilots[pilot.uid].token)
+        # An intruder's call is logged (rejected) without echoing what it sent.
+        with pytest.raises(zerorpc.RemoteError):
+            Intruder(session.hub.address).pull(pilot.uid, token[::-1], 1, 0)
     sandbox = tmp_path / "s"
     texts = {"logs": repr(logs), "profile": (sandbox / "profile.jsonl").read_text()}
     for name in glob.glob(str(sandbox / "*" / "agent.*")):

@@ -107,7 +107,7 @@ def test_200_units_of_several_kinds(session, tmp_path):
     units = umgr.submit_units(descs)
     assert len(units) == 200 and len({u.uid for u in units}) == 200
     umgr.wait_units(timeout=90)
-    for i, (u, (state, code, out)) in enumerate(zip(units, expect)):
+    for i, (u, (state, code, out)) in enumerate(zip(units, expect, strict=True)):
         assert u.state == state, (i, u.state, u.reason, u.stderr)
         assert u.exit_code == code, (i, u.exit_code, u.reason)
         if out is not None:
@@ -213,8 +213,8 @@ def test_cancel_from_inside_a_callback(session):
             canceled_in_cb.append(time.monotonic() - t0)
 
     umgr.register_callback(on_state)
-    units = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["60"])
-                               for _ in range(3)])
+    umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["60"])
+                       for _ in range(3)])
     assert umgr.wait_units(timeout=30) == ["CANCELED"] * 3
     assert len(canceled_in_cb) == 3 and max(canceled_in_cb) < 0.5
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from rpg.description import split_url
 
-
 CHUNK = 1 << 20
 
 

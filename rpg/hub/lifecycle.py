@@ -56,9 +56,9 @@ class UnitLifecycle:
             hub.wait_pilots_changed(timeout=5.0)
         hub.bind(unit, pilot)
         launcher = pilot.launcher
-        if launcher is not None and launcher.has_stage_in(unit.desc):
-            if not self._client_staging(launcher.stage_in):
-                return False
+        if (launcher is not None and launcher.has_stage_in(unit.desc)
+                and not self._client_staging(launcher.stage_in)):
+            return False
         hub.enqueue(unit, pilot)
         while not states.is_final(unit.state):
             unit.wake.wait()

@@ -45,7 +45,8 @@ class HubService:
 
     def _pilot(self, pilot_uid: Any, token: Any) -> "PilotRecord":
         try:
-            _check(isinstance(pilot_uid, str) and len(pilot_uid) < 256, "pilot_uid must be a string")
+            _check(isinstance(pilot_uid, str) and len(pilot_uid) < 256,
+                   "pilot_uid must be a string")
             _check(isinstance(token, str) and len(token) < 1024, "token must be a string")
             p = self._hub.pilots.get(pilot_uid)
             # Compare against a dummy when the pilot is unknown, so timing tells nothing.

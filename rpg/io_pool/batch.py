@@ -76,7 +76,7 @@ class Batcher:
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (_, res), (ok, value) in zip(batch, results):
+                for (_, res), (ok, value) in zip(batch, results, strict=True):
                     if ok:
                         res.set(value)
                     else:

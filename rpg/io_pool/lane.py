@@ -33,7 +33,8 @@ class IOTimeout(IOPoolError, TimeoutError):
     """A lane call did not finish within its timeout; its thread may still be stuck in it."""
 
     def __init__(self, lane: str, what: str, timeout: float) -> None:
-        super().__init__(f"I/O timeout: {what} on lane {lane!r} did not finish within {timeout:g} s")
+        super().__init__(
+            f"I/O timeout: {what} on lane {lane!r} did not finish within {timeout:g} s")
         self.lane = lane
         self.what = what
         self.timeout = timeout

@@ -86,7 +86,7 @@ class Child:
             return False
 
     def terminate(self, grace: float = 3.0) -> int | None:
-        """SIGTERM the group, SIGKILL it after ``grace`` seconds, wait for the exit (on the loop)."""
+        """SIGTERM the group, SIGKILL it after ``grace`` s, wait for the exit (on the loop)."""
         if self.returncode is not None:
             self.kill_group(signal.SIGKILL)
             return self.returncode

@@ -66,9 +66,8 @@ class LocalLauncher(Launcher):
 
     def stop(self, grace: float) -> None:
         child = self.child
-        if child is not None and child.returncode is None:
-            if child.wait(timeout=grace) is None:
-                child.terminate(grace=2.0)
+        if child is not None and child.returncode is None and child.wait(timeout=grace) is None:
+            child.terminate(grace=2.0)
         # Units live in their own sessions; if the agent died hard they are orphans now.
         killed = self.hub.pool.spawn.run(kill_pilot_processes, self.key, timeout=30)
         if killed:

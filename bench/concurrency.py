@@ -1,6 +1,6 @@
 """Many concurrent sleeping units: K units of `sleep S` on a pilot with K (virtual) cores.
 
-    python bench/concurrency.py [--units 10000] [--sleep 40] [--json]
+    python bench/concurrency.py [--units 10000] [--sleep 90] [--json]
 
 Prints the time until all K are EXECUTING, hub and agent loop-lag p99 (from their loop
 watches), loop-blocked events, and hub and agent peak RSS. Baseline for the spawn phase: the
@@ -26,7 +26,7 @@ from bench._common import emit, raw_spawn_rate
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--units", type=int, default=10000)
-    ap.add_argument("--sleep", type=float, default=40.0)
+    ap.add_argument("--sleep", type=float, default=90.0)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     raw = raw_spawn_rate()

@@ -23,6 +23,8 @@ def analyze(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
             units.setdefault(uid, {})[st] = t
         elif uid.startswith("pilot."):
             pilots.setdefault(uid, {})[st] = t
+    active = [p[states.ACTIVE] for p in pilots.values() if states.ACTIVE in p]
+    first_active = min(active) if active else None
     counts = {s: 0 for s in (states.DONE, states.FAILED, states.CANCELED)}
     counts["unfinished"] = 0
     execs, overheads, waits, spans = [], [], [], []
@@ -42,7 +44,9 @@ def analyze(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
             execs.append(end - times[states.EXECUTING])
             waits.append(times[states.EXECUTING] - times.get(states.SCHEDULING,
                                                              times[states.EXECUTING]))
-            overheads.append((times[final] - t_new) - execs[-1] - waits[-1])
+            # Time before any pilot was ACTIVE is the pilot's start-up, not per-unit overhead.
+            start = max(t_new, first_active) if first_active is not None else t_new
+            overheads.append((times[final] - start) - execs[-1] - waits[-1])
     out: dict[str, Any] = {"units": len(units), "counts": counts}
     if first_new is not None and last_final is not None and last_final > first_new:
         out["makespan_s"] = last_final - first_new
@@ -93,6 +97,6 @@ def format_summary(a: dict[str, Any], title: str = "rpg summary") -> str:
     lines = [rows[0][0], "-" * (width + 40)]
     lines += [f"{k:<{width}}  {v}" for k, v in rows[1:]]
     if "overhead_ms" in a:
-        lines.append("* submit to final state, less execution and waiting for cores: binding,")
-        lines.append("  staging, spawn, output collection and state round trips")
+        lines.append("* from submit (or pilot ACTIVE, if later) to the final state, less execution")
+        lines.append("  and waiting for cores: binding, staging, spawn, output, state round trips")
     return "\n".join(lines)

@@ -34,7 +34,8 @@ from rpg.rpc import no_zero_copy
 EXIT_OK = 0
 EXIT_HUB_LOST = 3
 EXIT_REJECTED = 4
-PUSH_BATCH = 10000
+PUSH_BATCH = 2000  # updates a push carries: packing 10,000 held the loop for tens of ms
+PULL_BATCH = 256  # units a pull takes: each starts a greenlet in the same loop iteration
 STAGING_TIMEOUT = 300.0
 KILL_GRACE = 2.0
 
@@ -185,7 +186,7 @@ class Agent:
         high_water = self.cores * 2 + 256
         while not self.done.is_set():
             waiting = len(self.units) - self.executing
-            want = max(0, high_water - waiting)
+            want = max(0, min(PULL_BATCH, high_water - waiting))
             try:
                 resp = self.rpc_pull.pull(self.uid, self.token, want, 0.5)
             except zerorpc.RemoteError as exc:

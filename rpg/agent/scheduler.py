@@ -54,15 +54,24 @@ class Scheduler:
         self._cores = [_Stack(int(n)) for n in self.total_cores]
         self._gpus = [_Stack(int(n)) for n in self.total_gpus]
         self._waiters: deque[list[Any]] = deque()  # [cores, gpus, AsyncResult]
+        self._fits: dict[tuple[int, int], bool] = {}
+        self._hint = 0
 
     def fits_ever(self, cores: int, gpus: int) -> bool:
-        return bool(np.any((self.total_cores >= cores) & (self.total_gpus >= gpus)))
+        key = (cores, gpus)
+        fits = self._fits.get(key)
+        if fits is None:
+            fits = self._fits[key] = bool(
+                np.any((self.total_cores >= cores) & (self.total_gpus >= gpus)))
+        return fits
 
     def try_allocate(self, cores: int, gpus: int) -> Slots | None:
-        ok = np.flatnonzero((self.free_cores >= cores) & (self.free_gpus >= gpus))
-        if len(ok) == 0:
-            return None
-        node = int(ok[0])
+        node = self._hint  # the node that served last time usually has room again
+        if not (self.free_cores[node] >= cores and self.free_gpus[node] >= gpus):
+            ok = np.flatnonzero((self.free_cores >= cores) & (self.free_gpus >= gpus))
+            if len(ok) == 0:
+                return None
+            node = self._hint = int(ok[0])
         self.free_cores[node] -= cores
         self.free_gpus[node] -= gpus
         return Slots(node, self._cores[node].pop(cores), self._gpus[node].pop(gpus))
@@ -93,7 +102,8 @@ class Scheduler:
         self._gpus[n].push(slots.gpus)
         self.free_cores[n] += len(slots.cores)
         self.free_gpus[n] += len(slots.gpus)
-        self._serve()
+        if self._waiters:
+            self._serve()
 
     def _serve(self) -> None:
         checked = 0

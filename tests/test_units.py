@@ -387,3 +387,19 @@ def test_closed_session_refuses_work(tmp_path):
     with pytest.raises(rpg.SessionClosed):
         umgr.submit_units(rpg.UnitDescription(executable="/bin/true"))
     umgr.cancel_units()  # never raises, never blocks
+
+
+def test_cancel_right_after_submit(session):
+    """A lifecycle canceled before its greenlet ever ran still ends, with its reason."""
+    pmgr = rpg.PilotManager(session)
+    early = pmgr.submit_pilots(rpg.PilotDescription(cores=1, runtime=5))
+    early.cancel()
+    pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=1, runtime=5))
+    umgr = rpg.UnitManager(session)
+    umgr.add_pilots(pilot)
+    u = umgr.submit_units(rpg.UnitDescription(executable="/bin/true"))
+    u.cancel()
+    assert early.wait(timeout=10) == "CANCELED"
+    assert u.wait(timeout=10) == "CANCELED"
+    assert u.reason == "canceled by the application"
+    assert [s for s, _ in u.history] == ["NEW", "CANCELED"]

@@ -340,7 +340,7 @@ class Hub:
             pilot.cancels.append(unit.uid)
             pilot.wake.set()
         elif unit.greenlet is not None:
-            unit.greenlet.kill(block=False)
+            _stop(unit.greenlet)
 
     def cancel_pilots(self, uids: list[str] | None, pmgr: str | None = None) -> None:
         if uids is None:
@@ -350,7 +350,7 @@ class Hub:
         for p in targets:
             if not states.is_final(p.state) and p.greenlet is not None:
                 p.final_state_hint = p.final_state_hint or states.CANCELED
-                p.greenlet.kill(block=False)
+                _stop(p.greenlet)
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"units": len(self.units), "pilots": len(self.pilots)}
@@ -371,18 +371,26 @@ class Hub:
             p.final_state_hint = p.final_state_hint or states.DONE
             p.reason = p.reason or "session closed"
             if p.greenlet is not None:
-                p.greenlet.kill(block=False)
+                _stop(p.greenlet)
         gevent.joinall([p.greenlet for p in live if p.greenlet is not None], timeout=30)
         for unit in list(self.units.values()):
             if not states.is_final(unit.state):
                 unit.cancel_reason = unit.cancel_reason or "session closed"
                 if unit.greenlet is not None:
-                    unit.greenlet.kill(block=False)
+                    _stop(unit.greenlet)
         gevent.joinall([u.greenlet for u in self.units.values() if u.greenlet is not None],
                        timeout=10)
         for unit in self.units.values():  # belt and braces: nothing leaves without a final state
             if not states.is_final(unit.state):
                 self.unit_final(unit, states.CANCELED, "hub", reason="session closed")
+
+
+def _stop(g: Any) -> None:
+    """Cancel a lifecycle: kill its greenlet if it has begun running. One that has not run yet
+    is left to start: killing it would keep it from ever running its cleanup, so instead it
+    finds the cancel flag set on its first step and ends itself."""
+    if g.gr_frame is not None:
+        g.kill(block=False)
 
 
 def _tags_match(tags: dict[str, str], pilot: PilotRecord) -> bool:

@@ -96,6 +96,8 @@ class PilotLifecycle:
         final, reason = states.FAILED, None
         launcher = None
         try:
+            if p.final_state_hint is not None:  # canceled before it ever ran
+                raise GreenletExit()
             hub.emit("pilot", p, states.LAUNCHING, "hub", sandbox=p.sandbox)
             launcher = launcher_for(hub, p)
             p.launcher = launcher

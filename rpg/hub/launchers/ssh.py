@@ -31,29 +31,50 @@ import stat
 import tarfile
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import gevent
-import paramiko
+from gevent.event import Event
 
 from rpg.description import split_url
 from rpg.hub.launchers.base import Launcher, LaunchError
+
+if TYPE_CHECKING:
+    import paramiko
 
 _RPG_PKG = os.path.dirname(os.path.abspath(__import__("rpg").__file__))
 
 CONNECT_TIMEOUT = 10.0  # TCP connect, banner, auth: each
 EXEC_TIMEOUT = 30.0  # one remote command
+STATUS_TIMEOUT = 10.0  # the status check; past it the connection counts as dead
 CHANNEL_TIMEOUT = 60.0  # a blocked read/write on an SFTP or tunnel channel
 BOOTSTRAP_OP_TIMEOUT = 120.0  # the whole bootstrap, as one lane call
 TRANSFER_TIMEOUT = 3600.0  # one staging directive
 TERM_GRACE = 10.0  # SIGTERM -> SIGKILL for the agent (it cancels its units and pushes)
 CHECK_EARLY_S = 0.5  # status checks while the agent has not called in yet
 CHECK_MAX_S = 5.0
+RECONNECT_EVERY_S = 2.0
 CHUNK = 64 * 1024
-PREFETCH_REQUESTS = 64  # SFTP reads in flight per get (64 x 32 KiB)
+READ_WINDOW = 4 * 1024 * 1024  # a get keeps at most this much in flight (128 reads of 32 KiB)
+SFTP_CHUNK = 32 * 1024  # paramiko's SFTP request size
+# AEAD first when the server has it: it moves bulk data faster than paramiko's ctr + hmac.
+FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 WINDOW = 8 * 1024 * 1024  # SSH channel window: bulk SFTP needs more than paramiko's 2 MiB
+
+
+def _pm() -> Any:
+    """paramiko, imported on first use on a lane thread: importing it takes long enough to
+    block the hub loop (launcher_for imports this module on the loop)."""
+    import paramiko
+
+    return paramiko
+
+
+def _net_errors() -> tuple[type[BaseException], ...]:
+    return (OSError, EOFError, _pm().SSHException)
 
 
 class ConnectionLost(RuntimeError):
@@ -67,12 +88,19 @@ class SSHTarget:
     port: int
 
     @classmethod
-    def parse(cls, resource: str) -> "SSHTarget":
-        """``ssh://[user@]host[:port]`` (the description validated its shape)."""
+    def parse(cls, resource: str) -> SSHTarget:
+        """``ssh://[user@]host[:port]`` (the description validated its shape). Without a user,
+        the local one, from the environment: a password-database lookup could block the loop,
+        so that fallback is left to ``with_user`` on a lane thread."""
         rest = resource[len("ssh://"):]
         user, _, hostport = rest.rpartition("@")
         host, _, port = hostport.partition(":")
-        return cls(user or getpass.getuser(), host, int(port) if port else 22)
+        user = user or os.environ.get("LOGNAME") or os.environ.get("USER") or ""
+        return cls(user, host, int(port) if port else 22)
+
+    def with_user(self) -> SSHTarget:
+        """This target with a user name for sure (blocking: may read the password database)."""
+        return self if self.user else replace(self, user=getpass.getuser())
 
     @property
     def label(self) -> str:
@@ -89,11 +117,11 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-class _UnknownHostKey(paramiko.SSHException):
+class _UnknownHostKey(Exception):
     pass
 
 
-class _RejectUnknown(paramiko.MissingHostKeyPolicy):
+class _RejectUnknown:
     """The default: an unknown host key ends the connection, with a message saying what to do."""
 
     def __init__(self, known_hosts: str, missing_file: bool) -> None:
@@ -109,7 +137,7 @@ class _RejectUnknown(paramiko.MissingHostKeyPolicy):
             f"ssh_trust_unknown_host=True to trust it for this pilot")
 
 
-class _TrustUnknown(paramiko.MissingHostKeyPolicy):
+class _TrustUnknown:
     """The explicit opt-in: accept an unknown key for this pilot, log its fingerprint, and
     keep it in memory only (known_hosts is not written)."""
 
@@ -144,7 +172,8 @@ class SSHConnection:
     def open(self) -> None:
         """Connect and authenticate; raises LaunchError with a message a user can act on."""
         t = self.target
-        client = paramiko.SSHClient()
+        pm = _pm()
+        client = pm.SSHClient()
         self.client = client
         try:
             known = os.path.expanduser(self.known_hosts)
@@ -167,36 +196,37 @@ class SSHConnection:
                 t.host, port=t.port, username=t.user, key_filename=key_file,
                 look_for_keys=key_file is None, allow_agent=key_file is None,
                 timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT,
-                auth_timeout=CONNECT_TIMEOUT, channel_timeout=CONNECT_TIMEOUT)
+                auth_timeout=CONNECT_TIMEOUT, channel_timeout=CONNECT_TIMEOUT,
+                transport_factory=_transport_preferring_fast_ciphers)
         except LaunchError:
             self.close()
             raise
         except _UnknownHostKey as exc:
             self.close()
             raise LaunchError(f"ssh {t.label}: {exc}") from None
-        except paramiko.BadHostKeyException as exc:
+        except pm.BadHostKeyException as exc:
             self.close()
             raise LaunchError(
                 f"ssh {t.label}: host key mismatch: the server offered {exc.key.get_name()} "
                 f"{fingerprint(exc.key)} but known_hosts has {fingerprint(exc.expected_key)}; "
                 f"refusing to connect (the host was reinstalled, or someone is in the middle)"
             ) from None
-        except paramiko.AuthenticationException as exc:
+        except pm.AuthenticationException as exc:
             self.close()
             how = f"key {self.key_file}" if self.key_file else "the default keys and ssh agent"
             raise LaunchError(f"ssh {t.label}: authentication failed with {how}: {exc}") from None
-        except paramiko.ssh_exception.NoValidConnectionsError as exc:
+        except pm.ssh_exception.NoValidConnectionsError as exc:
             self.close()
             why = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()}))
             raise LaunchError(f"ssh {t.label}: cannot connect: {why}") from None
         except socket.gaierror as exc:
             self.close()
             raise LaunchError(f"ssh {t.label}: cannot resolve {t.host}: {exc}") from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             self.close()
             raise LaunchError(f"ssh {t.label}: connection timed out after "
                               f"{CONNECT_TIMEOUT:g} s") from None
-        except (paramiko.SSHException, OSError, EOFError) as exc:
+        except (pm.SSHException, OSError, EOFError) as exc:
             self.close()
             raise LaunchError(f"ssh {t.label}: connection failed: "
                               f"{type(exc).__name__}: {exc}") from None
@@ -223,7 +253,7 @@ class SSHConnection:
         deadline = time.monotonic() + timeout
         try:
             chan = self._transport().open_session(timeout=min(timeout, CONNECT_TIMEOUT))
-        except paramiko.SSHException as exc:
+        except _pm().SSHException as exc:
             raise ConnectionLost(f"ssh {self.target.label}: cannot open a channel: {exc}") from None
         try:
             chan.settimeout(timeout)
@@ -244,12 +274,10 @@ class SSHConnection:
                                    f"within {timeout:g} s")
             return (chan.exit_status, out.decode("utf-8", "replace"),
                     err.decode("utf-8", "replace"))
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError(f"remote command on {self.target.label} did not finish within "
                                f"{timeout:g} s") from None
-        except (EOFError, OSError, paramiko.SSHException) as exc:
-            if isinstance(exc, TimeoutError):
-                raise
+        except _net_errors() as exc:
             raise ConnectionLost(f"ssh {self.target.label}: {type(exc).__name__}: {exc}") from None
         finally:
             chan.close()
@@ -261,8 +289,8 @@ class SSHConnection:
             client = self._sftp_idle.pop() if self._sftp_idle else None
         if client is None:
             try:
-                client = paramiko.SFTPClient.from_transport(self._transport(), window_size=WINDOW)
-            except (paramiko.SSHException, EOFError, OSError) as exc:
+                client = _pm().SFTPClient.from_transport(self._transport(), window_size=WINDOW)
+            except _net_errors() as exc:
                 raise ConnectionLost(f"ssh {self.target.label}: cannot open SFTP: {exc}") from None
             assert client is not None
             client.get_channel().settimeout(CHANNEL_TIMEOUT)
@@ -282,27 +310,26 @@ class SSHConnection:
         """Ask the server to listen on its 127.0.0.1:``port`` (0: any) and forward to us."""
         try:
             return self._transport().request_port_forward("127.0.0.1", port, handler=handler)
-        except paramiko.SSHException as exc:
+        except _pm().SSHException as exc:
+            hint = "" if port else " (does the server allow it? sshd_config AllowTcpForwarding)"
             raise ConnectionLost(f"ssh {self.target.label}: remote port forward to "
-                                 f"127.0.0.1:{port or 'any'} refused: {exc}") from None
+                                 f"127.0.0.1:{port or 'any'} refused: {exc}{hint}") from None
 
     def close(self) -> None:
         """Close the SFTP sessions, the client and its transport; join the transport thread."""
         self._closed = True
         with self._sftp_lock:
             idle, self._sftp_idle = self._sftp_idle, []
-        for c in idle:
-            try:
-                c.close()
-            except Exception:
-                pass
         client, self.client = self.client, None
         transport = client.get_transport() if client is not None else None
+        # The transport first: it closes every channel without a word to the server, so nothing
+        # here can block on a peer that stopped answering (closing an SFTP channel would send).
         if client is not None:
-            try:
+            with suppress(*_net_errors()):
                 client.close()
-            except Exception:
-                pass
+        for c in idle:
+            with suppress(*_net_errors()):
+                c.close()
         # Transport.close() does not wait for its thread; the thread notices within ~0.1 s.
         if transport is not None and transport.is_alive():
             transport.join(5.0)
@@ -320,7 +347,8 @@ class TunnelPump:
         self.hub_port = hub_port
         self.log = log
         self.bridged = 0
-        self._incoming: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.error: str | None = None  # why the pump thread died, if it did
+        self._incoming: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stop = False
@@ -366,8 +394,9 @@ class TunnelPump:
                     if not self._pump(pair, ready):
                         bridges.remove(pair)
                         _close_bridge(chan, sock)
-        except Exception as exc:  # never die silently: the agent would lose the hub
-            self.log.error("ssh_tunnel_failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.log.error("ssh_tunnel_failed", error=self.error)
         finally:
             for chan, sock in bridges:
                 _close_bridge(chan, sock)
@@ -404,7 +433,7 @@ class TunnelPump:
                 if not data:
                     return False
                 chan.sendall(data)
-        except (OSError, EOFError, paramiko.SSHException):
+        except _net_errors():
             return False
         return True
 
@@ -414,53 +443,20 @@ class TunnelPump:
         if self._thread.is_alive():
             self._thread.join(timeout)
         if not self._thread.is_alive():
-            for fd in (self._wake_r, self._wake_w):
-                try:
+            fds = (self._wake_r, self._wake_w)
+            self._wake_r = self._wake_w = -1  # a late accept() writes to -1, not a reused fd
+            for fd in fds:
+                with suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
-            self._wake_r = self._wake_w = -1
 
 
 def _close_bridge(chan: paramiko.Channel, sock: socket.socket) -> None:
     for thing in (chan, sock):
-        try:
+        with suppress(*_net_errors()):
             thing.close()
-        except Exception:
-            pass
 
 
 # -- remote scripts --------------------------------------------------------------------------------
-
-# Kills every process that carries both markers in its environment (units of this pilot, and the
-# agent itself); pkill-free, dependency-free, run by the remote python. Prints how many it found.
-_SWEEP = r"""
-import os, signal, sys, time
-marks = [b"\0" + m.encode() + b"\0" for m in sys.argv[1:]]
-me, found = os.getpid(), 0
-for _ in range(3):
-    pids = []
-    for n in os.listdir("/proc"):
-        if not n.isdigit() or int(n) == me:
-            continue
-        try:
-            with open("/proc/%s/environ" % n, "rb") as fh:
-                env = b"\0" + fh.read() + b"\0"
-        except OSError:
-            continue
-        if all(m in env for m in marks):
-            pids.append(int(n))
-    if not pids:
-        break
-    found += len(pids)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    time.sleep(0.05)
-print(found)
-"""
 
 # Start the agent as a session leader (os.setsid, then exec: the pid stays the agent's).
 _DETACH = ("import os, sys; os.setsid(); "
@@ -485,7 +481,7 @@ def _tail_lines(text: str, n: int = 5) -> str:
     return " | ".join(lines[-n:])
 
 
-# -- the launcher ------------------------------------------------------------------------------------
+# -- the launcher ---------------------------------------------------------------------------------
 
 class SSHLauncher(Launcher):
     def __init__(self, hub: Any, pilot: Any) -> None:
@@ -511,9 +507,10 @@ class SSHLauncher(Launcher):
         self._ended: str | None = None
         self._exit_code: int | None = None
         self._next_check = 0.0
+        self._last_check = 0.0
         self._lost_since: float | None = None
-        self._lost_error = ""
         self._made_dirs: set[str] = set()
+        self._launched = Event()  # set when launch() is over, whatever the outcome
 
     # -- hub-loop side ---------------------------------------------------------------------------
 
@@ -527,6 +524,8 @@ class SSHLauncher(Launcher):
         except Exception as exc:
             raise LaunchError(f"ssh bootstrap on {self.target.label} failed: "
                               f"{type(exc).__name__}: {exc}") from None
+        finally:
+            self._launched.set()
         self.pilot.sandbox = self.sandbox
         self._next_check = time.monotonic() + CHECK_EARLY_S
         self.log.info("agent_started", pid=self.agent_pid, sandbox=self.sandbox,
@@ -537,11 +536,14 @@ class SSHLauncher(Launcher):
         while self._ended is None:
             now = time.monotonic()
             if now >= self._next_check:
-                self._check()
-                early = not self.pilot.registered.is_set()
-                interval = CHECK_EARLY_S if early else min(
-                    CHECK_MAX_S, max(1.0, float(self.pilot.desc["heartbeat_interval"])))
-                self._next_check = time.monotonic() + interval
+                # While the agent's calls arrive through the tunnel, a remote status check every
+                # CHECK_MAX_S is plenty; when it goes quiet (or has not called in yet), look often.
+                if not (self._heard_recently() and now - self._last_check < CHECK_MAX_S):
+                    self._check()
+                    self._last_check = time.monotonic()
+                # While the connection is down, each check is a reconnect attempt: not too often.
+                self._next_check = time.monotonic() + (
+                    CHECK_EARLY_S if self._lost_since is None else RECONNECT_EVERY_S)
                 continue
             left = deadline - now
             if left <= 0:
@@ -549,20 +551,26 @@ class SSHLauncher(Launcher):
             gevent.sleep(min(left, self._next_check - now))
         return self._ended
 
+    def _heard_recently(self) -> bool:
+        p = self.pilot
+        quiet = max(1.0, 2.0 * float(p.desc["heartbeat_interval"]))
+        return p.registered.is_set() and time.time() - p.last_seen < quiet
+
     def _check(self) -> None:
         try:
-            state, code, err = self.ctl.run(self._b_status, timeout=EXEC_TIMEOUT + 2 *
+            state, code, err = self.ctl.run(self._b_status, timeout=STATUS_TIMEOUT + 2 *
                                             CONNECT_TIMEOUT + 5)
         except Exception as exc:
             now = time.monotonic()
             if self._lost_since is None:
                 self._lost_since = now
                 self.log.warning("ssh_connection_lost", error=str(exc))
-            self._lost_error = str(exc)
             lost = now - self._lost_since
-            if lost > self.hb_timeout:
-                self._ended = (f"ssh connection to {self.target.label} lost for {lost:.0f} s "
-                               f"and not re-established: {exc}")
+            p = self.pilot
+            silent = time.time() - p.last_seen if p.registered.is_set() else 0.0
+            if max(lost, silent) > self.hb_timeout:  # the agent has given up on the hub by now
+                self._ended = (f"ssh connection to {self.target.label} lost (agent silent for "
+                               f"{silent:.0f} s) and not re-established: {exc}")
             return
         if self._lost_since is not None:
             self.log.warning("ssh_connection_restored",
@@ -570,6 +578,8 @@ class SSHLauncher(Launcher):
                              reconnects=self.reconnects)
             self._lost_since = None
         if state == "alive":
+            if self._pump is not None and self._pump.error:
+                self._ended = f"the ssh tunnel to the hub failed: {self._pump.error}"
             return
         tail = _tail_lines(err)
         if state == "exited":
@@ -586,12 +596,8 @@ class SSHLauncher(Launcher):
 
     def stop(self, grace: float) -> None:
         self._closing = True
-        try:
-            self.ctl.run(self._b_teardown, grace, timeout=grace + TERM_GRACE + 2 * EXEC_TIMEOUT
-                         + BOOTSTRAP_OP_TIMEOUT)
-        except Exception as exc:
-            self.log.error("ssh_stop_failed", error=f"{type(exc).__name__}: {exc}")
-            raise
+        self.ctl.run(self._b_teardown, grace, timeout=grace + TERM_GRACE + 2 * EXEC_TIMEOUT
+                     + BOOTSTRAP_OP_TIMEOUT)
 
     # -- client:// staging (hub loop; the transfers run in the sftp lane) -----------------------
 
@@ -614,33 +620,39 @@ class SSHLauncher(Launcher):
     def _transfer(self, unit: Any, d: dict[str, Any], direction: str) -> None:
         flags = d.get("flags") or []
         label = f"{d['action']} {d['source']} -> {d['target']}"
-        t0 = time.time()
+        # Units are bound while the pilot is still launching: wait for its sandbox, then
+        # check again that there is one to stage into.
+        self._launched.wait()
         try:
-            if self.sandbox is None:
-                raise ConnectionLost("the pilot has no remote sandbox (bootstrap did not finish)")
+            if self.agent_pid is None or self._closing:
+                raise ConnectionLost(f"pilot {self.pilot.uid} did not start or is stopping")
             if d["action"] == "link":
                 raise ValueError("'link' cannot reach the application's machine from a remote "
                                  "pilot; use 'transfer' or 'copy'")
             unit_sb = posixpath.join(self.sandbox, unit.uid)
-            nbytes = self._with_retry(self._b_transfer, d, direction, unit_sb)
+            nbytes, seconds = self._with_retry(self._b_transfer, d, direction, unit_sb)
         except Exception as exc:
             if "non_fatal" in flags:
                 self.log.warning("staging_failed_non_fatal", unit=unit.uid, directive=label,
                                  error=str(exc))
                 return
             raise RuntimeError(f"{label}: {exc}") from None
-        seconds = time.time() - t0
         self.hub.profile.add(time.time(), unit.uid, "TRANSFER", "hub", direction=direction,
                              bytes=nbytes, seconds=round(seconds, 6), source=d["source"],
                              target=d["target"], via="sftp")
 
     def _with_retry(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a transfer; if the connection dropped under it, once more after a reconnect."""
-        try:
-            return self.xfer.run(fn, *args, timeout=TRANSFER_TIMEOUT)
-        except ConnectionLost as exc:
-            self.log.warning("ssh_transfer_retry", error=str(exc))
-        return self.xfer.run(fn, *args, timeout=TRANSFER_TIMEOUT)
+        """Run a transfer (idempotent); while the connection is down, try again after a
+        reconnect, for as long as the agent waits for the hub (its heartbeat timeout)."""
+        deadline = time.monotonic() + self.hb_timeout
+        while True:
+            try:
+                return self.xfer.run(fn, *args, timeout=TRANSFER_TIMEOUT)
+            except ConnectionLost as exc:
+                if self._closing or time.monotonic() > deadline:
+                    raise
+                self.log.warning("ssh_transfer_retry", error=str(exc))
+            gevent.sleep(1.0)
 
     # -- blocking side (lane threads) ---------------------------------------------------------
 
@@ -650,14 +662,16 @@ class SSHLauncher(Launcher):
 
     def _b_connect(self) -> SSHConnection:
         d = self.pilot.desc
+        self.target = self.target.with_user()
         conn = SSHConnection(self.target, d["ssh_key_file"], d["ssh_known_hosts"],
                              bool(d["ssh_trust_unknown_host"]), self._pinned_key, self.log)
         conn.open()
         self._pinned_key = conn.pinned_key
         return conn
 
-    def _b_live(self, closing_ok: bool = False) -> SSHConnection:
-        """The connection, reconnected (same remote forward port) if it dropped."""
+    def _b_live(self, closing_ok: bool = False, need_forward: bool = True) -> SSHConnection:
+        """The connection, reconnected (same remote forward port) if it dropped. Without
+        ``need_forward`` (the final cleanup), a reconnect that cannot get the port back will do."""
         conn = self._conn
         if conn is not None and conn.active():
             return conn
@@ -678,11 +692,12 @@ class SSHLauncher(Launcher):
                 try:
                     conn.forward(self.fwd_port, self._pump.accept)
                 except ConnectionLost as exc:
-                    conn.close()
                     self.log.error("ssh_forward_port_lost", port=self.fwd_port, error=str(exc))
-                    raise ConnectionLost(f"reconnected, but the remote port {self.fwd_port} the "
-                                         f"agent calls the hub on cannot be forwarded again: "
-                                         f"{exc}") from None
+                    if need_forward:
+                        conn.close()
+                        raise ConnectionLost(
+                            f"reconnected, but the remote port {self.fwd_port} the agent calls "
+                            f"the hub on cannot be forwarded again: {exc}") from None
             self._conn = conn
             self.reconnects += 1
             self._made_dirs.clear()
@@ -720,8 +735,8 @@ class SSHLauncher(Launcher):
         script = (
             "umask 077\n"
             f"if ! command -v {q(self.python)} >/dev/null 2>&1; then\n"
-            f"  echo \"remote python {q(self.python)[:200]!s} not found on $(hostname)"
-            " (PATH=$PATH)\" >&2; exit 91\nfi\n"
+            "  printf 'remote python %s not found on %s (PATH=%s)\\n' "
+            f"{q(self.python)} \"$(hostname)\" \"$PATH\" >&2; exit 91\nfi\n"
             f"sb={root_expr}/{q(self.hub.session_uid)}/{q(self.pilot.uid)}\n"
             'mkdir -p -- "$sb" || exit 90\n'
             'cd -- "$sb" || exit 90\n'
@@ -758,8 +773,9 @@ class SSHLauncher(Launcher):
             "mkdir -p lib && tar -xzf rpg.tar.gz -C lib && rm -f rpg.tar.gz || "
             "{ echo 'cannot unpack rpg in the pilot sandbox' >&2; exit 92; }\n"
             f"PYTHONPATH={q(sb + '/lib')}${{PYTHONPATH:+:$PYTHONPATH}}\n"
-            f"RPG_PILOT_UID={q(self.pilot.uid)}\nRPG_PILOT_SANDBOX={q(sb)}\n"
-            "export PYTHONPATH RPG_PILOT_UID RPG_PILOT_SANDBOX\n"
+            # the agent carries its units' marker too: the final sweep finds it if all else fails
+            f"RPG_PILOT_KEY={q(self.key)}\n"
+            "export PYTHONPATH RPG_PILOT_KEY\n"
             f"{q(self.python)} -c {q(_DETACH)} --config {q(cfg_path)} "
             "> agent.out 2> agent.err < /dev/null &\n"
             "echo $!\n")
@@ -781,10 +797,19 @@ class SSHLauncher(Launcher):
             "if [ -s exit_code ]; then echo exited; cat exit_code; echo; "
             "tail -c 3000 agent.err >&2; exit 0; fi\n"
             "if alive; then echo alive; exit 0; fi\n"
+            "sleep 0.3; if alive; then echo alive; exit 0; fi\n"  # be sure before saying gone
             # it may have written its exit code between the two checks
             "if [ -s exit_code ]; then echo exited; cat exit_code; echo; else echo gone; fi\n"
             "tail -c 3000 agent.err >&2\n")
-        rc, out, err = self._b_live().run(script)
+        conn = self._b_live()
+        try:
+            rc, out, err = conn.run(script, timeout=STATUS_TIMEOUT)
+        except (TimeoutError, ConnectionLost) as exc:
+            # A connection that cannot open a channel and run `test` and `tail` in that time is
+            # as good as dead (a silent network drop keeps the transport "active" for many
+            # minutes): drop it, and the next call reconnects.
+            conn.close()
+            raise ConnectionLost(f"status check failed, connection dropped: {exc}") from None
         words = out.split()
         if rc != 0 or not words:
             raise ConnectionLost(f"status check failed (exit {rc}): {_tail_lines(err)}")
@@ -798,7 +823,15 @@ class SSHLauncher(Launcher):
         try:
             if self.sandbox is not None:
                 try:
-                    self._b_stop_remote(grace)
+                    try:
+                        self._b_stop_remote(grace)
+                    except (ConnectionLost, TimeoutError) as exc:
+                        # The connection died or froze: once more on a fresh one.
+                        self.log.warning("ssh_stop_retry", error=str(exc))
+                        conn = self._conn
+                        if conn is not None:
+                            conn.close()
+                        self._b_stop_remote(grace)
                 except Exception as exc:
                     self.log.error("ssh_remote_cleanup_failed", sandbox=self.sandbox,
                                    error=f"{type(exc).__name__}: {exc}",
@@ -823,16 +856,19 @@ class SSHLauncher(Launcher):
                 f"  n=0; while alive && [ $n -lt {term_ticks} ]; do sleep 0.2; n=$((n+1)); done\n"
                 "fi\n"
                 f"if alive; then kill -KILL {self.agent_pid} 2>/dev/null; echo agent_killed; fi\n")
+        # Units live in their own sessions: whatever is left of them (the agent died hard, or
+        # never heard the end) carries RPG_PILOT_KEY; rpg.agent.cleanup finds it in /proc.
+        sweep = ("import sys; from rpg.agent.cleanup import kill_pilot_processes; "
+                 "print(kill_pilot_processes(sys.argv[1]))")
         parts.append(
-            f"echo swept $({q(self.python)} -c {q(_SWEEP)} "
-            f"{q('RPG_PILOT_UID=' + self.pilot.uid)} {q('RPG_PILOT_SANDBOX=' + sb)} "
-            "2>/dev/null)\n")
+            f"echo swept $(PYTHONPATH={q(sb + '/lib')} {q(self.python)} -c {q(sweep)} "
+            f"{q(self.key)} 2>/dev/null)\n")
         if not keep:
             parts.append(f"rm -rf -- {q(sb)} && echo removed\n"
                          f"rmdir -- {q(posixpath.dirname(sb))} 2>/dev/null\n")
         parts.append("exit 0\n")
-        conn = self._b_live(closing_ok=True)
-        rc, out, err = conn.run("".join(parts), timeout=grace + TERM_GRACE + EXEC_TIMEOUT)
+        conn = self._b_live(closing_ok=True, need_forward=False)
+        _rc, out, _err = conn.run("".join(parts), timeout=grace + TERM_GRACE + EXEC_TIMEOUT)
         words = out.split()
         swept = words[words.index("swept") + 1] if "swept" in words and \
             words.index("swept") + 1 < len(words) else "?"
@@ -846,18 +882,27 @@ class SSHLauncher(Launcher):
         with self._conn_lock:
             self._closed = True
             conn, self._conn = self._conn, None
-        if conn is not None and conn.active() and self.fwd_port:
-            try:
-                conn.transport.cancel_port_forward("127.0.0.1", self.fwd_port)  # type: ignore
-            except Exception:
-                pass
+        # No cancel_port_forward: it waits for the server's answer for as long as the transport
+        # looks alive (forever, if the server froze). Closing the session ends the forward.
+        if conn is not None:
+            conn.close()  # first: its transport thread is the one that hands channels to the pump
         if self._pump is not None:
             self._pump.close()
-        if conn is not None:
-            conn.close()
 
-    def _b_transfer(self, d: dict[str, Any], direction: str, unit_sb: str) -> int:
+    def _b_transfer(self, d: dict[str, Any], direction: str, unit_sb: str) -> tuple[int, float]:
+        """(bytes, seconds) of one client:// directive, timed here (not in the lane queue)."""
         conn = self._b_live()
+        t0 = time.perf_counter()
+        try:
+            return self._b_transfer_on(conn, d, direction, unit_sb), time.perf_counter() - t0
+        except _net_errors() as exc:
+            if conn.active():
+                raise  # a real error (no such file, permission, ...)
+            raise ConnectionLost(f"ssh connection dropped during the transfer: "
+                                 f"{type(exc).__name__}: {exc}") from None
+
+    def _b_transfer_on(self, conn: SSHConnection, d: dict[str, Any], direction: str,
+                       unit_sb: str) -> int:
         flags = d.get("flags") or []
         if direction == "in":
             local = split_url(d["source"])[1]
@@ -946,6 +991,15 @@ def _no_symlink_out(sftp: paramiko.SFTPClient, remote: str, root: str,
         confined(sftp, remote, root, "staging target")
 
 
+def _transport_preferring_fast_ciphers(sock: Any, **kw: Any) -> paramiko.Transport:
+    transport = _pm().Transport(sock, **kw)
+    opts = transport.get_security_options()
+    offered = tuple(opts.ciphers)
+    opts.ciphers = tuple(c for c in FAST_CIPHERS if c in offered) + tuple(
+        c for c in offered if c not in FAST_CIPHERS)
+    return transport
+
+
 def _rpg_tarball() -> bytes:
     """The local rpg package (sources only) as a .tar.gz; a few hundred KB."""
     def skip_cache(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
@@ -969,10 +1023,23 @@ def _put_file(sftp: paramiko.SFTPClient, local: str, remote: str) -> int:
 
 
 def _get_file(sftp: paramiko.SFTPClient, remote: str, local: str) -> int:
-    # getfo prefetches at most PREFETCH_REQUESTS reads ahead: memory stays bounded.
-    with open(local, "wb") as fh:
-        n = sftp.getfo(remote, fh, max_concurrent_prefetch_requests=PREFETCH_REQUESTS)
-    return int(n)
+    # Pipelined reads, one window at a time: memory stays bounded (READ_WINDOW), and it is
+    # faster than getfo(max_concurrent_prefetch_requests=...), whose limiter sleeps.
+    total = 0
+    with sftp.open(remote, "rb") as fr, open(local, "wb") as fh:
+        size = fr.stat().st_size or 0
+        while total < size:
+            end = min(size, total + READ_WINDOW)
+            chunks = [(o, min(SFTP_CHUNK, end - o)) for o in range(total, end, SFTP_CHUNK)]
+            fh.writelines(fr.readv(chunks))
+            total = end
+        while True:  # the file grew since the stat: read the rest plainly
+            data = fr.read(READ_WINDOW)
+            if not data:
+                break
+            fh.write(data)
+            total += len(data)
+    return total
 
 
 def _put_tree(sftp: paramiko.SFTPClient, local: str, remote: str) -> int:

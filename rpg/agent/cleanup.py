@@ -20,12 +20,11 @@ def pilot_key(session_uid: str, pilot_uid: str) -> str:
 
 
 def pilot_processes(key: str) -> list[int]:
-    """Live processes whose environment carries ``RPG_PILOT_KEY=key``.
-
-    A bare pilot uid (no session part) matches ``RPG_PILOT_UID`` instead: any session's.
-    """
-    var = b"RPG_PILOT_KEY=" if "/" in key else b"RPG_PILOT_UID="
-    marker = var + key.encode() + b"\x00"
+    """Live processes whose environment carries ``RPG_PILOT_KEY=key``."""
+    if "/" not in key:
+        raise ValueError(f"pilot_processes needs a session/pilot key (pilot_key()), got {key!r}: "
+                         "a bare pilot uid would match other sessions' pilots too")
+    marker = b"RPG_PILOT_KEY=" + key.encode() + b"\x00"
     me = os.getpid()
     found = []
     for name in os.listdir("/proc"):

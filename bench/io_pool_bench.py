@@ -16,19 +16,20 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from time import perf_counter
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gevent  # noqa: E402
-import numpy as np  # noqa: E402
-from gevent.threadpool import ThreadPool  # noqa: E402
+import gevent
+import numpy as np
+from gevent.threadpool import ThreadPool
 
-from rpg.io_pool import IOPool  # noqa: E402
-from tools.simulated_disk_io import stress  # noqa: E402
-from tools.simulated_disk_io.client import run_clients  # noqa: E402
+from rpg.io_pool import IOPool
+from tools.simulated_disk_io import stress
+from tools.simulated_disk_io.client import run_clients
 
 LANE_OPS_TARGET = 5000.0
 P99_RATIO_TARGET = 1.2
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     quick = args.quick
     t0 = perf_counter()
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"bench": "io_pool"}
     out["lane"] = bench_lane(ops=5000 if quick else 20000, greenlets=64, threads=4)
     out["stalled_lane"] = bench_stalled_lane(
         rounds=2 if quick else 3, clients=5, requests=60 if quick else 150, fast_ms=10,

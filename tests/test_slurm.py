@@ -307,7 +307,8 @@ def test_impossible_request_fails_quickly_with_slurms_error(session, kw, words):
 def test_srun_unit_runs_as_a_job_step(session):
     # nodes=1: a whole node (--exclusive); project goes to --account (no accounting here).
     _, _pilot, umgr = slurm_pilot(session, cores=2, nodes=1, project="rpg-ci")
-    script = 'echo "step=$SLURM_STEP_ID task=$SLURM_PROCID of $SLURM_NTASKS cpus=$SLURM_CPUS_PER_TASK"'
+    script = ('echo "step=$SLURM_STEP_ID task=$SLURM_PROCID of $SLURM_NTASKS '
+              'cpus=$SLURM_CPUS_PER_TASK"')
     two = umgr.submit_units(rpg.UnitDescription(executable="/bin/sh", arguments=["-c", script],
                                                 launch="srun", cores=2, ranks=2))
     one = umgr.submit_units(rpg.UnitDescription(executable="/bin/sh", arguments=["-c", script],

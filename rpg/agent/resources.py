@@ -153,7 +153,7 @@ def nodes_from_environment(env: Mapping[str, str], default_cores: int,
         per_node_gpus = len(ids) or None
     gpus = [per_node_gpus] * n if per_node_gpus is not None else \
         _split_evenly(int(default_gpus), n)
-    return [(name, c, g) for name, c, g in zip(names, cores, gpus)]
+    return [(name, c, g) for name, c, g in zip(names, cores, gpus, strict=True)]
 
 
 # -- srun ------------------------------------------------------------------------------------------
@@ -216,7 +216,8 @@ class SrunPlacer:
         cores, gpus = int(desc["cores"]), int(desc["gpus"])
         ranks = int(desc.get("ranks") or 1)
         count, share, gshare = srun_layout(
-            cores, gpus, ranks, list(zip(sched.total_cores.tolist(), sched.total_gpus.tolist())))
+            cores, gpus, ranks, list(zip(sched.total_cores.tolist(), sched.total_gpus.tolist(),
+                                          strict=True)))
         if count == 1:
             slots = sched.allocate(cores, gpus)
         else:

@@ -210,7 +210,8 @@ class Lane:
         for _ in range(len(pool._worker_greenlets)):
             pool.task_queue.put(None)
         deadline = monotonic() + wait
-        while len(pool._worker_greenlets) > len(self._running) and monotonic() < deadline:
+        # Idle threads leave at once; a running call gets until the deadline to finish.
+        while pool._worker_greenlets and monotonic() < deadline:
             gevent.sleep(0.005)
         pool.fork_watcher.close()
         left = len(self._running)

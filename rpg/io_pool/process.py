@@ -62,8 +62,10 @@ class Child:
         # The leader is a zombie now: its pid cannot be reused yet, so killing its group is safe.
         self.kill_group(signal.SIGKILL)
         rc = self._popen.poll()
-        if rc is None:  # pidfd said exited; the status is a moment away at most
-            gevent.sleep(0.001)
+        delay = 0.0005
+        while rc is None and delay < 1.0:  # pidfd said exited; the status is a moment away
+            gevent.sleep(delay)
+            delay *= 2
             rc = self._popen.poll()
         if rc is not None:
             self.returncode = rc

@@ -1,0 +1,406 @@
+"""rpg.io_pool: lanes, isolation of a stalled lane, the loop watch, and process spawn/reap.
+
+Real threads, real blocking calls (unpatched sleeps, FIFOs with no writer), real processes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from time import monotonic, perf_counter
+
+import gevent
+import psutil
+import pytest
+
+from rpg.io_pool import (
+    IOPool,
+    IOTimeout,
+    LaneClosed,
+    LaneDegraded,
+    LaneFull,
+    LoopWatch,
+    SpawnError,
+    blocking,
+    loop_blocked_total,
+    spawn,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def pool():
+    """An IOPool on this thread's loop; every thread must have come back when the test ends."""
+    p = IOPool(disk_threads=2, spawn_threads=2, net_threads=2)
+    try:
+        yield p
+    finally:
+        stuck = p.close(wait=5.0)
+    assert stuck == 0, f"{stuck} io_pool threads still stuck after the test"
+
+
+def _noop() -> int:
+    return 1
+
+
+def _boom() -> None:
+    raise ValueError("boom from a lane thread")
+
+
+def _wait_for(cond, limit: float = 5.0, what: str = "condition") -> None:
+    deadline = monotonic() + limit
+    while not cond():
+        if monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        gevent.sleep(0.01)
+
+
+def _read_fifo(path: str) -> bytes:
+    """A real blocking read: open() of a FIFO blocks in the kernel until a writer opens it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 16)
+    finally:
+        os.close(fd)
+
+
+def _release_fifo(path: str, limit: float = 5.0) -> None:
+    """Open the FIFO for writing (non-blocking: succeeds once its reader is in open) and write."""
+    deadline = monotonic() + limit
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or monotonic() > deadline:
+                raise
+            gevent.sleep(0.01)
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
+
+
+class Ticker:
+    """A greenlet that sleeps 10 ms at a time and records the largest gap between its wakeups."""
+
+    def __init__(self, tick: float = 0.01) -> None:
+        self.tick = tick
+        self.max_gap = 0.0
+        self.ticks = 0
+        self._g = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        last = perf_counter()
+        while True:
+            gevent.sleep(self.tick)
+            now = perf_counter()
+            self.max_gap = max(self.max_gap, now - last)
+            self.ticks += 1
+            last = now
+
+    def stop(self) -> None:
+        self._g.kill()
+
+
+# -- lanes ----------------------------------------------------------------------------------------
+
+
+def test_lane_returns_results_and_propagates_exceptions(pool):
+    lane = pool.lane("disk:test", threads=2)
+    assert lane.run(_noop) == 1
+    assert lane.run(lambda a, b=0: a + b, 2, b=3) == 5
+    main_thread = threading.get_ident()
+    assert lane.run(threading.get_ident) != main_thread  # ran on a real lane thread
+    with pytest.raises(ValueError, match="boom from a lane thread"):
+        lane.run(_boom)
+    h = lane.health()
+    assert h["completed"] == 4 and h["errors"] == 1 and h["running"] == 0 and h["queued"] == 0
+
+
+def test_lane_timeout_raises_iotimeout(pool):
+    lane = pool.lane("disk:slow", threads=1)
+    t0 = perf_counter()
+    with pytest.raises(IOTimeout) as info:
+        lane.run(blocking.sleep, 0.6, timeout=0.05)
+    assert perf_counter() - t0 < 0.5  # the caller got control back; the thread is still busy
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.lane == "disk:slow" and info.value.timeout == 0.05
+    assert "disk:slow" in str(info.value)
+    assert lane.health()["timeouts"] == 1
+    assert lane.health()["running"] == 1
+    _wait_for(lambda: lane.health()["running"] == 0, what="the timed-out call to finish")
+
+
+def test_bounded_queue_rejects_with_lane_full(pool):
+    lane = pool.lane("disk:small", threads=1, queue_limit=1)
+    gate = threading.Event()
+    running = gevent.spawn(lane.run, gate.wait, 10)
+    queued = gevent.spawn(lane.run, gate.wait, 10)
+    try:
+        _wait_for(lambda: lane.health()["running"] == 1 and lane.health()["queued"] == 1,
+                  what="one running and one queued call")
+        with pytest.raises(LaneFull, match=r"lane 'disk:small' is full: 2 calls outstanding"):
+            lane.run(_noop)
+        assert lane.health()["rejected"] == 1
+    finally:
+        gate.set()
+        assert running.get(timeout=5) is True and queued.get(timeout=5) is True
+    assert lane.run(_noop) == 1  # room again
+
+
+def test_stuck_threads_counted_degraded_and_fail_fast(pool):
+    dying = pool.lane("disk:dying", threads=2, stall_after=0.1, fail_fast=True)
+    patient = pool.lane("disk:patient", threads=2, stall_after=0.1, fail_fast=False)
+    gate = threading.Event()
+    held = [gevent.spawn(dying.run, gate.wait, 10), gevent.spawn(patient.run, gate.wait, 10)]
+    try:
+        _wait_for(lambda: dying.health()["stuck"] == 1 and patient.health()["stuck"] == 1,
+                  what="both lanes to count a stuck thread")
+        h = dying.health()
+        assert h["degraded"] is True and h["running"] == 1
+        with pytest.raises(LaneDegraded, match="disk:dying"):
+            dying.run(_noop)
+        assert dying.health()["rejected"] == 1
+        # Without fail_fast a degraded lane still takes work on its free thread.
+        assert patient.health()["degraded"] is True
+        assert patient.run(_noop) == 1
+    finally:
+        gate.set()
+        for g in held:
+            assert g.get(timeout=5) is True
+    assert dying.health()["stuck"] == 0 and dying.health()["degraded"] is False
+    assert dying.run(_noop) == 1
+
+
+def test_closed_lane_refuses_calls(pool):
+    lane = pool.lane("disk:closing", threads=1)
+    assert lane.run(_noop) == 1
+    assert lane.close(wait=2.0) == 0
+    with pytest.raises(LaneClosed):
+        lane.run(_noop)
+
+
+def test_stalled_fifo_lane_does_not_hold_other_lanes_or_the_loop(pool, tmp_path):
+    fifo = str(tmp_path / "dying-disk")
+    os.mkfifo(fifo)
+    watch = LoopWatch("test-fifo").start()
+    blocked0 = loop_blocked_total()
+    ticker = Ticker()
+    stalled = pool.lane("disk:dying", threads=1)
+    healthy = pool.lane("disk:healthy", threads=2)
+    reader = gevent.spawn(stalled.run, _read_fifo, fifo)
+    try:
+        _wait_for(lambda: stalled.health()["running"] == 1, what="the FIFO read to start")
+        gevent.sleep(0.1)
+        assert not reader.ready()  # really stuck in open()
+
+        done = []
+
+        def worker() -> None:
+            for _ in range(25):
+                done.append(healthy.run(blocking.sleep, 0.002))
+
+        t0 = perf_counter()
+        gevent.joinall([gevent.spawn(worker) for _ in range(8)], timeout=20, raise_error=True)
+        took = perf_counter() - t0
+        assert len(done) == 200  # every op on the healthy lane completed
+        assert took < 10.0
+        gevent.sleep(0.3)  # give the monitor thread a few periods to notice a block, if any
+        assert not reader.ready()  # the dying disk is still stalled
+        assert stalled.health()["running"] == 1
+        assert watch.blocked_events == 0
+        assert loop_blocked_total() == blocked0
+        assert ticker.max_gap < 0.1, f"loop gap {ticker.max_gap * 1000:.0f} ms"
+    finally:
+        _release_fifo(fifo)  # unstick the lane thread so it can exit
+        assert reader.get(timeout=5) == b"x"
+        ticker.stop()
+        watch.stop()
+
+
+def test_ticker_never_sees_a_gap_over_100ms_while_lanes_block(pool):
+    ticker = Ticker()
+    try:
+        sleepers = [gevent.spawn(pool.lane("disk:a", threads=2).run, blocking.sleep, 0.8),
+                    gevent.spawn(pool.lane("disk:b", threads=2).run, blocking.sleep, 0.8)]
+        busy = pool.lane("disk:c", threads=2)
+        deadline = perf_counter() + 1.0
+        n = 0
+        while perf_counter() < deadline:
+            busy.run(blocking.sleep, 0.001)
+            n += 1
+        gevent.joinall(sleepers, timeout=5, raise_error=True)
+        assert n > 50
+        assert ticker.ticks > 50
+        assert ticker.max_gap < 0.1, f"loop gap {ticker.max_gap * 1000:.0f} ms"
+    finally:
+        ticker.stop()
+
+
+def test_for_path_gives_a_lane_per_device(pool):
+    assert pool.device_of("/proc/self/status") != pool.device_of("/tmp/x")
+    proc_lane = pool.for_path("/proc/self/status")
+    tmp_lane = pool.for_path("/tmp/some/file")
+    assert proc_lane is not tmp_lane
+    assert proc_lane.name.startswith("disk:") and tmp_lane.name.startswith("disk:")
+    assert pool.for_path("/tmp/other") is tmp_lane  # same device, same lane
+    assert pool.for_path("/proc/1/stat") is proc_lane
+
+    pool.assign("/srv/node/sdb", "disk:sdb")
+    pool.assign("/srv/node/sdc", "disk:sdc")
+    sdb = pool.for_path("/srv/node/sdb/objects/1")
+    assert sdb.name == "disk:sdb"
+    assert pool.for_path("/srv/node/sdb/objects/2") is sdb
+    assert pool.for_path("/srv/node/sdc/objects/1").name == "disk:sdc"
+    assert pool.for_path("/srv/node/sdbx/objects/1").name != "disk:sdb"  # prefix, not substring
+    assert pool.for_path("/srv/node/sdb/../sdc/x").name == "disk:sdc"
+
+
+# -- the loop watch -------------------------------------------------------------------------------
+
+
+def test_loop_watch_counts_a_real_block():
+    watch = LoopWatch("test-positive").start()
+    try:
+        before = loop_blocked_total()
+        gevent.sleep(0.15)
+        blocking.sleep(0.5)  # block this loop for real: the positive control
+        gevent.sleep(0.3)
+        assert watch.blocked_events >= 1
+        assert loop_blocked_total() - before >= 1
+        assert watch.stats()["lag_max_ms"] >= 400
+    finally:
+        watch.stop()
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def _our_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_spawn_wait_reaps_through_pidfd(pool, tmp_path):
+    out = tmp_path / "out.txt"
+    child = pool.spawn.run(spawn, ["sh", "-c", "echo hello; exit 7"], stdout_path=str(out))
+    assert child.pgid == child.pid == os.getpgid(child.pid)  # leads its own process group
+    assert child.pidfd >= 0
+    rc = child.wait(timeout=10)
+    assert rc == 7 and child.returncode == 7
+    assert child.pidfd == -1  # closed once reaped
+    assert child.pid not in _our_children()  # reaped: not even a zombie
+    assert out.read_text() == "hello\n"
+    assert child.wait() == 7  # idempotent
+
+
+def test_spawn_of_missing_executable_raises(pool):
+    with pytest.raises(SpawnError, match="cannot start"):
+        pool.spawn.run(spawn, ["/nonexistent/rpg-no-such-program"])
+
+
+def test_terminate_kills_the_whole_group_including_a_grandchild(pool):
+    child = pool.spawn.run(spawn, ["sh", "-c", "sleep 100 & sleep 100"])
+    leader = psutil.Process(child.pid)
+    _wait_for(lambda: any(p.name() == "sleep" for p in leader.children(recursive=True))
+              and (leader.name() == "sleep" or len(leader.children()) >= 2),
+              what="both sleeps to start")
+    members = [p.pid for p in leader.children(recursive=True)]
+    assert all(os.getpgid(pid) == child.pgid for pid in members)
+    rc = child.terminate(grace=3.0)
+    assert rc == -signal.SIGTERM
+    assert child.pid not in _our_children()
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # init reaps it later
+        except psutil.NoSuchProcess:
+            return True
+
+    _wait_for(lambda: all(gone(pid) for pid in members), what="the grandchild to die")
+
+
+def test_terminate_sigkills_a_child_that_ignores_sigterm(pool, tmp_path):
+    ready = tmp_path / "ready"
+    child = pool.spawn.run(spawn, ["sh", "-c", f"trap '' TERM; echo ok > {ready}; sleep 100"])
+    _wait_for(lambda: ready.exists() and ready.read_text() == "ok\n", what="the trap")
+    t0 = perf_counter()
+    rc = child.terminate(grace=0.5)
+    took = perf_counter() - t0
+    assert rc == -signal.SIGKILL
+    assert 0.45 <= took < 5.0
+    assert child.pid not in _our_children()
+
+
+# -- an application that monkey-patches -----------------------------------------------------------
+
+PATCHED_SCRIPT = textwrap.dedent(
+    """
+    from gevent import monkey
+    monkey.patch_all()
+
+    import json, time
+    import gevent
+    from rpg.io_pool import IOPool, LoopWatch, blocking, spawn
+
+    out = {"time_sleep_patched": monkey.is_object_patched("time", "sleep"),
+           "blocking_sleep_is_original": blocking.sleep is not time.sleep}
+    watch = LoopWatch("patched").start()
+    pool = IOPool()
+    gaps = []
+
+    def ticker():
+        last = time.perf_counter()
+        while True:
+            gevent.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    tick = gevent.spawn(ticker)
+    t0 = time.perf_counter()
+    pool.lane("disk:x").run(blocking.sleep, 0.5)
+    out["lane_sleep_s"] = time.perf_counter() - t0
+    child = pool.spawn.run(spawn, ["sh", "-c", "exit 5"])
+    out["rc"] = child.wait(timeout=20)
+    out["pidfd_closed"] = child.pidfd == -1
+    sleeper = pool.spawn.run(spawn, ["sleep", "100"])
+    out["terminated_rc"] = sleeper.terminate(grace=2.0)
+    gevent.sleep(0.2)
+    tick.kill()
+    out["ticks"] = len(gaps)
+    out["max_gap_ms"] = max(gaps) * 1000.0
+    out["blocked_events"] = watch.blocked_events
+    out["stuck"] = pool.close(wait=5.0)
+    watch.stop()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_works_under_monkey_patching_in_a_subprocess(tmp_path):
+    script = tmp_path / "patched_app.py"
+    script.write_text(PATCHED_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["time_sleep_patched"] is True
+    assert out["blocking_sleep_is_original"] is True
+    assert out["lane_sleep_s"] >= 0.49
+    assert out["rc"] == 5 and out["pidfd_closed"] is True
+    assert out["terminated_rc"] == -signal.SIGTERM
+    assert out["ticks"] > 20
+    assert out["max_gap_ms"] < 100.0
+    assert out["blocked_events"] == 0
+    assert out["stuck"] == 0

@@ -98,8 +98,12 @@ class Agent:
                 loops.append(gevent.spawn_later(runtime, self.stop, "runtime", states.FAILED,
                                                 "pilot runtime ended"))
             for sig in (signal.SIGTERM, signal.SIGINT):
-                gevent.signal_handler(sig, self.stop, "signal", states.CANCELED,
-                                      f"agent received signal {sig}")
+                # Nobody asked for these units to end (the hub says "shutdown" for that): a
+                # signal from outside is the resource ending the pilot (a walltime kill, a
+                # scancel), so the units that did not finish FAIL.
+                gevent.signal_handler(sig, self.stop, "signal", states.FAILED,
+                                      f"agent received signal {sig.name} before the unit "
+                                      f"finished")
             self.done.wait()
             why, unit_state, reason = self.stop_info or ("?", states.CANCELED, "agent stopped")
             self.log.info("agent_stopping", why=why, units=len(self.units))

@@ -303,6 +303,21 @@ class _Manager:
             out.append(self._mine[uid])
         return out
 
+    def _accept(self, desc_cls: type, entity_cls: type, prefix: str,
+                descriptions: Any) -> tuple[list[Any], bool]:
+        """Validate every description first (one bad: none accepted), then make the objects."""
+        s = self._session
+        s._check_open()
+        descs, many = _as_list(descriptions)
+        checked = [_validated(desc_cls, d, i) for i, d in enumerate(descs)]
+        objs = []
+        for desc in checked:
+            obj = entity_cls(s._next_uid(prefix), desc, self)
+            s._objects[obj.uid] = obj
+            self._mine[obj.uid] = obj
+            objs.append(obj)
+        return objs, many
+
     def _wait(self, uids: str | Iterable[str] | None, state: Any,
               timeout: float | None) -> list[str]:
         return self._session._wait(self._select(uids), state, timeout)
@@ -315,17 +330,8 @@ class PilotManager(_Manager):
                       ) -> Union[Pilot, list[Pilot]]:
         """Launch pilots; returns at once with Pilot objects (state NEW)."""
         s = self._session
-        s._check_open()
-        descs, many = _as_list(descriptions)
-        checked = [_validated(PilotDescription, d, i) for i, d in enumerate(descs)]
-        pilots, items = [], []
-        for desc in checked:
-            uid = s._next_uid("pilot")
-            p = Pilot(uid, desc, self)
-            s._objects[uid] = p
-            self._mine[uid] = p
-            pilots.append(p)
-            items.append((uid, desc.as_dict(), secrets.token_urlsafe(32)))
+        pilots, many = self._accept(PilotDescription, Pilot, "pilot", descriptions)
+        items = [(p.uid, p.description.as_dict(), secrets.token_urlsafe(32)) for p in pilots]
         s.hub.post(s.hub.submit_pilots, self.uid, items)
         return pilots if many else pilots[0]
 
@@ -373,19 +379,12 @@ class UnitManager(_Manager):
         names its index and field.
         """
         s = self._session
-        s._check_open()
-        descs, many = _as_list(descriptions)
-        checked = [_validated(UnitDescription, d, i) for i, d in enumerate(descs)]
-        units, items = [], []
-        for desc in checked:
-            uid = s._next_uid("unit")
-            u = Unit(uid, desc, self)
-            s._objects[uid] = u
-            self._mine[uid] = u
-            units.append(u)
-            d = desc.as_dict()
+        units, many = self._accept(UnitDescription, Unit, "unit", descriptions)
+        items = []
+        for u in units:
+            d = u.description.as_dict()
             _resolve_client_paths(d)
-            items.append((uid, d))
+            items.append((u.uid, d))
         s.hub.post(s.hub.submit_units, self.uid, items)
         return units if many else units[0]
 

@@ -12,20 +12,14 @@ import time
 
 import psutil
 import pytest
+from procs import wait_no_pilot_processes
 
 import rpg
 from rpg import states
 from rpg.agent.cleanup import pilot_key, pilot_processes
 from rpg.log import read_profile
 
-
-def wait_gone(key: str, timeout: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = pilot_processes(key)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
+wait_gone = wait_no_pilot_processes
 
 
 def wait_dead(proc: psutil.Process, timeout: float) -> bool:

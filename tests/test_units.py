@@ -10,10 +10,11 @@ import time
 
 import psutil
 import pytest
+from procs import wait_no_pilot_processes
 
 import rpg
 from rpg import states
-from rpg.agent.cleanup import pilot_key, pilot_processes
+from rpg.agent.cleanup import pilot_key
 from rpg.log import read_profile
 
 UNIT_ORDER = [s for s in states.UNIT_PATH if s != states.NEW]
@@ -35,13 +36,7 @@ def local_pilot(session, cores=4, **kw):
 
 def no_pilot_processes(pilot, timeout: float = 5.0) -> list[int]:
     """Processes carrying the pilot's marker, once the kills have had time to land."""
-    key = pilot_key(pilot._mgr._session.uid, pilot.uid)
-    deadline = time.monotonic() + timeout
-    while True:
-        left = pilot_processes(key)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
+    return wait_no_pilot_processes(pilot_key(pilot._mgr._session.uid, pilot.uid), timeout)
 
 
 def check_callback_order(history: list[str], final: str) -> None:

@@ -1,0 +1,17 @@
+"""Process checks shared by the tests."""
+
+from __future__ import annotations
+
+import time
+
+from rpg.agent.cleanup import pilot_processes
+
+
+def wait_no_pilot_processes(key: str, timeout: float = 10.0) -> list[int]:
+    """Processes still carrying a pilot's key once kills have had ``timeout`` s to land."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = pilot_processes(key)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)

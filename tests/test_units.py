@@ -398,3 +398,14 @@ def test_cancel_right_after_submit(session):
     assert u.wait(timeout=10) == "CANCELED"
     assert u.reason == "canceled by the application"
     assert [s for s, _ in u.history] == ["NEW", "CANCELED"]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.1, 0.3])
+def test_close_while_the_pilot_is_launching_leaves_no_agent(tmp_path, delay):
+    """Close at any moment of a pilot's launch: its agent (maybe mid-spawn) is stopped and
+    reaped (the leak check after this test sees every child process)."""
+    with rpg.Session(sandbox=str(tmp_path / "s")) as session:
+        pmgr = rpg.PilotManager(session)
+        pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=1, runtime=5))
+        time.sleep(delay)
+    assert pilot.state in ("DONE", "CANCELED", "FAILED"), pilot.state

@@ -6,6 +6,9 @@ import json
 import os
 import sys
 
+import gevent
+from gevent import GreenletExit
+
 from rpg.agent.cleanup import kill_pilot_processes
 from rpg.agent.executor import read_tail
 from rpg.hub.launchers.base import Launcher, LaunchError
@@ -43,12 +46,20 @@ class LocalLauncher(Launcher):
         env["PYTHONPATH"] = _RPG_ROOT + (os.pathsep + env["PYTHONPATH"]
                                          if env.get("PYTHONPATH") else "")
         argv = [sys.executable, "-m", "rpg.agent", "--config", cfg_path]
+        # The spawn runs on a thread: if the pilot is canceled meanwhile the agent still starts,
+        # so keep hold of it for stop() rather than leave it behind.
+        pending = gevent.spawn(hub.pool.spawn.run, spawn, argv, cwd=self.sandbox, env=env,
+                               stdout_path=self.out_path, stderr_path=self.err_path, timeout=30)
         try:
-            self.child = hub.pool.spawn.run(spawn, argv, cwd=self.sandbox, env=env,
-                                            stdout_path=self.out_path,
-                                            stderr_path=self.err_path, timeout=30)
+            self.child = pending.get()
         except SpawnError as exc:
             raise LaunchError(str(exc)) from exc
+        except GreenletExit:
+            try:
+                self.child = pending.get(timeout=35)
+            except Exception:
+                pass
+            raise
         hub.log.info("agent_started", pilot=self.pilot.uid, pid=self.child.pid)
 
     def poll(self, timeout: float) -> str | None:

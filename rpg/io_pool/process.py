@@ -136,6 +136,12 @@ def spawn(
             err.close()
     finally:
         out.close()
+    return watch(popen)
+
+
+def watch(popen: Any) -> Child:
+    """A Child for a process just started as a session leader (original blocking Popen):
+    opens its pidfd, or kills and reaps it if that fails. Blocking: run it in a lane."""
     try:
         pidfd = os.pidfd_open(popen.pid)
     except OSError:

@@ -26,6 +26,7 @@ import gevent
 import psutil
 
 from rpg.io_pool import Child, IOPool, IOTimeout, blocking
+from rpg.io_pool.process import watch
 from rpg.log import get_logger
 from tools.simulated_disk_io.client import (
     add_load_flags,
@@ -81,13 +82,7 @@ class ServerProcess:
                 cwd=REPO_ROOT, env=env, start_new_session=True, close_fds=True,
             )
         self._popen = popen
-        try:
-            pidfd = os.pidfd_open(popen.pid)
-        except OSError:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait()
-            raise
-        return Child(popen, pidfd)
+        return watch(popen)
 
     def start(self, ready_timeout: float = 20.0) -> tuple[str, int]:
         """Start the server and wait for its ``listening HOST:PORT`` line."""

@@ -150,7 +150,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"rpg report: {path} is not a profile (JSON lines): {exc}", file=sys.stderr)
         return 2
     print(format_summary(analyze(events), title=f"rpg report: {path}"))
+    print_profile_damage(events)
     return 0
+
+
+def print_profile_damage(events: Any) -> None:
+    """Say what reading the profile had to skip (damaged lines, events the writer dropped)."""
+    if getattr(events, "damaged", 0):
+        n = events.damaged
+        print(f"{n} damaged line{'s' if n != 1 else ''} skipped (first: {events.problem})")
+    if getattr(events, "dropped", 0):
+        print(f"{events.dropped} events missing: the profile writer dropped them (disk full)")
 
 
 def cmd_stress(rest: list[str]) -> int:

@@ -2,7 +2,8 @@
 
 ``analyze`` takes profile records (dicts with time, uid, state, component) as written by the hub
 and returns plain numbers; ``format_summary`` renders them as the table ``rpg run`` and
-``rpg report`` print.
+``rpg report`` print. A record that is not a usable profile record (``rpg.log.record_problem``)
+is skipped and counted in ``skipped_records``, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ from typing import Any, Iterable
 import numpy as np
 
 from rpg import states
+from rpg.log import record_problem
 
 
-def analyze(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def analyze(events: Iterable[Any]) -> dict[str, Any]:
     units: dict[str, dict[str, float]] = {}
     pilots: dict[str, dict[str, float]] = {}
+    skipped = 0
     for ev in events:
-        uid, st, t = ev.get("uid", ""), ev.get("state", ""), float(ev.get("time", 0.0))
+        if record_problem(ev) is not None:
+            skipped += 1
+            continue
+        uid, st, t = ev["uid"], ev["state"], float(ev["time"])
         if uid.startswith("unit."):
             units.setdefault(uid, {})[st] = t
         elif uid.startswith("pilot."):
@@ -47,7 +53,7 @@ def analyze(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
             # Time before any pilot was ACTIVE is the pilot's start-up, not per-unit overhead.
             start = max(t_new, first_active) if first_active is not None else t_new
             overheads.append((times[final] - start) - execs[-1] - waits[-1])
-    out: dict[str, Any] = {"units": len(units), "counts": counts}
+    out: dict[str, Any] = {"units": len(units), "counts": counts, "skipped_records": skipped}
     if first_new is not None and last_final is not None and last_final > first_new:
         out["makespan_s"] = last_final - first_new
         out["throughput_per_s"] = (len(units) - counts["unfinished"]) / (last_final - first_new)
@@ -93,6 +99,8 @@ def format_summary(a: dict[str, Any], title: str = "rpg summary") -> str:
         rows.append(("waiting for cores", f"mean {a['core_wait_s_mean'] * 1e3:.1f} ms"))
     if "peak_concurrency" in a:
         rows.append(("peak concurrent units", str(a["peak_concurrency"])))
+    if a.get("skipped_records"):
+        rows.append(("records skipped", f"{a['skipped_records']} (not usable profile records)"))
     width = max(len(r[0]) for r in rows)
     lines = [rows[0][0], "-" * (width + 40)]
     lines += [f"{k:<{width}}  {v}" for k, v in rows[1:]]

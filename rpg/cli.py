@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -31,15 +33,18 @@ class Progress:
         self.t0 = time.monotonic()
         self._last_line = 0.0
 
-    def line(self, counts: Counter) -> str:
+    def line(self, counts: Counter, todo: int = 0) -> str:
+        """``todo``: units not submitted yet (their inputs are made as others finish)."""
         final = sum(counts[s] for s in states.FINAL)
         filled = int(self.width * final / max(1, self.total))
         bar = "#" * filled + "." * (self.width - filled)
         parts = " ".join(f"{SHORT[s]}={counts[s]}" for s in STATE_ORDER if counts[s])
+        if todo:
+            parts = f"{parts} todo={todo}".strip()
         return f"[{bar}] {final}/{self.total} {time.monotonic() - self.t0:6.1f}s  {parts}"
 
-    def update(self, counts: Counter, force: bool = False) -> None:
-        text = self.line(counts)
+    def update(self, counts: Counter, force: bool = False, todo: int = 0) -> None:
+        text = self.line(counts, todo)
         if self.tty:
             self.stream.write("\r\x1b[2K" + text)
             self.stream.flush()
@@ -48,90 +53,193 @@ class Progress:
             self.stream.flush()
             self._last_line = time.monotonic()
 
-    def done(self, counts: Counter) -> None:
-        self.update(counts, force=True)
+    def done(self, counts: Counter, todo: int = 0) -> None:
+        self.update(counts, force=True, todo=todo)
         if self.tty:
             self.stream.write("\n")
 
 
-def _make_inputs(workdir: str, n: int, size: int) -> list[tuple[str, str]]:
-    """n input files of random bytes, with their expected sha256."""
-    os.makedirs(workdir, exist_ok=True)
-    out = []
-    for i in range(n):
-        path = os.path.join(workdir, f"chunk-{i:05d}.bin")
-        data = os.urandom(size)
-        with open(path, "wb") as fh:
-            fh.write(data)
-        out.append((path, hashlib.sha256(data).hexdigest()))
-    return out
+MAX_INPUT_KB = 1024 * 1024  # one chunk is read into memory: at most 1 GiB
+
+
+def _make_input(workdir: str, i: int, size: int) -> tuple[str, str]:
+    """Input file ``i`` of random bytes, and its expected sha256."""
+    path = os.path.join(workdir, f"chunk-{i:05d}.bin")
+    data = os.urandom(size)
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def _unit_description(i: int, path: str, results: str) -> Any:
+    import rpg
+
+    return rpg.UnitDescription(
+        name=f"sha-{i}",
+        executable="/bin/sh",
+        arguments=["-c", "sha256sum chunk.bin | cut -d' ' -f1 > sum.txt; wc -c < chunk.bin"],
+        input_staging=[{"source": path, "target": "chunk.bin", "action": "copy"}],
+        output_staging=[{"source": "sum.txt", "target": os.path.join(results, f"{i:05d}.sum")}],
+    )
+
+
+def _run_args_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``rpg run``'s arguments (one line naming the option), or None."""
+    import rpg
+    from rpg.description import DescriptionError
+
+    if args.units < 1:
+        return "--units must be at least 1"
+    if args.cores < 1:
+        return "--cores must be at least 1"
+    if not 0 <= args.input_kb <= MAX_INPUT_KB:
+        return f"--input-kb must be between 0 and {MAX_INPUT_KB}, got {args.input_kb}"
+    try:
+        rpg.PilotDescription(resource="local", cores=args.cores, runtime=args.runtime)
+    except DescriptionError as exc:
+        unit = " (minutes)" if exc.field == "runtime" else ""
+        return f"--{exc.field.replace('_', '-')}{unit} {exc.problem}"
+    return None
+
+
+class _CtrlC:
+    """SIGINT sets a flag the run loop checks, so Ctrl-C never lands as KeyboardInterrupt in
+    the middle of rpg's calls; the run then closes its session (canceling what is unfinished)."""
+
+    def __init__(self) -> None:
+        self.hit = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.hit = True
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    problem = _run_args_problem(args)
+    if problem:
+        print(f"rpg run: {problem}", file=sys.stderr)
+        return 2
+    sandbox = os.path.abspath(args.sandbox or f"rpg-run.{time.strftime('%Y%m%d-%H%M%S')}")
+    inputs, results = os.path.join(sandbox, "inputs"), os.path.join(sandbox, "results")
+    try:
+        os.makedirs(inputs, exist_ok=True)
+        os.makedirs(results, exist_ok=True)
+    except OSError as exc:
+        print(f"rpg run: --sandbox {sandbox}: cannot create it: {exc.strerror}", file=sys.stderr)
+        return 2
+    ctrl_c = _CtrlC()
+    main = threading.current_thread() is threading.main_thread()  # signals go to it only
+    previous = signal.signal(signal.SIGINT, ctrl_c) if main else None
+    try:
+        return _run(args, sandbox, inputs, results, ctrl_c)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace, sandbox: str, inputs: str, results: str,
+         ctrl_c: _CtrlC) -> int:
+    """The workload: inputs are generated and submitted in batches, at most ``window`` units
+    ahead of completions, so a big run starts at once and never holds all its inputs."""
     import rpg
     from rpg.log import read_profile
     from rpg.report import analyze, format_summary
 
-    if args.units < 1:
-        print("rpg run: --units must be at least 1", file=sys.stderr)
-        return 2
-    if args.cores < 1:
-        print("rpg run: --cores must be at least 1", file=sys.stderr)
-        return 2
-    sandbox = os.path.abspath(args.sandbox or f"rpg-run.{time.strftime('%Y%m%d-%H%M%S')}")
-    inputs = _make_inputs(os.path.join(sandbox, "inputs"), args.units, args.input_kb * 1024)
-    results = os.path.join(sandbox, "results")
-    print(f"rpg run: {args.units} units on a local pilot with {args.cores} cores; "
-          f"sandbox {sandbox}")
+    total, window = args.units, 2 * args.cores + 64
+    print(f"rpg run: {total} units on a local pilot with {args.cores} cores; sandbox {sandbox}",
+          flush=True)
     t0 = time.time()
-    with rpg.Session(sandbox=os.path.join(sandbox, "session")) as session:
+    shas: list[str] = []  # expected sum of unit i
+    units: list[Any] = []  # every unit submitted, in order
+    active: list[Any] = []  # submitted, not final yet
+    finals: Counter = Counter()
+    error = None
+    try:
+        session = rpg.Session(sandbox=os.path.join(sandbox, "session"))
+    except OSError as exc:
+        print(f"rpg run: --sandbox {sandbox}: cannot start the session: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    with session:
         pmgr = rpg.PilotManager(session)
         pilot = pmgr.submit_pilots(rpg.PilotDescription(resource="local", cores=args.cores,
                                                         runtime=args.runtime))
         umgr = rpg.UnitManager(session)
         umgr.add_pilots(pilot)
-        descs = []
-        for i, (path, _) in enumerate(inputs):
-            descs.append(rpg.UnitDescription(
-                name=f"sha-{i}",
-                executable="/bin/sh",
-                arguments=["-c", "sha256sum chunk.bin | cut -d' ' -f1 > sum.txt; "
-                                 "wc -c < chunk.bin"],
-                input_staging=[{"source": path, "target": "chunk.bin", "action": "copy"}],
-                output_staging=[{"source": "sum.txt",
-                                 "target": os.path.join(results, f"{i:05d}.sum")}],
-            ))
-        units = umgr.submit_units(descs)
-        progress = Progress(len(units))
-        while True:
-            counts = Counter(u.state for u in units)
-            progress.update(counts)
-            if sum(counts[s] for s in states.FINAL) == len(units):
+        progress = Progress(total)
+        while not ctrl_c.hit:
+            still = []
+            for u in active:
+                st = u.state
+                if st in states.FINAL:
+                    finals[st] += 1
+                else:
+                    still.append(u)
+            active = still
+            room = min(window - len(active), total - len(units))
+            if room > 0 and error is None and not pilot.final:
+                descs = []
+                try:
+                    for i in range(len(units), len(units) + room):
+                        if ctrl_c.hit:
+                            break
+                        path, sha = _make_input(inputs, i, args.input_kb * 1024)
+                        shas.append(sha)
+                        descs.append(_unit_description(i, path, results))
+                except OSError as exc:
+                    error = f"cannot write input {len(shas)} in {inputs}: {exc.strerror}"
+                if ctrl_c.hit:  # they would only be canceled: leave them out
+                    del shas[len(units):]
+                    descs = []
+                if descs:
+                    batch = umgr.submit_units(descs)
+                    units += batch
+                    active += batch
+            progress.update(finals + Counter(u.state for u in active), todo=total - len(units))
+            if not active and (len(units) == total or error is not None):
                 break
             if pilot.final:
-                umgr.wait_units(timeout=10)
+                umgr.wait_units([u.uid for u in active], timeout=10)
                 break
             time.sleep(0.1)
-        progress.done(Counter(u.state for u in units))
+        if ctrl_c.hit:
+            print("\nrpg run: interrupted; closing the session (unfinished units are canceled)",
+                  file=sys.stderr, flush=True)
         profile = session.profile_path
+    # closed: every submitted unit is final now (the close canceled the unfinished ones)
+    counts = Counter(u.state for u in units)
+    progress.done(counts, todo=total - len(units))
     wall = time.time() - t0
     ok = 0
-    for i, (_, sha) in enumerate(inputs):
+    for i, sha in enumerate(shas):
         try:
             with open(os.path.join(results, f"{i:05d}.sum")) as fh:
                 ok += fh.read().strip() == sha
         except OSError:
             pass
-    summary = analyze(read_profile(profile))
-    print(format_summary(summary, title="rpg run summary"))
-    print(f"{'results verified':<22}  {ok}/{len(units)} sha256 sums match")
+    try:
+        events = read_profile(profile)
+        print(format_summary(analyze(events), title="rpg run summary"))
+        print_profile_damage(events)
+    except (OSError, ValueError) as exc:
+        print(f"rpg run: the profile {profile} is unreadable: {exc}")
+    print(f"{'results verified':<22}  {ok}/{total} sha256 sums match")
     print(f"{'wall time':<22}  {wall:.2f} s (session start to close)")
-    failed = [u for u in units if u.state != states.DONE]
+    if ctrl_c.hit:
+        print(f"{'interrupted':<22}  Ctrl-C after {counts[states.DONE]} units done; "
+              f"{counts[states.CANCELED]} canceled by the session close, "
+              f"{total - len(units)} never submitted")
+    if error:
+        print(f"rpg run: {error}")
+    # after Ctrl-C, the canceled ones are said above
+    failed = [u for u in units if u.state != states.DONE
+              and not (ctrl_c.hit and u.state == states.CANCELED)]
     for u in failed[:5]:
         print(f"  {u.uid} {u.state}: {u.reason}")
     if pilot.state == states.FAILED:
         print(f"pilot {pilot.uid} FAILED: {pilot.reason}")
-    return 0 if ok == len(units) else 1
+    if ctrl_c.hit:
+        return 130
+    return 0 if ok == total else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -132,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return _run(args, sandbox, inputs, results, ctrl_c)
     finally:
-        if main:
+        if previous is not None:  # None: a handler not set from Python; nothing to restore
             signal.signal(signal.SIGINT, previous)
 
 

@@ -1,4 +1,5 @@
-"""What a SLURM allocation gives the agent, and how a unit is launched across it with ``srun``.
+"""What the agent's resource gives it: the SLURM allocation, how a unit is launched across it
+with ``srun``, and how many open files the agent may hold (its RLIMIT_NOFILE).
 
 ``nodes_from_environment`` reads the job's ``SLURM_*`` variables (nodelists like
 ``node[01-03,05]`` are expanded here, not by calling ``scontrol show hostnames``): no I/O.
@@ -10,7 +11,9 @@ scheduler, on several nodes if it needs more than one node has, and wraps its co
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import resource
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -154,6 +157,47 @@ def nodes_from_environment(env: Mapping[str, str], default_cores: int,
     gpus = [per_node_gpus] * n if per_node_gpus is not None else \
         _split_evenly(int(default_gpus), n)
     return [(name, c, g) for name, c, g in zip(names, cores, gpus, strict=True)]
+
+
+# -- open files ------------------------------------------------------------------------------------
+
+FD_RESERVE = 96  # fds kept back from units: sockets, lane threads' files, staging, spawns
+NOFILE_CAP = 1 << 20  # a soft limit higher than this buys nothing and costs kernel tables
+
+
+def raise_nofile_limit() -> tuple[int, int, int]:
+    """Raise the RLIMIT_NOFILE soft limit toward the hard limit, as other runtimes do
+    (Go, the JVM, systemd services). Returns (soft before, soft now, hard). Blocking."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else NOFILE_CAP
+    try:
+        with open("/proc/sys/fs/nr_open", encoding="ascii") as fh:  # the kernel's ceiling
+            target = min(target, int(fh.read()))
+    except (OSError, ValueError):
+        pass
+    target = min(target, NOFILE_CAP)
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+    else:
+        target = soft
+    return soft, target, hard
+
+
+def open_fd_count() -> int:
+    """How many fds this process holds now. Blocking (it lists /proc/self/fd)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 64  # no /proc: a guess that errs on the side of a smaller budget
+
+
+def unit_fd_budget(soft_limit: int, open_now: int, reserve: int = FD_RESERVE) -> int:
+    """How many units may run at once on this many fds: each running unit holds one (its
+    pidfd); the rest of the limit stays for what is open now plus ``reserve``."""
+    return max(1, soft_limit - open_now - reserve)
 
 
 # -- srun ------------------------------------------------------------------------------------------

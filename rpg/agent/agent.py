@@ -3,11 +3,15 @@
 It calls in to the hub, pulls units in batches (long poll), runs each unit's lifecycle as a
 greenlet (stage in, get cores, execute, stage out) and pushes state updates in batches, which
 double as heartbeats. If the hub goes silent past the heartbeat timeout, the agent kills its
-units and exits; when its runtime ends it fails the units still running and exits.
+units and exits; when its runtime ends it fails the units still running and exits. Given
+``hub_pid`` (a local agent of an embedded hub) it also watches that process through a pidfd and
+stops at once when it is gone; without it (a hub service that may restart) it waits out the
+heartbeat timeout.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -17,15 +21,25 @@ import time
 from typing import Any
 
 import gevent
+import msgpack
 import zerorpc
 from gevent import GreenletExit
 from gevent.event import Event
+from gevent.lock import Semaphore
+from gevent.socket import wait_read
 
 from rpg import states
 from rpg.agent.cleanup import pilot_key
 from rpg.agent.executor import read_outputs, spawn_unit, unit_argv
-from rpg.agent.resources import ResourceError, SrunPlacer, nodes_from_environment
-from rpg.agent.scheduler import Scheduler
+from rpg.agent.resources import (
+    ResourceError,
+    SrunPlacer,
+    nodes_from_environment,
+    open_fd_count,
+    raise_nofile_limit,
+    unit_fd_budget,
+)
+from rpg.agent.scheduler import Scheduler, format_ids
 from rpg.agent.stager import StagingError, make_sandbox, stage
 from rpg.io_pool import Batcher, IOPool, IOPoolError, LoopWatch, SpawnError
 from rpg.log import get_logger
@@ -38,6 +52,8 @@ PUSH_BATCH = 2000  # updates a push carries: packing 10,000 held the loop for te
 PULL_BATCH = 256  # units a pull takes: each starts a greenlet in the same loop iteration
 STAGING_TIMEOUT = 300.0
 KILL_GRACE = 2.0
+FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
+SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
 
 
 class Agent:
@@ -68,7 +84,8 @@ class Agent:
         self.last_ok = time.monotonic()
         self.base_env = dict(os.environ)
         self.base_env.update(cfg.get("environment") or {})
-        self.counters = {"units": 0, "pushes": 0, "updates": 0, "pulls": 0}
+        self.counters = {"units": 0, "pushes": 0, "updates": 0, "pulls": 0, "fd_waits": 0}
+        self.fd_limit: dict[str, int] = {}
 
     # -- main ------------------------------------------------------------------------------------
 
@@ -91,8 +108,17 @@ class Agent:
         loops: list[Any] = []
         code = EXIT_OK
         try:
-            self._register()
-            loops = [gevent.spawn(self._pull_loop), gevent.spawn(self._push_loop)]
+            self.fd_slots = self._fd_slots()  # after connect: counts what zmq holds too
+            if self.cfg.get("hub_pid") is not None:
+                loops.append(self._watch_hub(int(self.cfg["hub_pid"])))
+            registering = gevent.spawn(self._register)
+            gevent.wait([registering, self.done], count=1)
+            if not registering.ready():  # the hub's process went while we called in
+                registering.kill()
+                raise _HubLost(self.stop_info[2] if self.stop_info else "agent stopped")
+            if registering.get() is not None:
+                raise registering.value
+            loops += [gevent.spawn(self._pull_loop), gevent.spawn(self._push_loop)]
             runtime = float(self.cfg.get("runtime_s") or 0)
             if runtime > 0:
                 loops.append(gevent.spawn_later(runtime, self.stop, "runtime", states.FAILED,
@@ -126,20 +152,57 @@ class Agent:
             self._write_stats(code)
             self.rpc_pull.close()
             self.rpc_push.close()
-            # zmq's term() can block for good when the hub vanished mid-call; never on the
-            # loop, and never for long: the process is about to exit anyway.
-            try:
-                self.pool.net.run(ctx.destroy, 0, timeout=3.0)
-            except IOPoolError as exc:
-                self.log.warning("zmq_context_not_terminated", error=str(exc))
+            # zmq's term() can block for good when the hub vanished mid-call (zerorpc's
+            # sockets linger on unsent messages); never on the loop, and never for long: the
+            # process is about to exit anyway. With the hub gone, it would only wait.
+            if code != EXIT_HUB_LOST:
+                try:
+                    self.pool.net.run(ctx.destroy, 0, timeout=3.0)
+                except IOPoolError as exc:
+                    self.log.warning("zmq_context_not_terminated", error=str(exc))
             self.pool.close(wait=2.0)
             self.watch.stop()
         self.log.info("agent_exit", code=code, **self.counters)
         return code
 
+    def _fd_slots(self) -> Semaphore:
+        """Raise the open-file limit, and count how many units may hold a pidfd at once."""
+        before, soft, hard = self.pool.spawn.run(raise_nofile_limit, timeout=10)
+        open_now = self.pool.spawn.run(open_fd_count, timeout=10)
+        budget = unit_fd_budget(soft, open_now)
+        self.fd_limit = {"soft_before": before, "soft": soft, "hard": hard, "open": open_now,
+                         "concurrent_units": budget}
+        # Fewer fds than cores: units will wait for fds, not cores. Worth saying, not failing.
+        (self.log.warning if budget < self.cores else self.log.info)("fd_limit", **self.fd_limit)
+        return Semaphore(budget)
+
+    def _watch_hub(self, pid: int) -> Any:
+        """Stop as "hub_lost" as soon as the process holding the hub is gone (pidfd readable)."""
+        reason = f"the process holding the hub (pid {pid}) is gone"
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.log.error("hub_process_gone", pid=pid)
+            self.stop("hub_lost", states.CANCELED, reason)
+            return gevent.spawn(lambda: None)
+        except OSError as exc:  # no pidfds here (old kernel, seccomp): the heartbeat remains
+            self.log.warning("hub_process_not_watched", pid=pid, error=str(exc))
+            return gevent.spawn(lambda: None)
+
+        def watch() -> None:
+            try:
+                wait_read(pidfd)
+                self.log.error("hub_process_gone", pid=pid)
+                self.stop("hub_lost", states.CANCELED, reason)
+            finally:
+                os.close(pidfd)
+
+        return gevent.spawn(watch)
+
     def _write_stats(self, code: int) -> None:
         """Leave the agent's own numbers (loop lag, lanes, peak RSS) in its sandbox."""
         stats = {"exit_code": code, "counters": self.counters, "loop": self.watch.stats(),
+                 "fd_limit": self.fd_limit,
                  "lanes": self.pool.health(),
                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         path = os.path.join(self.sandbox, "agent.stats.json")
@@ -161,21 +224,22 @@ class Agent:
 
     # -- hub calls -------------------------------------------------------------------------------
 
-    def _register(self) -> None:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "cores": self.cores,
-                "gpus": self.gpus, "sandbox": self.sandbox}
+    def _register(self) -> Exception | None:
+        """Call in; returns the _Rejected or _HubLost that ends the agent, or None."""
+        info = wire_safe({"pid": os.getpid(), "host": socket.gethostname(),
+                          "cores": self.cores, "gpus": self.gpus, "sandbox": self.sandbox})
         deadline = time.monotonic() + self.hb_timeout
         while True:
             try:
                 self.rpc_push.register(self.uid, self.token, info)
                 self.last_ok = time.monotonic()
                 self.log.info("agent_registered")
-                return
+                return None
             except zerorpc.RemoteError as exc:
-                raise _Rejected(f"hub refused register: {exc.msg}") from None
+                return _Rejected(f"hub refused register: {exc.msg}")
             except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as exc:
                 if time.monotonic() > deadline:
-                    raise _HubLost(f"hub did not answer register: {exc}") from None
+                    return _HubLost(f"hub did not answer register: {exc}")
                 gevent.sleep(0.2)
 
     def _rpc_failed(self, exc: BaseException) -> None:
@@ -194,6 +258,12 @@ class Agent:
             try:
                 resp = self.rpc_pull.pull(self.uid, self.token, want, 0.5)
             except zerorpc.RemoteError as exc:
+                if exc.name in ENCODING_ERRORS:
+                    # The hub could not encode its reply (a unit's content): not a refusal of
+                    # this pilot. The hub isolates the unit; this agent goes on pulling.
+                    self.log.error("pull_reply_unencodable", error=str(exc.msg)[:200])
+                    gevent.sleep(min(0.5, self.hb_interval))
+                    continue
                 self.stop("rejected", states.CANCELED, f"hub rejected pull: {exc.msg}")
                 return
             except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as exc:
@@ -226,7 +296,18 @@ class Agent:
         del self.updates[:len(batch)]
         try:
             resp = self.rpc_push.push(self.uid, self.token, batch)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # Packing failed although report() checked every update: repair them one by one
+            # and send again, rather than let the push loop (our heartbeat) die.
+            self.log.error("push_unencodable", count=len(batch), error=wire_safe(str(exc))[:200])
+            self.updates[:0] = [self._encodable(wire_safe(u)) for u in batch]
+            self.have_updates.set()
+            return False
         except zerorpc.RemoteError as exc:
+            if exc.name in ENCODING_ERRORS:  # the hub could not decode or re-encode it
+                self.log.error("push_unencodable", count=len(batch), error=str(exc.msg)[:200],
+                               uids=[u[0] for u in batch[:20]])
+                return False
             self.updates[:0] = batch
             self.stop("rejected", states.CANCELED, f"hub rejected push: {exc.msg}")
             return False
@@ -253,8 +334,25 @@ class Agent:
             if not self._push_once():
                 gevent.sleep(0.1)
 
+    def _encodable(self, update: list[Any]) -> list[Any]:
+        """``update`` if msgpack can encode it; else repaired (strings made UTF-8-safe) or
+        stripped to its state, and logged. One unit's content never fails a whole push."""
+        try:
+            msgpack.packb(update, use_bin_type=True)  # the cheap check: ~1 us; 75 us at 64 KiB
+            return update
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        repaired = wire_safe(update)
+        try:
+            msgpack.packb(repaired, use_bin_type=True)
+        except Exception:  # not a text problem: keep the state, drop the fields
+            repaired = [str(update[0]), str(update[1]), float(update[2]), {}]
+        self.log.error("update_unencodable", uid=wire_safe(str(update[0])), state=repaired[1],
+                       error=wire_safe(error)[:300])
+        return repaired
+
     def report(self, uid: str, state: str, **fields: Any) -> None:
-        self.updates.append([uid, state, time.time(), fields])
+        self.updates.append(self._encodable([uid, state, time.time(), fields]))
         self.have_updates.set()
 
     # -- one unit --------------------------------------------------------------------------------
@@ -263,7 +361,7 @@ class Agent:
         sandbox = os.path.join(self.sandbox, uid)
         slots = child = None
         extra: list[Any] = []  # a multi-node srun unit's slots on its other nodes
-        executing = False
+        executing = fd_held = False
         try:
             self.report(uid, states.STAGING_IN, sandbox=sandbox)
             if desc["input_staging"]:
@@ -283,6 +381,10 @@ class Agent:
             self.executing += 1
             executing = True
             env = self._unit_env(uid, sandbox, slots, desc)
+            if self.fd_slots.locked():
+                self.counters["fd_waits"] += 1
+            self.fd_slots.acquire()  # a running unit holds a pidfd: wait for room
+            fd_held = True
             child = self._spawn(argv, sandbox, env, desc)
             self.report(uid, states.EXECUTING)  # the process exists now
             timeout = desc.get("timeout")
@@ -296,20 +398,25 @@ class Agent:
                 self.sched.free(extra.pop())
             self.executing -= 1
             executing = False
+            if child.returncode is not None:  # reaped: its pidfd is closed
+                self.fd_slots.release()
+                fd_held = False
             self.report(uid, states.STAGING_OUT)
-            out, err = self._collector(sandbox).call(sandbox, desc["stdout"], desc["stderr"])
+            out, err, unreadable = self._collector(sandbox).call(sandbox, desc["stdout"],
+                                                                 desc["stderr"])
             fields = {"exit_code": rc, "stdout": out, "stderr": err}
-            if timed_out:
-                self.report(uid, states.FAILED, reason=f"timed out after {timeout:g} s; killed",
-                            **fields)
-                return
-            if desc["output_staging"]:
-                self._stage(desc["output_staging"], "out", sandbox)
-            if rc == 0:
-                self.report(uid, states.DONE, **fields)
+            why = [f"timed out after {timeout:g} s; killed"] if timed_out else \
+                [] if rc == 0 else [f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"]
+            why += unreadable  # never report DONE with output silently missing
+            if not timed_out and desc["output_staging"]:
+                try:
+                    self._stage(desc["output_staging"], "out", sandbox)
+                except StagingError as exc:
+                    why.append(str(exc))
+            if why:
+                self.report(uid, states.FAILED, reason="; ".join(why), **fields)
             else:
-                why = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
-                self.report(uid, states.FAILED, reason=why, **fields)
+                self.report(uid, states.DONE, **fields)
         except GreenletExit:
             state, reason = self.cancel_reasons.get(uid, (states.CANCELED, "canceled"))
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
@@ -325,10 +432,29 @@ class Agent:
                 self.sched.free(extra.pop())
             if executing:
                 self.executing -= 1
+            if fd_held:
+                self.fd_slots.release()
             self.units.pop(uid, None)
             self.cancel_reasons.pop(uid, None)
 
     def _spawn(self, argv: list[str], sandbox: str, env: dict[str, str], desc: dict) -> Any:
+        """Start the unit; "too many open files" (ours or the system's) waits and retries, it
+        does not fail the unit, unless it lasts SPAWN_RETRY_S."""
+        deadline = time.monotonic() + SPAWN_RETRY_S
+        delay = 0.05
+        while True:
+            try:
+                return self._spawn_once(argv, sandbox, env, desc)
+            except OSError as exc:
+                if exc.errno not in FD_SHORT or time.monotonic() > deadline:
+                    raise
+                self.counters["fd_waits"] += 1
+                self.log.warning("spawn_fds_short", error=str(exc)[:200], retry_s=delay)
+                gevent.sleep(delay)
+                delay = min(1.0, delay * 2)
+
+    def _spawn_once(self, argv: list[str], sandbox: str, env: dict[str, str],
+                    desc: dict) -> Any:
         # The spawn runs in a thread: if this greenlet is killed meanwhile, the process still
         # starts, so wait for it and kill it rather than leave an orphan.
         pending = self.spawner.submit(argv, sandbox, env, desc["stdout"], desc["stderr"])
@@ -380,11 +506,34 @@ class Agent:
             "RPG_UNIT_SANDBOX": sandbox,
             "RPG_PILOT_SANDBOX": self.sandbox,
             "RPG_NODE": self.sched.node_names[slots.node],
-            "RPG_CORES": ",".join(map(str, slots.cores.tolist())),
+            "RPG_CORES": format_ids(slots.cores),  # ranges: "0-3,8"
         })
         if len(slots.gpus):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots.gpus.tolist()))
         return env
+
+
+ENCODING_ERRORS = frozenset({"UnicodeError", "UnicodeEncodeError", "UnicodeDecodeError",
+                             "PackException", "PackValueError", "PackOverflowError",
+                             "UnpackException", "UnpackValueError", "ExtraData"})
+
+
+def wire_safe(value: Any) -> Any:
+    """``value`` with every string made encodable as UTF-8: a lone surrogate (what os.fsdecode
+    gives for a Latin-1 file name) becomes a backslash escape. Cheap when all is well."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {wire_safe(k): wire_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [wire_safe(v) for v in value]
+    return value
 
 
 def _write_json(path: str, data: dict) -> None:

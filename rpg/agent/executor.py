@@ -5,8 +5,10 @@ The agent calls these through io_pool lanes and waits for exits with pidfds on i
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
+import stat
 from typing import Any, Mapping
 
 from rpg.io_pool import Child, spawn
@@ -34,22 +36,36 @@ def spawn_unit(argv: list[str], sandbox: str, env: Mapping[str, str], stdout_nam
 
 
 def read_tail(path: str, limit: int = TAIL_BYTES) -> str:
-    """The last ``limit`` bytes of a file as text ('' if it is missing). Blocking."""
+    """The last ``limit`` bytes of a file as text ('' if it is missing). Blocking.
+
+    Only a missing file reads as ''; any other error raises OSError, so output is never
+    dropped silently. A FIFO or device is refused (never read): opening is non-blocking, so a
+    unit that leaves a FIFO in place of its output cannot hang the reading thread.
+    """
     try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            if size > limit:
-                fh.seek(size - limit)
-            else:
-                fh.seek(0)
-            return fh.read().decode("utf-8", "replace")
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         return ""
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - limit))
+        return fh.read(limit).decode("utf-8", "replace")
 
 
 def read_outputs(sandbox: str, stdout_name: str, stderr_name: str,
-                 limit: int = TAIL_BYTES) -> tuple[str, str]:
-    """The last ``limit`` bytes of the unit's stdout and stderr. Blocking."""
-    return (read_tail(os.path.join(sandbox, stdout_name), limit),
-            read_tail(os.path.join(sandbox, stderr_name), limit))
+                 limit: int = TAIL_BYTES) -> tuple[str, str, list[str]]:
+    """(stdout tail, stderr tail, problems): the last ``limit`` bytes of the unit's output.
+
+    A stream that cannot be read is '' and adds "cannot read stdout: <error>" to problems,
+    which the agent makes the unit's reason. Blocking.
+    """
+    texts, problems = [], []
+    for what, name in (("stdout", stdout_name), ("stderr", stderr_name)):
+        try:
+            texts.append(read_tail(os.path.join(sandbox, name), limit))
+        except OSError as exc:
+            texts.append("")
+            problems.append(f"cannot read {what}: {exc}")
+    return texts[0], texts[1], problems

@@ -1,0 +1,330 @@
+"""The agent at the edges of its resources: few open files, huge core counts, unreadable or
+unstageable output, strings that cannot cross the wire, and a hub process that vanishes.
+
+Everything runs real agents and real unit processes; limits are set with setrlimit in a child
+Python process that then runs an ordinary application script (the agent inherits the limit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import psutil
+import pytest
+from procs import wait_no_pilot_processes
+
+import rpg
+from rpg.agent.agent import wire_safe
+from rpg.agent.cleanup import pilot_key
+from rpg.agent.scheduler import Scheduler, format_ids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def session(tmp_path):
+    with rpg.Session(sandbox=str(tmp_path / "session")) as s:
+        yield s
+
+
+def local_pilot(session, cores=4, **kw):
+    pmgr = rpg.PilotManager(session)
+    pilot = pmgr.submit_pilots(rpg.PilotDescription(resource="local", cores=cores, runtime=5,
+                                                    **kw))
+    umgr = rpg.UnitManager(session)
+    umgr.add_pilots(pilot)
+    return pilot, umgr
+
+
+def run_app(tmp_path, body: str, preamble: str = "") -> subprocess.Popen:
+    """Start ``body`` (an application script) in a fresh Python; its last stdout line is JSON,
+    its stderr goes to app.err."""
+    script = tmp_path / "app.py"
+    script.write_text("import json, os, resource, sys, time\n" + textwrap.dedent(preamble)
+                      + "import rpg\n" + textwrap.dedent(body))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(tmp_path / "app.err", "wb") as err:
+        return subprocess.Popen([sys.executable, str(script)], cwd=str(tmp_path), env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+
+
+def app_result(tmp_path, proc: subprocess.Popen, timeout: float) -> dict:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"application did not finish in {timeout} s: "
+                    f"{(tmp_path / 'app.err').read_text()[-3000:]}")
+    assert proc.returncode == 0, (tmp_path / "app.err").read_text()[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+MANY_SLEEPS = """
+t0 = time.monotonic()
+with rpg.Session(sandbox=os.path.abspath("session")) as s:
+    pm = rpg.PilotManager(s)
+    p = pm.submit_pilots(rpg.PilotDescription(resource="local", cores=__N__, runtime=5))
+    um = rpg.UnitManager(s)
+    um.add_pilots(p)
+    units = um.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["__SLEEP__"])
+                             for _ in range(__N__)])
+    um.wait_units(timeout=__TIMEOUT__)
+    states = {}
+    for u in units:
+        states[u.state] = states.get(u.state, 0) + 1
+    bad = [u.reason for u in units if u.state != "DONE"][:5]
+print(json.dumps({"states": states, "bad": bad, "seconds": time.monotonic() - t0,
+                  "limit": resource.getrlimit(resource.RLIMIT_NOFILE)}))
+"""
+
+
+def agent_stats(tmp_path) -> dict:
+    """The agent.stats.json the (one) agent left in its pilot sandbox."""
+    found = [os.path.join(root, "agent.stats.json")
+             for root, _, files in os.walk(tmp_path / "session") if "agent.stats.json" in files]
+    assert len(found) == 1, found
+    with open(found[0]) as fh:
+        return json.load(fh)
+
+
+def test_400_units_at_once_under_a_256_fd_hard_limit(tmp_path):
+    """The agent cannot raise a 256/256 limit: it must hold spawns back, not fail units."""
+    body = MANY_SLEEPS.replace("__N__", "400").replace("__SLEEP__", "0.5").replace(
+        "__TIMEOUT__", "60")
+    proc = run_app(tmp_path, body, preamble="""
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    """)
+    res = app_result(tmp_path, proc, 90)
+    assert res["limit"] == [256, 256]
+    assert res["states"] == {"DONE": 400}, res
+    stats = agent_stats(tmp_path)
+    fd = stats["fd_limit"]
+    assert fd["soft"] == fd["hard"] == 256 and fd["concurrent_units"] < 256, fd
+    assert stats["counters"]["fd_waits"] > 0  # units were held back, not failed
+    print("400 units:", res, fd, stats["counters"])
+
+
+def test_1500_units_at_once_with_a_1024_soft_limit(tmp_path):
+    """A 1,024 soft limit under a higher hard one: the agent raises it and runs them all. The
+    sleeps outlast the spawning, so all 1,500 run at once."""
+    body = MANY_SLEEPS.replace("__N__", "1500").replace("__SLEEP__", "4").replace(
+        "__TIMEOUT__", "90")
+    proc = run_app(tmp_path, body, preamble="""
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 8192))
+    """)
+    res = app_result(tmp_path, proc, 120)
+    assert res["states"] == {"DONE": 1500}, res
+    stats = agent_stats(tmp_path)
+    assert stats["fd_limit"]["soft_before"] == 1024 and stats["fd_limit"]["soft"] == 8192, stats
+    print("1500 units:", res, stats["fd_limit"], stats["counters"])
+
+
+def test_unreadable_stdout_fails_the_unit_with_the_reason(session):
+    """Output that exists but cannot be read is the unit's reason, never a silent ''."""
+    _, umgr = local_pilot(session)
+    as_dir, as_fifo, missing, fine = umgr.submit_units([
+        # The unit replaces its own stdout file with a directory...
+        rpg.UnitDescription(executable="/bin/sh",
+                            arguments=["-c", "echo hi; rm STDOUT; mkdir STDOUT"]),
+        # ...or with a FIFO nobody writes (reading it must not hang the agent)...
+        rpg.UnitDescription(executable="/bin/sh",
+                            arguments=["-c", "echo hi; rm STDOUT; mkfifo STDOUT; echo e >&2"]),
+        # ...while a missing file still reads as empty, and a normal one as its content.
+        rpg.UnitDescription(executable="/bin/sh", arguments=["-c", "echo hi; rm STDOUT"]),
+        rpg.UnitDescription(executable="/bin/echo", arguments=["hi"]),
+    ])
+    umgr.wait_units(timeout=20)
+    assert as_dir.state == "FAILED", (as_dir.state, as_dir.reason)
+    assert as_dir.reason.startswith("cannot read stdout: ") and "Is a directory" in \
+        as_dir.reason, as_dir.reason
+    assert as_dir.exit_code == 0
+    assert as_fifo.state == "FAILED", (as_fifo.state, as_fifo.reason)
+    assert "cannot read stdout: " in as_fifo.reason and "not a regular file" in \
+        as_fifo.reason, as_fifo.reason
+    assert as_fifo.stderr == "e\n"  # the readable stream is kept
+    assert (missing.state, missing.stdout) == ("DONE", "")
+    assert (fine.state, fine.stdout) == ("DONE", "hi\n")
+
+
+def test_failed_output_staging_keeps_exit_code_and_output(session, tmp_path):
+    _, umgr = local_pilot(session)
+    (unit,) = umgr.submit_units([rpg.UnitDescription(
+        executable="/bin/sh", arguments=["-c", "echo out; echo err >&2"],
+        output_staging=[{"source": "never-made.txt", "target": str(tmp_path / "x.txt")}])])
+    umgr.wait_units(timeout=20)
+    assert unit.state == "FAILED"
+    assert "never-made.txt" in unit.reason, unit.reason
+    assert (unit.exit_code, unit.stdout, unit.stderr) == (0, "out\n", "err\n")
+
+
+# -- RPG_CORES -------------------------------------------------------------------------------------
+
+def test_core_ids_format_as_ranges():
+    assert format_ids([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
+    assert format_ids([11, 10, 3, 2, 1, 0, 8]) == "0-3,8,10-11"  # the order a stack gives
+    assert format_ids([5]) == "5"
+    assert format_ids([]) == ""
+    assert format_ids(np.array([4, 6, 8])) == "4,6,8"
+    assert format_ids(np.arange(1_000_000)) == "0-999999"
+    # A million-core unit on a million-core node: allocating and formatting stay fast.
+    sched = Scheduler([("n", 1_000_000, 0)])
+    t0 = time.perf_counter()
+    slots = sched.allocate(1_000_000)
+    assert format_ids(slots.cores) == "0-999999"
+    sched.free(slots)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_a_200000_core_unit_gets_its_cores_as_one_range(session):
+    _, umgr = local_pilot(session, cores=200_000)
+    (unit,) = umgr.submit_units([rpg.UnitDescription(
+        executable="/bin/sh", arguments=["-c", 'echo "$RPG_CORES"'], cores=200_000)])
+    umgr.wait_units(timeout=30)
+    assert unit.state == "DONE", (unit.state, unit.reason)
+    assert unit.stdout == "0-199999\n"
+
+
+# -- strings that cannot be encoded ----------------------------------------------------------------
+
+def test_wire_safe_repairs_lone_surrogates_only():
+    bad = os.fsdecode(b"caf\xe9.dat")
+    fixed = wire_safe({"reason": f"cannot open {bad}", "exit_code": 1, "ok": "café ✓"})
+    assert fixed == {"reason": "cannot open caf\\udce9.dat", "exit_code": 1, "ok": "café ✓"}
+    fixed["reason"].encode("utf-8")
+    same = "plain"
+    assert wire_safe(same) is same
+
+
+def test_a_latin1_sandbox_path_does_not_fail_the_pilot(tmp_path):
+    """The agent reports its sandbox (and units' sandboxes) as strings: a Latin-1 directory
+    name, a lone surrogate once decoded, used to make register fail and the pilot FAIL."""
+    root = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    with rpg.Session(sandbox=root) as s:
+        pilot, umgr = local_pilot(s, cores=2)
+        (unit,) = umgr.submit_units([rpg.UnitDescription(executable="/bin/echo",
+                                                         arguments=["hi"])])
+        umgr.wait_units(timeout=20)
+        assert (unit.state, unit.stdout) == ("DONE", "hi\n"), (unit.state, unit.reason)
+        assert pilot.state == "ACTIVE", pilot.reason
+
+
+# -- the hub's process goes ------------------------------------------------------------------------
+
+HUB_PID_APP = """
+from rpg.hub.launchers.base import Launcher
+
+_config = Launcher.agent_config
+
+
+def agent_config(self, hub_address, sandbox):
+    # What the local launcher does for an embedded hub (here in case it has not landed yet).
+    cfg = _config(self, hub_address, sandbox)
+    cfg.setdefault("hub_pid", os.getpid())
+    return cfg
+
+
+Launcher.agent_config = agent_config
+s = rpg.Session(sandbox=os.path.abspath("session"))
+pm = rpg.PilotManager(s)
+p = pm.submit_pilots(rpg.PilotDescription(resource="local", cores=4, runtime=5,
+                                          heartbeat_interval=5, heartbeat_timeout=30))
+um = rpg.UnitManager(s)
+um.add_pilots(p)
+units = um.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["60"])
+                         for _ in range(3)])
+um.wait_units(state="EXECUTING", timeout=30)
+print(json.dumps({"session": s.uid, "pilot": p.uid}), flush=True)
+time.sleep(120)
+"""
+
+
+def running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_agent_stops_at_once_when_the_hub_process_is_killed(tmp_path):
+    """An application holding an embedded hub is SIGKILLed: its local agent (given hub_pid)
+    kills its units and exits at once, not after heartbeat_timeout (30 s here)."""
+    proc = run_app(tmp_path, HUB_PID_APP)
+    try:
+        ids = json.loads(proc.stdout.readline())
+        key = pilot_key(ids["session"], ids["pilot"])
+        app = psutil.Process(proc.pid)
+        agents = [c for c in app.children() if "rpg.agent" in " ".join(c.cmdline())]
+        assert len(agents) == 1
+        units = wait_no_pilot_processes(key, timeout=0)
+        assert len(units) == 3
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        t0 = time.monotonic()
+        alive = agents
+        while alive and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+            alive = [a for a in alive if running(a)]  # an orphan's zombie waits for init
+        agent_s = time.monotonic() - t0
+        left = wait_no_pilot_processes(key, timeout=5)
+        units_s = time.monotonic() - t0
+        assert not alive and not left, (alive, left)
+        assert agent_s < 3 and units_s < 3, (agent_s, units_s)
+        print(f"agent gone {agent_s:.2f} s, units gone {units_s:.2f} s after the hub's process")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        for p in psutil.process_iter():  # nothing of this test may outlive it
+            try:
+                if "rpg.agent" in " ".join(p.cmdline()) and str(tmp_path) in " ".join(
+                        p.cmdline()):
+                    p.kill()
+            except psutil.Error:
+                pass
+
+
+def test_agent_with_a_hub_pid_already_gone_stops_at_once(tmp_path):
+    """Given a hub_pid that no longer exists, the agent does not wait out heartbeat_timeout
+    trying to call in."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    sandbox = tmp_path / "pilot"
+    sandbox.mkdir()
+    cfg = {"pilot_uid": "pilot.000000", "session_uid": "s", "token": "t" * 43,
+           "hub_address": "tcp://127.0.0.1:9", "sandbox": str(sandbox), "cores": 1, "gpus": 0,
+           "heartbeat_interval": 1.0, "heartbeat_timeout": 30.0, "hub_pid": dead.pid}
+    (sandbox / "agent.json").write_text(json.dumps(cfg))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.monotonic()
+    agent = subprocess.run([sys.executable, "-m", "rpg.agent", "--config",
+                            str(sandbox / "agent.json")], env=env, capture_output=True,
+                           text=True, timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert agent.returncode == 3, agent.stderr[-2000:]  # EXIT_HUB_LOST
+    assert "hub_process_gone" in agent.stderr + agent.stdout
+
+
+def test_an_update_that_cannot_be_encoded_is_repaired_alone(tmp_path):
+    """Every update the agent reports is checked: one msgpack refuses (a lone surrogate, a
+    value of a type it cannot pack) is repaired or stripped to its state, alone."""
+    from rpg.agent.agent import Agent
+
+    agent = Agent({"pilot_uid": "pilot.000000", "token": "t", "sandbox": str(tmp_path),
+                   "cores": 1, "gpus": 0, "heartbeat_interval": 1, "heartbeat_timeout": 1})
+    bad = os.fsdecode(b"caf\xe9")
+    good = ["unit.1", "DONE", 1.0, {"exit_code": 0, "stdout": "ok ✓"}]
+    assert agent._encodable(good) is good
+    assert agent._encodable(["unit.2", "FAILED", 2.0, {"reason": bad}]) == \
+        ["unit.2", "FAILED", 2.0, {"reason": "caf\\udce9"}]
+    assert agent._encodable(["unit.3", "DONE", 3.0, {"stdout": {1, 2}}]) == \
+        ["unit.3", "DONE", 3.0, {}]
+    agent.report("unit.4", "FAILED", reason=f"cannot open {bad}", exit_code=None)
+    assert agent.updates[-1][3] == {"reason": "cannot open caf\\udce9", "exit_code": None}

@@ -31,6 +31,19 @@ class DescriptionError(ValueError):
 Check = Callable[[str, str, Any], Any]
 
 
+def _utf8(where: str, field: str, s: str) -> str:
+    """Refuse text that cannot cross the wire: every string travels as UTF-8."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DescriptionError(
+            where, field,
+            f"is not valid UTF-8 text: {exc.reason} at position {exc.start} (a lone surrogate, "
+            f"as os.fsdecode gives for a non-UTF-8 file name; pass such names as UTF-8 or "
+            f"rename them)") from None
+    return s
+
+
 def _str(required: bool = False, max_len: int = MAX_STR) -> Check:
     def check(where: str, field: str, v: Any) -> Any:
         if v is None and not required:
@@ -43,7 +56,7 @@ def _str(required: bool = False, max_len: int = MAX_STR) -> Check:
             raise DescriptionError(where, field, f"is {len(v)} characters long (max {max_len})")
         if "\x00" in v:
             raise DescriptionError(where, field, "must not contain NUL bytes")
-        return v
+        return _utf8(where, field, v)
     return check
 
 
@@ -97,7 +110,7 @@ def _str_list(where: str, field: str, v: Any) -> Any:
         s = str(item)
         if "\x00" in s or len(s) > 128 * 1024:
             raise DescriptionError(where, f"{field}[{i}]", "is too long or contains NUL bytes")
-        out.append(s)
+        out.append(_utf8(where, f"{field}[{i}]", s))
     return out
 
 
@@ -120,7 +133,7 @@ def _env(where: str, field: str, v: Any) -> Any:
         s = str(val)
         if "\x00" in s:
             raise DescriptionError(where, f"{field}[{k!r}]", "must not contain NUL bytes")
-        out[k] = s
+        out[k] = _utf8(where, f"{field}[{k!r}]", s)
     return out
 
 
@@ -133,6 +146,8 @@ def _tags(where: str, field: str, v: Any) -> Any:
     for k, val in v.items():
         if not isinstance(k, str) or not isinstance(val, str):
             raise DescriptionError(where, field, f"tag {k!r}: keys and values must be strings")
+        _utf8(where, f"{field}[{k!r}]", k)
+        _utf8(where, f"{field}[{k!r}]", val)
     return dict(v)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
+
 NO_ZERO_COPY = (1 << 31) - 1
 
 
@@ -15,3 +17,19 @@ def no_zero_copy(endpoint: Any) -> None:
     process is forever.
     """
     endpoint._events._socket.copy_threshold = NO_ZERO_COPY
+
+
+def wire_problem(data: Any) -> str | None:
+    """Why ``data`` cannot cross a zerorpc boundary (msgpack, strings as UTF-8), or None.
+
+    A string with a lone surrogate (what ``os.fsdecode`` gives for a non-UTF-8 file name) cannot
+    be encoded; sent in a batch, it would fail the whole message, so it is caught per item.
+    """
+    try:
+        msgpack.packb(data, use_bin_type=True)
+    except UnicodeEncodeError as exc:
+        near = exc.object[max(0, exc.start - 20):exc.end + 20]
+        return f"a string cannot be encoded as UTF-8 ({exc.reason}, near {near!r})"
+    except (TypeError, ValueError, OverflowError) as exc:
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return None

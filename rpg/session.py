@@ -7,16 +7,19 @@ objects (in order, each state once) before calling the application's callbacks.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
-import queue
 import secrets
 import signal
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterable, Sequence, Union
 
-from rpg import states
+import gevent
+
+from rpg import states, threads
 from rpg.description import (
     DescriptionError,
     PilotDescription,
@@ -24,11 +27,28 @@ from rpg.description import (
     resolve_client_path,
     split_url,
 )
-from rpg.hub.hub import Hub
+from rpg.hub.hub import Hub, HubError
 from rpg.log import get_logger
 
 _session_ids = itertools.count()
-_sigterm_lock = threading.Lock()
+_sigterm_lock = threads.Lock()
+_open_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
+EVENT_BATCH = 4096
+CALLBACK_TIMEOUT = 5.0  # how long close() goes on delivering callbacks already queued
+ATEXIT_TIMEOUT = 20.0
+
+
+def _close_open_sessions() -> None:
+    """At interpreter exit, close what the application left open: agents and units stopped,
+    rpg's threads ended while the interpreter is still whole."""
+    for s in list(_open_sessions):
+        try:
+            s.close(timeout=ATEXIT_TIMEOUT, callback_timeout=1.0)
+        except Exception:
+            pass
+
+
+atexit.register(_close_open_sessions)
 _sigterm_users = 0
 
 
@@ -73,6 +93,7 @@ class _Entity:
     """What Unit and Pilot share: uid, state, history, wait, cancel."""
 
     _kind = ""
+    _states: frozenset[str] = frozenset()
 
     def __init__(self, uid: str, mgr: Any) -> None:
         self.uid = uid
@@ -97,6 +118,7 @@ class _Entity:
     def wait(self, state: str | Sequence[str] | None = None,
              timeout: float | None = None) -> str:
         """Wait until this reaches ``state`` (default: a final state) or any final state."""
+        _asked_states(self, state)
         return self._mgr._session._wait([self], state, timeout)[0]
 
     def __repr__(self) -> str:
@@ -104,6 +126,8 @@ class _Entity:
 
 
 class Unit(_Entity):
+    _kind = "unit"
+    _states = states.UNIT_STATES
     _fields = frozenset({"exit_code", "stdout", "stderr", "sandbox", "pilot", "reason",
                          "restarts"})
 
@@ -129,6 +153,8 @@ class Unit(_Entity):
 
 
 class Pilot(_Entity):
+    _kind = "pilot"
+    _states = states.PILOT_STATES
     _fields = frozenset({"reason", "sandbox", "pid", "host"})
 
     def __init__(self, uid: str, description: PilotDescription, mgr: "PilotManager") -> None:
@@ -144,32 +170,39 @@ class Pilot(_Entity):
 
 
 class Session:
-    """A hub (own thread, own gevent loop, zerorpc on 127.0.0.1) and its callback thread."""
+    """A hub (own thread, own gevent loop, zerorpc on 127.0.0.1) and two threads of the session:
+    one applies the hub's state events to the Unit and Pilot objects (and wakes waiters), the
+    other runs the application's callbacks, so a slow callback never holds back a state."""
 
     def __init__(self, sandbox: str | None = None,
                  hub_address: str = "tcp://127.0.0.1:0", uid: str | None = None) -> None:
         self.uid = uid or "rpg.session.{}.{}.{:04d}".format(
             time.strftime("%Y%m%d-%H%M%S"), os.getpid(), next(_session_ids))
-        self.sandbox = os.path.abspath(sandbox or os.path.join(os.getcwd(), self.uid))
+        self.sandbox = os.path.abspath(os.path.expanduser(
+            sandbox or os.path.join(os.getcwd(), self.uid)))
         self.log = get_logger("session", session=self.uid)
-        self._events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._cond = threading.Condition()
+        self._events: Any = threads.SimpleQueue()  # hub -> applier
+        self._callq: Any = threads.SimpleQueue()  # applier -> callback thread
+        self._cond = threads.Condition()
         self._objects: dict[str, _Entity] = {}
         self._ids = itertools.count()
         self._closed = False
-        self._close_lock = threading.Lock()
+        self._close_lock = threads.Lock()
+        self._drop_callbacks = False
         self.callback_errors = 0
+        self.callbacks_dropped = 0
         self.hub = Hub(self.uid, self.sandbox, hub_address, self._events)
-        self._cb_thread = threading.Thread(target=self._callback_loop,
-                                           name=f"rpg-callbacks-{self.uid}", daemon=True)
+        self._applier = threads.Thread(self._apply_loop, f"rpg-events-{self.uid}")
+        self._cb_thread = threads.Thread(self._callback_loop, f"rpg-callbacks-{self.uid}")
+        self._applier.start()
         self._cb_thread.start()
         try:
             self.hub.start()
         except BaseException:
-            self._events.put(None)
-            self._cb_thread.join(5)
+            self._stop_threads(5.0, 0.0)
             raise
         self._sigterm = _hold_sigterm()
+        _open_sessions.add(self)
         self.log.info("session_started", sandbox=self.sandbox, hub=self.hub.address)
 
     @property
@@ -187,86 +220,144 @@ class Session:
         if self._closed:
             raise SessionClosed(f"session {self.uid} is closed")
 
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Hand a call to the hub; SessionClosed if the hub no longer takes calls."""
+        try:
+            self.hub.post(fn, *args)
+        except HubError:
+            raise SessionClosed(f"session {self.uid} is closed") from None
+
     # -- events ----------------------------------------------------------------------------------
 
-    def _callback_loop(self) -> None:
-        get = self._events.get
+    def _apply_loop(self) -> None:
+        """Apply state events to the objects as they come, wake waiters, queue the callbacks."""
+        get, get_nowait, Empty = self._events.get, self._events.get_nowait, threads.Empty
+        callq = self._callq
         while True:
-            ev = get()
-            batch = [ev]
+            batch = [get()]
             try:
-                while len(batch) < 4096:
-                    batch.append(self._events.get_nowait())
-            except queue.Empty:
+                while len(batch) < EVENT_BATCH:
+                    batch.append(get_nowait())
+            except Empty:
                 pass
             stop = False
-            for ev in batch:
-                if ev is None:
-                    stop = True
-                    continue
-                kind, uid, state, ts, fields = ev
-                obj = self._objects.get(uid)
-                if obj is None:
-                    continue
-                with self._cond:
-                    obj._apply(state, ts, fields)
-                for cb in list(obj._mgr._callbacks):
-                    try:
-                        cb(obj, state)
-                    except Exception:
-                        self.callback_errors += 1
-                        self.log.exception("callback_failed", uid=uid, state=state,
-                                           callback=getattr(cb, "__qualname__", repr(cb)))
             with self._cond:
+                for ev in batch:
+                    if ev is None:
+                        stop = True
+                        continue
+                    _kind, uid, state, ts, fields = ev
+                    obj = self._objects.get(uid)
+                    if obj is None:
+                        continue
+                    obj._apply(state, ts, fields)
+                    if obj._mgr._callbacks:
+                        callq.put((obj, state))
                 self._cond.notify_all()
             if stop:
+                callq.put(None)
                 return
+
+    def _callback_loop(self) -> None:
+        """Run callbacks, each state once and in order; survive anything a callback raises."""
+        get = self._callq.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            if self._drop_callbacks:
+                self.callbacks_dropped += 1
+                continue
+            obj, state = item
+            for cb in list(obj._mgr._callbacks):
+                try:
+                    cb(obj, state)
+                except BaseException as exc:  # SystemExit, KeyboardInterrupt too: never fatal
+                    self.callback_errors += 1
+                    self.log.error("callback_failed", uid=obj.uid, state=state,
+                                   callback=getattr(cb, "__qualname__", repr(cb)),
+                                   error=repr(exc)[:500], exc_info=isinstance(exc, Exception))
 
     def _wait(self, objs: Sequence[_Entity], state: str | Sequence[str] | None,
               timeout: float | None) -> list[str]:
-        if threading.current_thread() is self._cb_thread:
+        """Wait until every object is in ``state`` or final (``_asked_states`` checked it)."""
+        if self._cb_thread.is_current():
             raise RuntimeError("wait cannot be called from inside a callback (it would never "
                                "see the next state); use the callback itself")
-        want = set(states.FINAL)
-        if state is not None:
-            want |= {state} if isinstance(state, str) else set(state)
+        want = set(states.FINAL) | (set() if state is None else
+                                    {state} if isinstance(state, str) else set(state))
         deadline = None if timeout is None else time.monotonic() + timeout
+        # In a monkey-patched application this thread runs the application's loop: wait in
+        # short slices and let its other greenlets run between them.
+        coop = threads.application_patched()
         i = 0
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 while i < len(objs) and objs[i].state in want:
                     i += 1
-                if i >= len(objs) or (self._closed and not self._cb_thread.is_alive()):
+                if i >= len(objs) or (self._closed and not self._applier.is_alive()):
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                self._cond.wait(remaining if remaining is not None else 1.0)
+                step = 0.02 if coop else 1.0
+                self._cond.wait(step if remaining is None else min(step, remaining))
+            if coop:
+                gevent.sleep(0)
         return [o.state for o in objs]
 
     # -- close -----------------------------------------------------------------------------------
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Stop everything: agents, unit processes, threads, sockets. Idempotent."""
+    def close(self, timeout: float = 60.0, callback_timeout: float = CALLBACK_TIMEOUT) -> None:
+        """Stop everything: agents, unit processes, threads, sockets. Idempotent.
+
+        Every unit and pilot object has its final state when close returns. Callbacks already
+        queued go on being delivered for up to ``callback_timeout`` s; the rest are dropped
+        (counted in ``callbacks_dropped``).
+        """
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
+        _open_sessions.discard(self)
         try:
             self.hub.close(timeout=timeout)
         finally:
             if getattr(self, "_sigterm", False):
                 _release_sigterm()
+            self._stop_threads(timeout, callback_timeout)
+        self.log.info("session_closed", callbacks_dropped=self.callbacks_dropped)
+
+    def _stop_threads(self, timeout: float, callback_timeout: float) -> None:
         self._events.put(None)
-        if threading.current_thread() is not self._cb_thread:
-            self._cb_thread.join(timeout)
-        self.log.info("session_closed")
+        self._applier.join(timeout)
+        if self._cb_thread.is_current():
+            return  # close() from inside a callback: the thread ends when the callback returns
+        if not self._cb_thread.join(callback_timeout):
+            self._drop_callbacks = True
+            if not self._cb_thread.join(max(1.0, callback_timeout)):
+                self.log.error("callback_still_running", timeout=callback_timeout)
+        if self.callbacks_dropped:
+            self.log.warning("callbacks_dropped_at_close", count=self.callbacks_dropped)
 
     def __enter__(self) -> "Session":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _asked_states(entity: Any, state: str | Sequence[str] | None) -> set[str]:
+    """The states a wait asked for, each checked against the table of the entity's kind."""
+    if state is None:
+        return set()
+    asked = {state} if isinstance(state, str) else set(state)
+    known = entity._states
+    for s in sorted(asked, key=str):
+        if s not in known:
+            raise ValueError(f"wait: unknown {entity._kind} state {s!r} "
+                             f"(known: {', '.join(sorted(known))})")
+    return asked
 
 
 def _as_list(x: Any) -> tuple[list[Any], bool]:
@@ -277,6 +368,7 @@ def _as_list(x: Any) -> tuple[list[Any], bool]:
 
 class _Manager:
     _prefix = ""
+    _entity: Any = None
 
     def __init__(self, session: Session) -> None:
         session._check_open()
@@ -318,13 +410,27 @@ class _Manager:
             objs.append(obj)
         return objs, many
 
+    def _hand_over(self, objs: list[_Entity], fn: Callable[..., Any], *args: Any) -> None:
+        """Post the accepted objects to the hub; if it no longer takes them (a close on another
+        thread won the race), forget them again and raise SessionClosed: none half-submitted."""
+        s = self._session
+        try:
+            s._post(fn, *args)
+        except SessionClosed:
+            for obj in objs:
+                s._objects.pop(obj.uid, None)
+                self._mine.pop(obj.uid, None)
+            raise
+
     def _wait(self, uids: str | Iterable[str] | None, state: Any,
               timeout: float | None) -> list[str]:
+        _asked_states(self._entity, state)
         return self._session._wait(self._select(uids), state, timeout)
 
 
 class PilotManager(_Manager):
     _prefix = "pmgr"
+    _entity = Pilot
 
     def submit_pilots(self, descriptions: Union[PilotDescription, dict, Sequence[Any]]
                       ) -> Union[Pilot, list[Pilot]]:
@@ -332,7 +438,7 @@ class PilotManager(_Manager):
         s = self._session
         pilots, many = self._accept(PilotDescription, Pilot, "pilot", descriptions)
         items = [(p.uid, p.description.as_dict(), secrets.token_urlsafe(32)) for p in pilots]
-        s.hub.post(s.hub.submit_pilots, self.uid, items)
+        self._hand_over(pilots, s.hub.submit_pilots, self.uid, items)
         return pilots if many else pilots[0]
 
     def wait_pilots(self, uids: str | Iterable[str] | None = None,
@@ -346,7 +452,10 @@ class PilotManager(_Manager):
         if s._closed:
             return
         targets = [p.uid for p in self._select(uids)]
-        s.hub.post(s.hub.cancel_pilots, targets)
+        try:
+            s._post(s.hub.cancel_pilots, targets)
+        except SessionClosed:
+            pass  # close cancels them anyway
 
     def get_pilots(self, uids: str | Iterable[str] | None = None) -> list[Pilot]:
         return self._select(uids)
@@ -354,6 +463,7 @@ class PilotManager(_Manager):
 
 class UnitManager(_Manager):
     _prefix = "umgr"
+    _entity = Unit
 
     def add_pilots(self, pilots: Union[Pilot, Sequence[Pilot]]) -> None:
         """Units of this manager may run on these pilots."""
@@ -363,13 +473,17 @@ class UnitManager(_Manager):
         for p in lst:
             if not isinstance(p, Pilot):
                 raise TypeError(f"add_pilots: expected Pilot objects, got {type(p).__name__}")
-        s.hub.post(s.hub.add_pilots, self.uid, [p.uid for p in lst])
+            if p._mgr._session is not s:
+                raise ValueError(f"add_pilots: pilot {p.uid} belongs to another session "
+                                 f"({p._mgr._session.uid}); a unit manager takes the pilots "
+                                 f"of its own session only")
+        s._post(s.hub.add_pilots, self.uid, [p.uid for p in lst])
 
     def remove_pilots(self, pilots: Union[Pilot, Sequence[Pilot]]) -> None:
         s = self._session
         s._check_open()
         lst, _ = _as_list(pilots)
-        s.hub.post(s.hub.remove_pilots, self.uid, [p.uid for p in lst])
+        s._post(s.hub.remove_pilots, self.uid, [p.uid for p in lst])
 
     def submit_units(self, descriptions: Union[UnitDescription, dict, Sequence[Any]]
                      ) -> Union[Unit, list[Unit]]:
@@ -385,7 +499,7 @@ class UnitManager(_Manager):
             d = u.description.as_dict()
             _resolve_client_paths(d)
             items.append((u.uid, d))
-        s.hub.post(s.hub.submit_units, self.uid, items)
+        self._hand_over(units, s.hub.submit_units, self.uid, items)
         return units if many else units[0]
 
     def wait_units(self, uids: str | Iterable[str] | None = None,
@@ -402,11 +516,12 @@ class UnitManager(_Manager):
         s = self._session
         if s._closed:
             return
-        if uids is None:
-            s.hub.post(s.hub.cancel_units, None, "canceled by the application", self.uid)
-            return
-        targets = [u.uid for u in self._select(uids)]
-        s.hub.post(s.hub.cancel_units, targets)
+        args: tuple = (None, "canceled by the application", self.uid) if uids is None else \
+            ([u.uid for u in self._select(uids)],)
+        try:
+            s._post(s.hub.cancel_units, *args)
+        except SessionClosed:
+            pass  # close cancels them anyway
 
     def get_units(self, uids: str | Iterable[str] | None = None) -> list[Unit]:
         return self._select(uids)

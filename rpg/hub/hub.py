@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
-import threading
 import time
 from typing import Any, Callable
 
@@ -19,15 +17,16 @@ import zerorpc
 import zmq
 from gevent.event import Event
 
-from rpg import states
+from rpg import states, threads
 from rpg.hub.lifecycle import PilotLifecycle, UnitLifecycle
 from rpg.hub.records import PilotRecord, UnitRecord
 from rpg.hub.service import HubService
 from rpg.io_pool import IOPool, LoopWatch
-from rpg.log import ProfileWriter, get_logger
-from rpg.rpc import no_zero_copy
+from rpg.log import ProfileWriter, SparseWarning, get_logger
+from rpg.rpc import no_zero_copy, wire_problem
 
 PROFILE_FLUSH_S = 0.2
+SUBMIT_SLICE = 500  # units a submit takes per loop iteration: 20,000 at once held the loop 0.45 s
 
 
 class HubError(RuntimeError):
@@ -37,8 +36,7 @@ class HubError(RuntimeError):
 class Hub:
     """Owns the hub thread. Public methods are called from application threads."""
 
-    def __init__(self, session_uid: str, sandbox: str, address: str,
-                 events: "queue.SimpleQueue[Any]") -> None:
+    def __init__(self, session_uid: str, sandbox: str, address: str, events: Any) -> None:
         if not address.startswith("tcp://"):
             raise HubError(f"hub_address must be tcp://host:port, got {address!r}")
         self.session_uid = session_uid
@@ -52,10 +50,14 @@ class Hub:
         self.umgr_pilots: dict[str, list[str]] = {}
         self._rr = itertools.count()
         self._pilots_changed = Event()
-        self._thread = threading.Thread(target=self._main, name=f"rpg-hub-{session_uid}",
-                                        daemon=True)
-        self._ready = threading.Event()
-        self._done = threading.Event()
+        # Accepted, not yet made into records (a big submit is taken in slices): uid -> [umgr,
+        # cancel reason or None], so a cancel that arrives meanwhile reaches them too.
+        self.pending_units: dict[str, list[Any]] = {}
+        self._submitters: set[Any] = set()
+        self._thread = threads.Thread(_loop_thread(self._main), f"rpg-hub-{session_uid}")
+        self._ready = threads.Event()
+        self._done = threads.Event()
+        self._post_lock = threads.Lock()
         self._start_error: BaseException | None = None
         self._stop: Event | None = None
         self.loop: Any = None
@@ -77,8 +79,8 @@ class Hub:
             raise HubError(f"hub failed to start: {self._start_error}") from self._start_error
 
     def _main(self) -> None:
-        ghub = gevent.get_hub()
-        self.loop = ghub.loop
+        """The hub thread's work, in a greenlet of its loop (see _loop_thread)."""
+        self.loop = gevent.get_hub().loop
         ctx = server = server_g = flusher = None
         try:
             self._stop = Event()
@@ -119,19 +121,25 @@ class Hub:
                 ctx.destroy(linger=0)
             try:
                 if self.pool is not None:
-                    self._flush_profile()
+                    try:
+                        self._flush_profile()
+                    except Exception as exc:  # a full disk: say what is lost, close anyway
+                        self.log.error("profile_not_flushed_at_close", error=str(exc),
+                                       events_lost=self.profile.pending())
                     self.stuck_threads_at_close = self.pool.close(wait=2.0)
             finally:
                 if self.watch is not None:
                     self.watch.stop()
                 self._done.set()
-                ghub.destroy(destroy_loop=True)
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the hub loop, soon. Never blocks; safe from any thread."""
-        if self.closed or self.loop is None:
-            raise HubError("the session is closed")
-        self.loop.run_callback_threadsafe(self._guarded, fn, args)
+        """Run ``fn(*args)`` in a greenlet of the hub loop, soon (so the loop watch sees it if
+        it blocks). Never blocks; safe from any thread. After close: HubError, and the call
+        never runs; a call posted before close runs before the hub shuts down."""
+        with self._post_lock:
+            if self.closed or self.loop is None:
+                raise HubError("the session is closed")
+            self.loop.run_callback_threadsafe(gevent.spawn, self._guarded, fn, args)
 
     def _guarded(self, fn: Callable[..., Any], args: tuple) -> None:
         try:
@@ -141,7 +149,7 @@ class Hub:
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30.0) -> Any:
         """Run ``fn(*args)`` in a greenlet on the hub loop and wait for its result (app side)."""
-        done = threading.Event()
+        done = threads.Event()
         box: dict[str, Any] = {}
 
         def run() -> None:
@@ -152,7 +160,7 @@ class Hub:
             finally:
                 done.set()
 
-        self.post(gevent.spawn, run)
+        self.post(run)
         if not done.wait(timeout):
             raise HubError(f"hub call {getattr(fn, '__name__', fn)} timed out after {timeout} s")
         if "error" in box:
@@ -160,13 +168,14 @@ class Hub:
         return box.get("value")
 
     def close(self, timeout: float = 60.0) -> None:
-        if self.closed:
-            return
-        if self._ready.is_set() and self._start_error is None and not self._done.is_set():
-            self.loop.run_callback_threadsafe(self._stop.set)
-        self.closed = True
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        with self._post_lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self._ready.is_set() and self._start_error is None and not self._done.is_set():
+                # As a greenlet, like posted calls: those posted before start before it.
+                self.loop.run_callback_threadsafe(gevent.spawn, self._stop.set)
+        if not self._thread.join(timeout):
             self.log.error("hub_thread_did_not_stop", timeout=timeout)
 
     # -- profile ---------------------------------------------------------------------------------
@@ -176,12 +185,13 @@ class Hub:
             self.pool.for_path(self.profile.path).run(self.profile.flush, timeout=30)
 
     def _flush_loop(self) -> None:
+        warn = SparseWarning(self.log, "profile_flush_failed", burst=1, window=30.0)
         while True:
             gevent.sleep(PROFILE_FLUSH_S)
             try:
                 self._flush_profile()
-            except Exception as exc:
-                self.log.error("profile_flush_failed", error=str(exc))
+            except Exception as exc:  # a full disk: the writer keeps the events and retries
+                warn(error=str(exc), pending=self.profile.pending())
 
     # -- state changes ---------------------------------------------------------------------------
 
@@ -314,20 +324,52 @@ class Hub:
         self.pilots_changed()
 
     def submit_units(self, umgr: str, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """Make a record and a lifecycle per unit, in slices that let other calls run."""
         self.umgr_pilots.setdefault(umgr, [])
-        now = time.time()
-        for uid, desc in items:
-            rec = UnitRecord(uid, umgr, desc)
-            self.units[uid] = rec
-            self.profile.add(now, uid, states.NEW, "hub")
-            rec.greenlet = gevent.spawn(UnitLifecycle(self, rec).run)
+        pending = self.pending_units
+        for uid, _ in items:
+            pending[uid] = [umgr, None]
+        me = gevent.getcurrent()
+        self._submitters.add(me)
+        try:
+            for start in range(0, len(items), SUBMIT_SLICE):
+                if start:
+                    gevent.sleep(0)
+                now = time.time()
+                for uid, desc in items[start:start + SUBMIT_SLICE]:
+                    cancel = pending.pop(uid, [None, None])[1]
+                    self._new_unit(uid, umgr, desc, now, cancel)
+        finally:
+            self._submitters.discard(me)
+
+    def _new_unit(self, uid: str, umgr: str, desc: dict[str, Any], now: float,
+                  cancel: str | None) -> None:
+        rec = UnitRecord(uid, umgr, desc)
+        self.units[uid] = rec
+        self.profile.add(now, uid, states.NEW, "hub")
+        problem = wire_problem(desc)
+        if problem is not None:
+            # It could never reach an agent; one unit's content must not fail a pilot's pull.
+            self.unit_final(rec, states.FAILED, "hub",
+                            reason=f"the description cannot be sent to an agent: {problem}")
+            return
+        rec.cancel_reason = cancel
+        rec.greenlet = gevent.spawn(UnitLifecycle(self, rec).run)
 
     def cancel_units(self, uids: list[str] | None, reason: str = "canceled by the application",
                      umgr: str | None = None) -> None:
+        pending = self.pending_units
         if uids is None:
             targets = [u for u in self.units.values() if umgr is None or u.umgr == umgr]
+            for entry in pending.values():
+                if umgr is None or entry[0] == umgr:
+                    entry[1] = entry[1] or reason
         else:
             targets = [self.units[u] for u in uids if u in self.units]
+            for uid in uids:
+                entry = pending.get(uid)
+                if entry is not None:
+                    entry[1] = entry[1] or reason
         for unit in targets:
             self.cancel_unit(unit, reason)
 
@@ -366,6 +408,9 @@ class Hub:
 
     def _shutdown(self) -> None:
         self.log.info("hub_stopping", units=len(self.units), pilots=len(self.pilots))
+        for entry in self.pending_units.values():  # a submit still being taken in slices
+            entry[1] = entry[1] or "session closed"
+        gevent.joinall(list(self._submitters), timeout=30)
         live = [p for p in self.pilots.values() if not states.is_final(p.state)]
         for p in live:
             p.final_state_hint = p.final_state_hint or states.DONE
@@ -383,6 +428,29 @@ class Hub:
         for unit in self.units.values():  # belt and braces: nothing leaves without a final state
             if not states.is_final(unit.state):
                 self.unit_final(unit, states.CANCELED, "hub", reason="session closed")
+
+
+def _loop_thread(body: Callable[[], None]) -> Callable[[], None]:
+    """A thread target that runs ``body`` in a greenlet of the thread's own gevent hub, then
+    destroys that hub. A greenlet still suspended when its thread ends can never be unwound
+    and pins what its frames hold, so ``body`` must end every greenlet it started; and nothing
+    of ``body`` is left in this frame when the hub is destroyed."""
+    box = [body]
+
+    def run() -> None:
+        ghub = gevent.get_hub()
+        g = gevent.spawn(box.pop())
+        try:
+            g.join()
+        finally:
+            del g
+            # Let the loop run dry, so the hub greenlet itself ends when destroyed (one that is
+            # suspended mid-loop would stay, with its loop, for the life of the process).
+            if not ghub.join(timeout=5.0):
+                get_logger("hub").warning("hub_loop_not_idle_at_exit")
+            ghub.destroy(destroy_loop=True)
+
+    return run
 
 
 def _stop(g: Any) -> None:

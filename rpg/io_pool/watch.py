@@ -137,7 +137,8 @@ class LoopWatch:
 
     def stop(self) -> None:
         if self._ticker is not None:
-            self._ticker.kill(block=False)
+            # Blocking: a greenlet left suspended when its thread ends is never unwound.
+            self._ticker.kill(block=True, timeout=1.0)
             self._ticker = None
         if self._own_monitor and self._monitor is not None:
             self._monitor.kill()

@@ -1,0 +1,155 @@
+"""Real OS threads and the locks between them, whatever the application monkey-patched.
+
+After ``gevent.monkey.patch_all()``, ``threading.Thread`` starts a greenlet on the caller's loop
+and ``threading.Lock``/``Condition``/``Event`` and ``queue.SimpleQueue`` become gevent objects
+bound to one loop. rpg's hub thread and session threads must be real threads (a blocking call
+in the application must never freeze the hub), and what they share must be real locks. This
+module is their one owner: it builds everything from the original ``_thread`` primitives.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import Any, Callable
+
+from gevent.monkey import get_original, is_module_patched
+
+_start_new_thread, allocate_lock, get_ident = get_original(
+    "_thread", ["start_new_thread", "allocate_lock", "get_ident"])
+SimpleQueue = get_original("queue", "SimpleQueue")
+Empty = get_original("queue", "Empty")
+
+Lock = allocate_lock
+
+
+def application_patched() -> bool:
+    """True if the application monkey-patched threads (its blocking waits block its loop)."""
+    return is_module_patched("threading")
+
+
+class Thread:
+    """A real OS thread running ``target()``; ``join`` and ``is_alive`` as in threading."""
+
+    def __init__(self, target: Callable[[], Any], name: str) -> None:
+        self.name = name
+        self._target = target
+        self._running = allocate_lock()
+        self.ident: int | None = None
+        self._started = False
+
+    def start(self) -> None:
+        self._running.acquire()
+        self._started = True
+        try:
+            _start_new_thread(self._run, ())
+        except BaseException:
+            self._running.release()
+            raise
+
+    def _run(self) -> None:
+        self.ident = get_ident()
+        _set_os_name(self.name)
+        try:
+            self._target()
+        finally:
+            self._target = None  # type: ignore[assignment]  # drop what it held
+            self._running.release()
+
+    def is_alive(self) -> bool:
+        if not self._started:
+            return False
+        if self._running.acquire(False):
+            self._running.release()
+            return False
+        return True
+
+    def is_current(self) -> bool:
+        return self.ident is not None and get_ident() == self.ident
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; True if it has."""
+        if not self._started or self.is_current():
+            return not self.is_alive()
+        if self._running.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            self._running.release()
+            return True
+        return False
+
+
+def _set_os_name(name: str) -> None:
+    """Name the OS thread (what ``ps -L`` and /proc/<pid>/task/*/comm show)."""
+    try:
+        with open(f"/proc/self/task/{_native_id()}/comm", "w") as fh:
+            fh.write(name[:15])
+    except OSError:
+        pass
+
+
+def _native_id() -> int:
+    import threading  # get_native_id is never patched
+
+    return threading.get_native_id()
+
+
+class Condition:
+    """A condition variable over real locks (threading.Condition's algorithm)."""
+
+    def __init__(self) -> None:
+        self._lock = allocate_lock()
+        self._waiters: list[Any] = []
+
+    def __enter__(self) -> "Condition":
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Release the lock, wait for a notify (or ``timeout``), take the lock again."""
+        waiter = allocate_lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        self._lock.release()
+        got = False
+        try:
+            got = waiter.acquire(True, -1 if timeout is None else max(0.0, timeout))
+            return got
+        finally:
+            self._lock.acquire()
+            if not got:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+    def notify_all(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.release()
+
+
+class Event:
+    """A flag threads can wait on (threading.Event over real locks)."""
+
+    def __init__(self) -> None:
+        self._cond = Condition()
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else monotonic() + timeout
+        with self._cond:
+            while not self._flag:
+                remaining = None if deadline is None else deadline - monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._flag

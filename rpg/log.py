@@ -15,6 +15,7 @@ import os
 import stat
 import sys
 import threading
+import time
 import time as _time
 from typing import Any
 
@@ -75,6 +76,32 @@ def get_logger(component: str, **fields: Any) -> Any:
     """A structlog logger bound to an rpg component name."""
     configure()
     return structlog.get_logger("rpg").bind(component=component, **fields)
+
+
+class SparseWarning:
+    """A warning that a hostile or broken caller could repeat without end: the first ``burst``
+    of each ``window`` seconds are logged, the rest counted and reported with the next one."""
+
+    def __init__(self, log: Any, event: str, burst: int = 5, window: float = 1.0) -> None:
+        self.log = log
+        self.event = event
+        self.burst = burst
+        self.window = window
+        self._start = 0.0
+        self._in_window = 0
+        self.suppressed = 0
+
+    def __call__(self, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self._start >= self.window:
+            self._start, self._in_window = now, 0
+        self._in_window += 1
+        if self._in_window > self.burst:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            fields["suppressed"], self.suppressed = self.suppressed, 0
+        self.log.warning(self.event, **fields)
 
 
 BULKY = frozenset({"stdout", "stderr"})  # in the Unit object, not in the profile

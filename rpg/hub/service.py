@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from rpg import states
+from rpg.log import SparseWarning
 
 if TYPE_CHECKING:
     from rpg.hub.hub import Hub
@@ -40,6 +41,7 @@ class HubService:
     def __init__(self, hub: "Hub") -> None:
         self._hub = hub
         self.counters = {"register": 0, "pull": 0, "push": 0, "updates": 0, "rejected": 0}
+        self._warn_rejected = SparseWarning(hub.log, "rpc_rejected")
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -56,13 +58,13 @@ class HubService:
             return p  # type: ignore[return-value]
         except ProtocolError as exc:
             self.counters["rejected"] += 1
-            self._hub.log.warning("rpc_rejected", pilot=str(pilot_uid)[:64], error=str(exc))
+            self._warn_rejected(pilot=str(pilot_uid)[:64], error=str(exc))
             raise
 
     def _reject(self, p: "PilotRecord", msg: str) -> None:
         self.counters["rejected"] += 1
         p.rejected_calls += 1
-        self._hub.log.warning("rpc_rejected", pilot=p.uid, error=msg)
+        self._warn_rejected(pilot=p.uid, error=msg)
         raise ProtocolError(msg)
 
     # -- calls -----------------------------------------------------------------------------------

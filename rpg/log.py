@@ -15,7 +15,6 @@ import os
 import stat
 import sys
 import threading
-import time
 import time as _time
 from typing import Any
 
@@ -92,7 +91,7 @@ class SparseWarning:
         self.suppressed = 0
 
     def __call__(self, **fields: Any) -> None:
-        now = time.monotonic()
+        now = _time.monotonic()
         if now - self._start >= self.window:
             self._start, self._in_window = now, 0
         self._in_window += 1

@@ -1,9 +1,14 @@
-"""Find and kill unit processes of a pilot by the marker every unit carries in its environment.
+"""Find and kill unit processes of a pilot: by the marker every unit carries in its environment,
+and by working directory inside the pilot sandbox.
 
 Units run in their own sessions (so cancel can kill a whole tree); if their agent dies hard they
 are reparented away from it. Each unit's environment has ``RPG_PILOT_KEY`` (session uid and
 pilot uid: pilot uids repeat across sessions); scanning /proc for it finds the orphans wherever
-they went. Blocking (reads /proc): run it in a lane or a process.
+they went. A daemon that cleared its environment (``env -i setsid ...``) loses the marker, so a
+second one counts too: a process of this user, without a controlling terminal (an interactive
+shell that ``cd``-ed into the sandbox is spared), whose cwd is inside the pilot sandbox (units
+start in their unit sandbox under it). A process that both cleared its environment and left
+the sandbox escapes. Blocking (reads /proc): run it in a lane or a process.
 """
 
 from __future__ import annotations
@@ -19,35 +24,63 @@ def pilot_key(session_uid: str, pilot_uid: str) -> str:
     return f"{session_uid}/{pilot_uid}"
 
 
-def pilot_processes(key: str) -> list[int]:
-    """Live processes whose environment carries ``RPG_PILOT_KEY=key``."""
+def pilot_processes(key: str, sandbox: str | None = None) -> list[int]:
+    """Live processes whose environment carries ``RPG_PILOT_KEY=key``, and, given the pilot's
+    ``sandbox``, this user's processes without a terminal whose cwd is inside it."""
     if "/" not in key:
         raise ValueError(f"pilot_processes needs a session/pilot key (pilot_key()), got {key!r}: "
                          "a bare pilot uid would match other sessions' pilots too")
     marker = b"RPG_PILOT_KEY=" + key.encode() + b"\x00"
-    me = os.getpid()
+    root = os.path.realpath(sandbox) if sandbox else None
+    spare = _self_and_ancestors()
+    uid = os.getuid()
     found = []
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
+        if not name.isdigit() or int(name) in spare:
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as fh:
-                if fh.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
-                    continue  # a zombie: dead already, its parent (or init) reaps it
+                fields = fh.read().rsplit(b")", 1)[-1].split()
+            if fields[0] == b"Z":
+                continue  # a zombie: dead already, its parent (or init) reaps it
             with open(f"/proc/{name}/environ", "rb") as fh:
                 env = fh.read() + b"\x00"
+            if marker in env or (root is not None and fields[4] == b"0"
+                                 and _works_in(name, root, uid)):
+                found.append(int(name))
         except (OSError, IndexError):
             continue
-        if marker in env:
-            found.append(int(name))
     return found
 
 
-def kill_pilot_processes(key: str, rounds: int = 3) -> int:
-    """SIGKILL every process carrying the pilot's key; returns how many were found."""
+def _works_in(pid: str, root: str, uid: int) -> bool:
+    """The process belongs to ``uid`` and its cwd is ``root`` or below it."""
+    if os.stat(f"/proc/{pid}").st_uid != uid:
+        return False
+    cwd = os.readlink(f"/proc/{pid}/cwd")
+    if cwd.endswith(" (deleted)"):
+        cwd = cwd[: -len(" (deleted)")]
+    return cwd == root or cwd.startswith(root.rstrip("/") + "/")
+
+
+def _self_and_ancestors() -> set[int]:
+    """This process and its ancestors: never swept, wherever their cwd is."""
+    pids, pid = set(), os.getpid()
+    while pid > 0 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                pid = int(fh.read().rsplit(b")", 1)[-1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
+def kill_pilot_processes(key: str, sandbox: str | None = None, rounds: int = 3) -> int:
+    """SIGKILL every process of the pilot (``pilot_processes``); returns how many were found."""
     total = 0
     for _ in range(rounds):
-        pids = pilot_processes(key)
+        pids = pilot_processes(key, sandbox)
         if not pids:
             break
         total += len(pids)

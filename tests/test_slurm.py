@@ -7,6 +7,7 @@ pure ones (nodelists, SLURM's environment, srun layout, job records) always run.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -302,6 +303,39 @@ def test_impossible_request_fails_quickly_with_slurms_error(session, kw, words):
     assert words in pilot.reason, pilot.reason
     assert "sbatch" in pilot.reason
     assert u.wait(timeout=20) == "FAILED"
+
+
+@needs_slurm
+@pytest.mark.timeout(60)
+def test_a_world_writable_sandbox_is_refused_before_anything_is_submitted(session, tmp_path):
+    name = unique_name("open")
+    shared = tmp_path / "open"
+    shared.mkdir()
+    shared.chmod(0o777)
+    _, pilot, _ = slurm_pilot(session, sandbox=str(shared), job_name=name)
+    assert pilot.wait(timeout=30) == "FAILED"
+    assert f"{shared} is writable by group and others" in pilot.reason, pilot.reason
+    assert jobs_named(name) == {}
+    assert os.listdir(shared) == []
+
+
+@needs_slurm
+@pytest.mark.timeout(90)
+def test_a_sandbox_with_a_tilde_is_under_home_and_private(session):
+    name = unique_name("home")
+    where = os.path.join(os.path.expanduser("~"), name)
+    try:
+        _, pilot, umgr = slurm_pilot(session, sandbox=f"~/{name}", job_name=name)
+        u = umgr.submit_units(rpg.UnitDescription(executable="/bin/pwd"))
+        assert u.wait(timeout=60) == "DONE", f"{u.reason}; pilot: {pilot.reason}"
+        assert pilot.sandbox == where and u.stdout.startswith(where + "/")
+        assert oct(os.stat(where).st_mode & 0o777) == "0o700"
+        assert oct(os.stat(os.path.join(where, "agent.slurm")).st_mode & 0o777) == "0o700"
+        assert not os.path.exists(os.path.join(where, "agent.token"))  # the agent took it
+        pilot.cancel()
+        assert pilot.wait(timeout=40) == "CANCELED"
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 @needs_slurm

@@ -1,4 +1,9 @@
-"""Entry point of the agent process: ``python -m rpg.agent --config agent.json``."""
+"""Entry point of the agent process: ``python -m rpg.agent --config agent.json``.
+
+The pilot token is not in agent.json but in the file its ``token_file`` names (agent.token,
+owner-only); the agent reads it and deletes it before anything else, so that no unit (same
+user, same sandbox) can find it on disk.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,22 @@ import sys
 from rpg.log import get_logger
 
 
+def take_token(path: str) -> str:
+    """Read the token file (never through a link) and delete it. Blocking: before any loop."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.unlink(path)
+        token = os.read(fd, 4096).decode("ascii").strip()
+    finally:
+        os.close(fd)
+    if not token:
+        raise ValueError("empty token file")
+    return token
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rpg.agent")
-    ap.add_argument("--config", required=True, help="agent configuration (JSON, holds the token)")
+    ap.add_argument("--config", required=True, help="agent configuration (JSON)")
     args = ap.parse_args(argv)
     log = get_logger("agent")
     try:
@@ -21,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("agent_config_unreadable", path=args.config, error=str(exc))
         return 2
+    if "token_file" in cfg:
+        try:
+            cfg["token"] = take_token(cfg["token_file"])
+        except (OSError, ValueError) as exc:
+            log.error("agent_token_unreadable", path=cfg["token_file"], error=str(exc))
+            return 2
     missing = [k for k in ("pilot_uid", "token", "hub_address", "sandbox", "cores", "gpus",
                            "heartbeat_interval", "heartbeat_timeout") if k not in cfg]
     if missing:

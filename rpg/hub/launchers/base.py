@@ -1,8 +1,20 @@
-"""The launcher interface, and the agent configuration every launcher hands to its agent."""
+"""The launcher interface, the agent configuration every launcher hands to its agent, and the
+one way a launcher on this machine makes a pilot sandbox and writes the agent's files into it.
+
+The pilot token goes in a file of its own (``agent.token``, not ``agent.json``), which the agent
+reads and deletes before it registers or runs a unit: units run as the same user, in the pilot
+sandbox, and must not find it there.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import errno
+import json
+import os
+import posixpath
+import stat
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rpg.agent.cleanup import pilot_key
 
@@ -11,8 +23,124 @@ if TYPE_CHECKING:
     from rpg.hub.records import PilotRecord
 
 
+AGENT_CONFIG = "agent.json"
+AGENT_TOKEN = "agent.token"
+
+
 class LaunchError(RuntimeError):
     """The agent could not be started; the message is the pilot's FAILED reason."""
+
+
+class AgentFile(NamedTuple):
+    """One file a launcher puts in a fresh pilot sandbox: its name, content and mode."""
+
+    name: str
+    data: bytes
+    mode: int = 0o600
+
+
+def prepare_sandbox(path: str, files: list[AgentFile]) -> None:
+    """Create the pilot sandbox ``path`` (mode 0700; parents as needed), or accept a pre-existing
+    one only if it is a real directory of ours that nobody else can write to, and create each of
+    ``files`` in it exclusively (O_EXCL|O_NOFOLLOW: never through a planted link, never over
+    another pilot's files). Raises LaunchError saying what is wrong with the sandbox, or OSError.
+    Blocking: run it in the sandbox's disk lane."""
+    if os.path.islink(path):
+        raise _linked(path)
+    os.makedirs(path, 0o700, exist_ok=True)  # 0700 for the sandbox; its parents as usual
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
+            raise _linked(path) from None
+        raise
+    try:
+        _check_private_dir(path, os.fstat(dfd))
+        _check_unused(path, dfd, files)
+        created: list[str] = []
+        try:
+            for f in files:
+                try:
+                    fd = os.open(f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                except FileExistsError:
+                    raise LaunchError(f"pilot sandbox {path}: {f.name} appeared in it while the "
+                                      f"pilot was being set up; refusing it") from None
+                created.append(f.name)
+                try:
+                    os.fchmod(fd, f.mode)  # exactly this mode, whatever the umask; before data
+                    view = memoryview(f.data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+        except BaseException:
+            for name in created:
+                with suppress(OSError):
+                    os.unlink(name, dir_fd=dfd)
+            raise
+    finally:
+        os.close(dfd)
+
+
+def expand_sandbox(path: str) -> str:
+    """``~`` and ``~user`` expanded, made absolute. Blocking (may read the password database)."""
+    full = os.path.expanduser(path)
+    if full.startswith("~"):
+        raise LaunchError(f"sandbox {path!r}: cannot expand {full.split('/')[0]!r} "
+                          f"(no such user, or no home directory)")
+    return os.path.abspath(full)
+
+
+def remove_agent_token(sandbox: str) -> None:
+    """Delete agent.token if the agent never came to read it (it deletes it itself). Blocking."""
+    with suppress(FileNotFoundError):
+        os.unlink(os.path.join(sandbox, AGENT_TOKEN))
+
+
+def _linked(path: str) -> LaunchError:
+    return LaunchError(f"pilot sandbox {path} is a symbolic link: refusing it (the agent writes "
+                       f"its secrets there; give the real directory)")
+
+
+def _check_private_dir(path: str, st: os.stat_result) -> None:
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise LaunchError(f"pilot sandbox {path} is owned by uid {st.st_uid}, not by this user "
+                          f"(uid {me}): refusing it (its owner could plant or read files in it)")
+    if st.st_mode & 0o022:
+        who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002))
+                           if st.st_mode & bit)
+        raise LaunchError(f"pilot sandbox {path} is writable by {who} (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): refusing it (anyone who can write "
+                          f"there can plant links where the agent's files go); remove it, "
+                          f"`chmod go-w` it, or choose another sandbox")
+
+
+def _check_unused(path: str, dfd: int, files: list[AgentFile]) -> None:
+    """A sandbox that holds agent files already is (or was) another pilot's: refuse it."""
+    for f in files:
+        try:
+            st = os.lstat(f.name, dir_fd=dfd)
+        except FileNotFoundError:
+            continue
+        owner = ""
+        if f.name == AGENT_CONFIG and stat.S_ISREG(st.st_mode):
+            owner = _config_owner(dfd)
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "there"
+        raise LaunchError(f"pilot sandbox {path} already holds {f.name} ({kind}{owner}): it is, "
+                          f"or was, another pilot's sandbox; give each pilot a sandbox of its "
+                          f"own, or remove this one")
+
+
+def _config_owner(dfd: int) -> str:
+    try:
+        fd = os.open(AGENT_CONFIG, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        with os.fdopen(fd, "rb") as fh:
+            cfg = json.loads(fh.read(1 << 20))
+        return f", of pilot {cfg['pilot_uid']} of session {cfg['session_uid']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 class Launcher:
@@ -24,11 +152,12 @@ class Launcher:
         self.pilot = pilot
 
     def agent_config(self, hub_address: str, sandbox: str) -> dict[str, Any]:
+        """The agent's agent.json. The token is not in it: see ``agent_files``."""
         d = self.pilot.desc
         return {
             "pilot_uid": self.pilot.uid,
             "session_uid": self.hub.session_uid,
-            "token": self.pilot.token,
+            "token_file": posixpath.join(sandbox, AGENT_TOKEN),
             "hub_address": hub_address,
             "sandbox": sandbox,
             "cores": d["cores"],
@@ -40,6 +169,19 @@ class Launcher:
             "kill_grace": d["kill_grace"],
             "environment": d["environment"],
         }
+
+    def agent_files(self, cfg: dict[str, Any]) -> list[AgentFile]:
+        """agent.json and agent.token (owner-only), for prepare_sandbox."""
+        return [AgentFile(AGENT_CONFIG, json.dumps(cfg).encode()),
+                AgentFile(AGENT_TOKEN, self.pilot.token.encode())]
+
+    def forget_token(self, sandbox: str) -> None:
+        """At stop: delete agent.token from a local sandbox if the agent never read it."""
+        try:
+            self.hub.pool.for_path(sandbox).run(remove_agent_token, sandbox, timeout=30)
+        except Exception as exc:
+            self.hub.log.warning("agent_token_not_removed", pilot=self.pilot.uid,
+                                 sandbox=sandbox, error=f"{type(exc).__name__}: {exc}")
 
     @property
     def key(self) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -11,37 +10,60 @@ from gevent import GreenletExit
 
 from rpg.agent.cleanup import kill_pilot_processes
 from rpg.agent.executor import read_tail
-from rpg.hub.launchers.base import Launcher, LaunchError
-from rpg.io_pool import Child, SpawnError, spawn
+from rpg.hub.launchers.base import (
+    AGENT_CONFIG,
+    AgentFile,
+    Launcher,
+    LaunchError,
+    expand_sandbox,
+    prepare_sandbox,
+)
+from rpg.io_pool import Child, IOPoolError, SpawnError, spawn
 
 _RPG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__import__("rpg").__file__)))
 
 
-def write_private_json(path: str, data: dict) -> None:
-    """Write ``data`` as JSON readable by the owner only (it holds the pilot token). Blocking."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
+def local_sandbox_path(launcher: Launcher) -> str:
+    """The pilot's sandbox with ``~`` expanded (``pilot.sandbox`` becomes it). Hub loop."""
+    pilot = launcher.pilot
+    if pilot.sandbox.startswith("~"):
+        pilot.sandbox = launcher.hub.pool.spawn.run(expand_sandbox, pilot.sandbox, timeout=30)
+    return pilot.sandbox
+
+
+def make_local_sandbox(launcher: Launcher, sandbox: str, cfg: dict,
+                       extra: list[AgentFile] | None = None) -> None:
+    """Create the pilot sandbox and write agent.json, agent.token, empty agent.out and
+    agent.err (plain files of ours, not links) and ``extra`` into it. Hub loop (the disk work
+    runs in the sandbox's lane); raises LaunchError. For the local and SLURM launchers."""
+    files = launcher.agent_files(cfg) + [AgentFile("agent.out", b""),
+                                         AgentFile("agent.err", b"")] + list(extra or [])
+    try:
+        launcher.hub.pool.for_path(sandbox).run(prepare_sandbox, sandbox, files, timeout=30)
+    except (OSError, IOPoolError) as exc:
+        raise LaunchError(f"cannot create the pilot sandbox {sandbox}: {exc}") from exc
 
 
 class LocalLauncher(Launcher):
     def __init__(self, hub, pilot) -> None:
         super().__init__(hub, pilot)
         self.child: Child | None = None
-        self.sandbox = pilot.sandbox
-        self.err_path = os.path.join(self.sandbox, "agent.err")
-        self.out_path = os.path.join(self.sandbox, "agent.out")
+        self.sandbox: str | None = None  # set once launch made it (ours, private)
+
+    @property
+    def err_path(self) -> str:
+        return os.path.join(self.sandbox or self.pilot.sandbox, "agent.err")
+
+    @property
+    def out_path(self) -> str:
+        return os.path.join(self.sandbox or self.pilot.sandbox, "agent.out")
 
     def launch(self) -> None:
         hub = self.hub
-        cfg = self.agent_config(hub.address, self.sandbox)
-        cfg_path = os.path.join(self.sandbox, "agent.json")
-        disk = hub.pool.for_path(self.sandbox)
-        try:
-            disk.run(write_private_json, cfg_path, cfg, timeout=30)
-        except OSError as exc:
-            raise LaunchError(f"cannot create the pilot sandbox {self.sandbox}: {exc}") from exc
+        sandbox = local_sandbox_path(self)
+        make_local_sandbox(self, sandbox, self.agent_config(hub.address, sandbox))
+        self.sandbox = sandbox
+        cfg_path = os.path.join(sandbox, AGENT_CONFIG)
         env = dict(os.environ)
         env["PYTHONPATH"] = _RPG_ROOT + (os.pathsep + env["PYTHONPATH"]
                                          if env.get("PYTHONPATH") else "")
@@ -79,8 +101,13 @@ class LocalLauncher(Launcher):
         child = self.child
         if child is not None and child.returncode is None and child.wait(timeout=grace) is None:
             child.terminate(grace=2.0)
-        # Units live in their own sessions; if the agent died hard they are orphans now.
-        killed = self.hub.pool.spawn.run(kill_pilot_processes, self.key, timeout=30)
+        if self.sandbox is None:
+            return  # nothing of ours started (a sandbox refused is not ours to sweep)
+        # Units live in their own sessions; if the agent died hard they are orphans now. A
+        # daemon that cleared its environment is still found by its cwd in the sandbox.
+        killed = self.hub.pool.spawn.run(kill_pilot_processes, self.key, self.sandbox,
+                                         timeout=30)
         if killed:
             self.hub.log.warning("orphan_unit_processes_killed", pilot=self.pilot.uid,
                                  count=killed)
+        self.forget_token(self.sandbox)

@@ -32,8 +32,8 @@ from gevent.event import Event
 
 from rpg.agent.cleanup import kill_pilot_processes
 from rpg.agent.executor import read_tail
-from rpg.hub.launchers.base import Launcher, LaunchError
-from rpg.hub.launchers.local import _RPG_ROOT, write_private_json
+from rpg.hub.launchers.base import AGENT_CONFIG, AgentFile, Launcher, LaunchError
+from rpg.hub.launchers.local import _RPG_ROOT, local_sandbox_path, make_local_sandbox
 from rpg.io_pool import IOPoolError, blocking
 
 SLURM_LANE = "slurm"
@@ -75,13 +75,6 @@ def run_command(argv: list[str], timeout: float = COMMAND_TIMEOUT) -> tuple[int,
         raise SlurmCommandError(f"{argv[0]} did not finish within {timeout:g} s "
                                 f"(slurmctld busy or unreachable?)") from None
     return (proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
-
-
-def write_batch_script(path: str, text: str) -> None:
-    """Write the batch script, executable by its owner only. Blocking."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
 
 
 # -- pure helpers ----------------------------------------------------------------------------------
@@ -127,11 +120,8 @@ def _tail_lines(text: str, n: int = 5, width: int = 300) -> list[str]:
 class SlurmLauncher(Launcher):
     def __init__(self, hub: Any, pilot: Any) -> None:
         super().__init__(hub, pilot)
-        self.sandbox = pilot.sandbox
-        self.err_path = os.path.join(self.sandbox, "agent.err")
-        self.out_path = os.path.join(self.sandbox, "agent.out")
-        self.script_path = os.path.join(self.sandbox, "agent.slurm")
-        self.cfg_path = os.path.join(self.sandbox, "agent.json")
+        self._paths(pilot.sandbox)  # again in launch, once ~ is expanded
+        self._made = False  # the sandbox is ours (made or checked, agent files written)
         self.comment = f"rpg:{hub.session_uid}:{pilot.uid}"
         self.job_id: str | None = None
         self.job: dict[str, str] = {}  # last scontrol record
@@ -140,6 +130,13 @@ class SlurmLauncher(Launcher):
         self._poke = Event()
         self._follower: Any = None
         self._end_reason: str | None = None
+
+    def _paths(self, sandbox: str) -> None:
+        self.sandbox = sandbox
+        self.err_path = os.path.join(sandbox, "agent.err")
+        self.out_path = os.path.join(sandbox, "agent.out")
+        self.script_path = os.path.join(sandbox, "agent.slurm")
+        self.cfg_path = os.path.join(sandbox, AGENT_CONFIG)
 
     @property
     def lane(self) -> Any:
@@ -190,14 +187,12 @@ class SlurmLauncher(Launcher):
             raise LaunchError(f"resource {p.desc['resource']!r}: submitting through an SSH login "
                               f"node is not supported yet; use resource='slurm' where sbatch "
                               f"runs on this machine")
+        self._paths(local_sandbox_path(self))
         cfg = self.agent_config(hub.address, self.sandbox)
         cfg["resource_manager"] = "slurm"
-        disk = hub.pool.for_path(self.sandbox)
-        try:
-            disk.run(write_private_json, self.cfg_path, cfg, timeout=30)
-            disk.run(write_batch_script, self.script_path, self.batch_script(), timeout=30)
-        except (OSError, IOPoolError) as exc:
-            raise LaunchError(f"cannot write the pilot sandbox {self.sandbox}: {exc}") from exc
+        script = AgentFile("agent.slurm", self.batch_script().encode(), 0o700)
+        make_local_sandbox(self, self.sandbox, cfg, [script])
+        self._made = True
         argv = self.sbatch_argv()
         # sbatch runs in a thread: if this greenlet is killed meanwhile the job may still be
         # submitted, so wait for sbatch and keep the job id; stop() then cancels the job.
@@ -327,9 +322,12 @@ class SlurmLauncher(Launcher):
             if self.job_id is not None:
                 # Units run in sessions of their own and SLURM does not kill those that outlive
                 # the job. This scans the hub's machine only (see the module docstring).
-                killed = self.hub.pool.spawn.run(kill_pilot_processes, self.key, timeout=30)
+                killed = self.hub.pool.spawn.run(kill_pilot_processes, self.key, self.sandbox,
+                                                 timeout=30)
                 if killed:
                     log.warning("orphan_unit_processes_killed", pilot=uid, count=killed)
+            if self._made:  # a job canceled while queued never read its token
+                self.forget_token(self.sandbox)
 
     def _scancel(self) -> None:
         log = self.hub.log

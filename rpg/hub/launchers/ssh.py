@@ -19,7 +19,6 @@ import base64
 import getpass
 import hashlib
 import io
-import json
 import os
 import posixpath
 import queue
@@ -40,7 +39,7 @@ import gevent
 from gevent.event import Event
 
 from rpg.description import split_url
-from rpg.hub.launchers.base import Launcher, LaunchError
+from rpg.hub.launchers.base import AGENT_TOKEN, Launcher, LaunchError
 
 if TYPE_CHECKING:
     import paramiko
@@ -738,11 +737,20 @@ class SSHLauncher(Launcher):
             "  printf 'remote python %s not found on %s (PATH=%s)\\n' "
             f"{q(self.python)} \"$(hostname)\" \"$PATH\" >&2; exit 91\nfi\n"
             f"sb={root_expr}/{q(self.hub.session_uid)}/{q(self.pilot.uid)}\n"
+            # A pre-existing sandbox must be a real directory of ours nobody else can write to
+            # (anyone who can could plant links where the agent's files go).
+            'if [ -L "$sb" ]; then printf \'pilot sandbox %s is a symbolic link: refusing it\\n\' '
+            '"$sb" >&2; exit 93; fi\n'
             'mkdir -p -- "$sb" || exit 90\n'
-            'cd -- "$sb" || exit 90\n'
+            'cd -P -- "$sb" || exit 90\n'
+            "set -- $(ls -ldn .)\n"
+            'case "$1" in ?????w*|????????w*) printf \'pilot sandbox %s is writable by group or '
+            "others (%s): refusing it\\n' \"$sb\" \"$1\" >&2; exit 93;; esac\n"
+            'if [ "$3" != "$(id -u)" ]; then printf \'pilot sandbox %s is owned by uid %s, not '
+            "by this user: refusing it\\n' \"$sb\" \"$3\" >&2; exit 93; fi\n"
             "pwd -P\n")
         rc, out, err = conn.run(script)
-        if rc == 91:
+        if rc in (91, 93):
             raise LaunchError(f"ssh {self.target.label}: {_tail_lines(err)}")
         if rc != 0 or not out.strip().startswith("/"):
             raise LaunchError(f"ssh {self.target.label}: cannot create the remote pilot "
@@ -759,9 +767,17 @@ class SSHLauncher(Launcher):
         with conn.sftp() as sftp:
             sftp.putfo(io.BytesIO(tarball), posixpath.join(sb, "rpg.tar.gz"),
                        file_size=len(tarball))
-            with sftp.open(posixpath.join(sb, "agent.json"), "w") as fh:
-                fh.chmod(0o600)  # before the token is in it
-                fh.write(json.dumps(cfg))
+            # Each agent file (the token in its own) created exclusively (O_CREAT|O_EXCL: never
+            # through a planted link), owner-only before anything is written to it.
+            for f in self.agent_files(cfg):
+                path = posixpath.join(sb, f.name)
+                with suppress(FileNotFoundError):
+                    sftp.lstat(path)
+                    raise LaunchError(f"ssh {self.target.label}: pilot sandbox {sb} already "
+                                      f"holds {f.name}: refusing it")
+                with sftp.open(path, "wx") as fh:
+                    fh.chmod(f.mode)
+                    fh.write(f.data)
 
     def _b_start(self, conn: SSHConnection) -> None:
         assert self.sandbox is not None
@@ -858,12 +874,15 @@ class SSHLauncher(Launcher):
                 f"if alive; then kill -KILL {self.agent_pid} 2>/dev/null; echo agent_killed; fi\n")
         # Units live in their own sessions: whatever is left of them (the agent died hard, or
         # never heard the end) carries RPG_PILOT_KEY; rpg.agent.cleanup finds it in /proc.
+        # A daemon that cleared its environment is still found by its cwd in the sandbox.
         sweep = ("import sys; from rpg.agent.cleanup import kill_pilot_processes; "
-                 "print(kill_pilot_processes(sys.argv[1]))")
+                 "print(kill_pilot_processes(sys.argv[1], sys.argv[2]))")
         parts.append(
             f"echo swept $(PYTHONPATH={q(sb + '/lib')} {q(self.python)} -c {q(sweep)} "
-            f"{q(self.key)} 2>/dev/null)\n")
-        if not keep:
+            f"{q(self.key)} {q(sb)} 2>/dev/null)\n")
+        if keep:  # the agent deletes its token file when it starts; one that never did
+            parts.append(f"rm -f -- {q(posixpath.join(sb, AGENT_TOKEN))}\n")
+        else:
             parts.append(f"rm -rf -- {q(sb)} && echo removed\n"
                          f"rmdir -- {q(posixpath.dirname(sb))} 2>/dev/null\n")
         parts.append("exit 0\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import uuid
 
 import psutil
@@ -201,6 +202,7 @@ def test_a_second_pilot_in_a_sandbox_already_in_use_fails_with_a_reason(tmp_path
 
 def test_a_setsid_daemon_with_a_cleared_environment_is_killed_at_pilot_end(tmp_path):
     daemons: list[psutil.Process] = []
+    bystander = None
     try:
         with rpg.Session(sandbox=str(tmp_path / "s")) as session:
             pilot, umgr = run_pilot(session)
@@ -217,12 +219,20 @@ def test_a_setsid_daemon_with_a_cleared_environment_is_killed_at_pilot_end(tmp_p
             assert daemons[0].cmdline() == ["sleep", "307"]
             assert "RPG_PILOT_KEY" not in daemons[0].environ()  # nothing to find it by
             assert daemons[0].cwd() == u.sandbox
+            # Not a unit's: in the pilot sandbox itself (which could be a shared place, ~ say),
+            # no marker, no terminal. The sweep leaves it alone.
+            bystander = subprocess.Popen(["sleep", "311"], cwd=pilot.sandbox, env={},
+                                         start_new_session=True)
         gone, alive = psutil.wait_procs(daemons, timeout=5)
         print(f"\ndaemon {daemons[0].pid}: {'killed' if gone else 'still running'}")
         assert alive == [], "the env -i setsid daemon outlived its pilot"
+        assert bystander.poll() is None, "a process outside the unit sandboxes was killed"
     finally:
         for p in daemons:
             try:
                 p.kill()
             except psutil.Error:
                 pass
+        if bystander is not None:
+            bystander.kill()
+            bystander.wait()

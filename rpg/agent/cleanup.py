@@ -6,9 +6,10 @@ are reparented away from it. Each unit's environment has ``RPG_PILOT_KEY`` (sess
 pilot uid: pilot uids repeat across sessions); scanning /proc for it finds the orphans wherever
 they went. A daemon that cleared its environment (``env -i setsid ...``) loses the marker, so a
 second one counts too: a process of this user, without a controlling terminal (an interactive
-shell that ``cd``-ed into the sandbox is spared), whose cwd is inside the pilot sandbox (units
-start in their unit sandbox under it). A process that both cleared its environment and left
-the sandbox escapes. Blocking (reads /proc): run it in a lane or a process.
+shell that ``cd``-ed there is spared), whose cwd is inside a unit sandbox of the pilot
+(``<pilot sandbox>/unit.*``: units start there; the pilot sandbox itself may be a directory
+others use too, such as ``~``). A process that both cleared its environment and left its unit
+sandbox escapes. Blocking (reads /proc): run it in a lane or a process.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def pilot_key(session_uid: str, pilot_uid: str) -> str:
 
 def pilot_processes(key: str, sandbox: str | None = None) -> list[int]:
     """Live processes whose environment carries ``RPG_PILOT_KEY=key``, and, given the pilot's
-    ``sandbox``, this user's processes without a terminal whose cwd is inside it."""
+    ``sandbox``, this user's processes without a terminal whose cwd is in one of its unit
+    sandboxes."""
     if "/" not in key:
         raise ValueError(f"pilot_processes needs a session/pilot key (pilot_key()), got {key!r}: "
                          "a bare pilot uid would match other sessions' pilots too")
@@ -53,14 +55,17 @@ def pilot_processes(key: str, sandbox: str | None = None) -> list[int]:
     return found
 
 
+UNIT_SANDBOX_PREFIX = "unit."  # a unit's sandbox is <pilot sandbox>/<unit uid>
+
+
 def _works_in(pid: str, root: str, uid: int) -> bool:
-    """The process belongs to ``uid`` and its cwd is ``root`` or below it."""
+    """The process belongs to ``uid`` and its cwd is in a unit sandbox under ``root``."""
     if os.stat(f"/proc/{pid}").st_uid != uid:
         return False
     cwd = os.readlink(f"/proc/{pid}/cwd")
     if cwd.endswith(" (deleted)"):
         cwd = cwd[: -len(" (deleted)")]
-    return cwd == root or cwd.startswith(root.rstrip("/") + "/")
+    return cwd.startswith(root.rstrip("/") + "/" + UNIT_SANDBOX_PREFIX)
 
 
 def _self_and_ancestors() -> set[int]:

@@ -124,13 +124,11 @@ def _check_unused(path: str, dfd: int, files: list[AgentFile]) -> None:
             st = os.lstat(f.name, dir_fd=dfd)
         except FileNotFoundError:
             continue
-        owner = ""
-        if f.name == AGENT_CONFIG and stat.S_ISREG(st.st_mode):
-            owner = _config_owner(dfd)
-        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "there"
-        raise LaunchError(f"pilot sandbox {path} already holds {f.name} ({kind}{owner}): it is, "
-                          f"or was, another pilot's sandbox; give each pilot a sandbox of its "
-                          f"own, or remove this one")
+        what = " (a symbolic link)" if stat.S_ISLNK(st.st_mode) else \
+            _config_owner(dfd) if f.name == AGENT_CONFIG and stat.S_ISREG(st.st_mode) else ""
+        raise LaunchError(f"pilot sandbox {path} already holds {f.name}{what}: it is, or was, "
+                          f"another pilot's sandbox; give each pilot a sandbox of its own, or "
+                          f"remove this one")
 
 
 def _config_owner(dfd: int) -> str:
@@ -138,7 +136,7 @@ def _config_owner(dfd: int) -> str:
         fd = os.open(AGENT_CONFIG, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         with os.fdopen(fd, "rb") as fh:
             cfg = json.loads(fh.read(1 << 20))
-        return f", of pilot {cfg['pilot_uid']} of session {cfg['session_uid']}"
+        return f" (of pilot {cfg['pilot_uid']} of session {cfg['session_uid']})"
     except (OSError, ValueError, KeyError, TypeError):
         return ""
 

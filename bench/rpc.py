@@ -25,7 +25,6 @@ import zerorpc
 import rpg
 from bench._common import emit
 from rpg import states
-from rpg.hub.records import PilotRecord, UnitRecord
 
 AGENT_STATES = [states.STAGING_IN, states.SCHEDULING, states.EXECUTING, states.STAGING_OUT,
                 states.DONE]
@@ -35,20 +34,18 @@ def setup(hub, n: int, tag: str) -> tuple[str, str, list[str]]:
     """A registered pilot with n units in flight (runs on the hub loop)."""
     token = secrets.token_urlsafe(32)
     pid = f"pilot.bench{tag}"
-    p = PilotRecord(pid, "pmgr.bench", rpg.PilotDescription(cores=n).as_dict(), token,
-                    hub.sandbox)
-    hub.pilots[pid] = p
+    p = hub.ledger.new_pilot(pid, "pmgr.bench", rpg.PilotDescription(cores=n).as_dict(), token,
+                             hub.sandbox)
     for s in (states.LAUNCHING, states.PENDING, states.ACTIVE):
-        hub.emit("pilot", p, s, "bench")
+        hub.ledger.move("pilot", p, s, "bench")
     p.last_seen = time.time()
     desc = rpg.UnitDescription(executable="/bin/true").as_dict()
     for i in range(n):
         if i % 200 == 0:
             gevent.sleep(0)  # setup runs on the hub loop: let it breathe
         uid = f"unit.bench{tag}.{i:06d}"
-        u = UnitRecord(uid, "umgr.bench", desc)
-        hub.units[uid] = u
-        hub.emit("unit", u, states.BOUND, "bench")
+        u = hub.ledger.new_unit(uid, "umgr.bench", desc, time.time())
+        hub.ledger.move("unit", u, states.BOUND, "bench")
         u.pilot, u.at_agent = pid, True
         p.in_flight.add(uid)
     return pid, token, [f"unit.bench{tag}.{i:06d}" for i in range(n)]

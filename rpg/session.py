@@ -99,6 +99,7 @@ class _Entity:
         self.uid = uid
         self.state = states.NEW
         self.reason: str | None = None
+        self.reason_code: str | None = None  # what decided it (rpg.states.Why), beside the words
         self.history: list[tuple[str, float]] = [(states.NEW, time.time())]
         self._mgr = mgr
 
@@ -129,7 +130,7 @@ class Unit(_Entity):
     _kind = "unit"
     _states = states.UNIT_STATES
     _fields = frozenset({"exit_code", "stdout", "stderr", "sandbox", "pilot", "reason",
-                         "restarts"})
+                         "reason_code", "restarts"})
 
     def __init__(self, uid: str, description: UnitDescription, mgr: "UnitManager") -> None:
         super().__init__(uid, mgr)
@@ -155,7 +156,7 @@ class Unit(_Entity):
 class Pilot(_Entity):
     _kind = "pilot"
     _states = states.PILOT_STATES
-    _fields = frozenset({"reason", "sandbox", "pid", "host"})
+    _fields = frozenset({"reason", "reason_code", "sandbox", "pid", "host"})
 
     def __init__(self, uid: str, description: PilotDescription, mgr: "PilotManager") -> None:
         super().__init__(uid, mgr)
@@ -516,8 +517,7 @@ class UnitManager(_Manager):
         s = self._session
         if s._closed:
             return
-        args: tuple = (None, "canceled by the application", self.uid) if uids is None else \
-            ([u.uid for u in self._select(uids)],)
+        args: tuple = (None, self.uid) if uids is None else ([u.uid for u in self._select(uids)],)
         try:
             s._post(s.hub.cancel_units, *args)
         except SessionClosed:

@@ -9,6 +9,8 @@ callback fires once per state, in order.
 
 from __future__ import annotations
 
+from enum import Enum
+
 
 class IllegalTransition(ValueError):
     """A state change that the table does not allow."""
@@ -75,14 +77,22 @@ def path(kind: str, old: str, new: str) -> list[str]:
     states = UNIT_STATES if kind == "unit" else PILOT_STATES
     if new not in states:
         raise IllegalTransition(f"{kind}: unknown state {new!r}")
+    if old not in states:
+        raise IllegalTransition(f"{kind} state {old!r} is not a {kind} state")
     if old in FINAL:
         raise IllegalTransition(f"{kind}: illegal transition {old} -> {new} (already final)")
     if new in (FAILED, CANCELED):
-        return [new]
-    i, j = order.index(old), order.index(new)
-    if j <= i:
-        raise IllegalTransition(f"{kind}: illegal transition {old} -> {new} (backwards)")
-    return list(order[i + 1 : j + 1])
+        steps = [new]
+    else:
+        i, j = order.index(old), order.index(new)
+        if j <= i:
+            raise IllegalTransition(f"{kind}: illegal transition {old} -> {new} (backwards)")
+        steps = list(order[i + 1 : j + 1])
+    prev = old
+    for st in steps:  # every step is one the table allows
+        check(kind, prev, st)
+        prev = st
+    return steps
 
 
 RESTARTABLE_FROM = frozenset({BOUND, STAGING_IN, SCHEDULING, EXECUTING, STAGING_OUT})
@@ -93,3 +103,22 @@ def check_restart(kind: str, old: str) -> None:
     one edge that goes back. Its callbacks then see the states of the new attempt."""
     if kind != "unit" or old not in RESTARTABLE_FROM:
         raise IllegalTransition(f"{kind}: cannot restart from {old}")
+
+
+class Why(str, Enum):
+    """The code a reason carries beside its words: what decides, where the words only tell."""
+
+    CANCELED = "canceled"  # the application asked
+    SESSION_CLOSED = "session_closed"
+    NO_PILOT = "no_pilot"  # no pilot of its unit manager is left, or none can ever fit it
+    UNSENDABLE = "unsendable"  # its description cannot be encoded for an agent
+    CLIENT_STAGING = "client_staging"  # the launcher could not move its client:// files
+    PILOT_ENDED = "pilot_ended"  # its pilot ended under it
+    RESTART = "restart"  # its pilot died; it starts over
+    AGENT = "agent"  # the agent's words: exit code, timeout, staging, signal
+    RUNTIME_ENDED = "runtime_ended"  # pilot: its runtime or walltime ran out
+    AGENT_DIED = "agent_died"  # pilot: the agent ended without being asked
+    HEARTBEAT_LOST = "heartbeat_lost"
+    BOOTSTRAP = "bootstrap"  # pilot: the agent never called in
+    LAUNCH_FAILED = "launch_failed"
+    INTERNAL = "internal"

@@ -7,7 +7,6 @@ callback thread drains. Everything blocking (disk, spawn, network) goes to the h
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from typing import Any, Callable
@@ -18,14 +17,17 @@ import zmq
 from gevent.event import Event
 
 from rpg import states, threads
+from rpg.hub.binding import Binding
 from rpg.hub.lifecycle import PilotLifecycle, UnitLifecycle
-from rpg.hub.records import PilotRecord, UnitRecord
+from rpg.hub.records import Ledger, PilotRecord, UnitRecord
 from rpg.hub.service import HubService
 from rpg.io_pool import IOPool, LoopWatch
 from rpg.log import ProfileWriter, SparseWarning, get_logger
 from rpg.rpc import no_zero_copy, wire_problem
+from rpg.states import Why
 
 PROFILE_FLUSH_S = 0.2
+CANCEL_WORDS = {Why.CANCELED: "canceled by the application", Why.SESSION_CLOSED: "session closed"}
 SUBMIT_SLICE = 500  # units a submit takes per loop iteration: 20,000 at once held the loop 0.45 s
 
 
@@ -45,11 +47,10 @@ class Hub:
         self.address: str | None = None
         self.events = events
         self.profile = ProfileWriter(os.path.join(sandbox, "profile.jsonl"))
-        self.units: dict[str, UnitRecord] = {}
-        self.pilots: dict[str, PilotRecord] = {}
-        self.umgr_pilots: dict[str, list[str]] = {}
-        self._rr = itertools.count()
-        self._pilots_changed = Event()
+        self.ledger = Ledger(self.profile, events)  # the one place records change state
+        self.units = self.ledger.units
+        self.pilots = self.ledger.pilots
+        self.binding = Binding(self.pilots)
         # Accepted, not yet made into records (a big submit is taken in slices): uid -> [umgr,
         # cancel reason or None], so a cancel that arrives meanwhile reaches them too.
         self.pending_units: dict[str, list[Any]] = {}
@@ -193,56 +194,7 @@ class Hub:
             except Exception as exc:  # a full disk: the writer keeps the events and retries
                 warn(error=str(exc), pending=self.profile.pending())
 
-    # -- state changes ---------------------------------------------------------------------------
-
-    def emit(self, kind: str, rec: Any, new: str, component: str, ts: float | None = None,
-             **fields: Any) -> None:
-        """Move ``rec`` to ``new`` (filling skipped states) and deliver each step once."""
-        steps = states.path(kind, rec.state, new)
-        ts = ts or time.time()
-        for st in steps:
-            rec.state = st
-            extra = fields if st == new else {}
-            self.profile.add(ts, rec.uid, st, component, **extra)
-            self.events.put((kind, rec.uid, st, ts, extra))
-
-    def unit_final(self, unit: UnitRecord, state: str, component: str, reason: str | None = None,
-                   ts: float | None = None, **fields: Any) -> None:
-        """End a unit (idempotent): fields, the final event, pilot bookkeeping."""
-        if states.is_final(unit.state):
-            return
-        if reason is not None:
-            unit.reason = reason
-            fields["reason"] = reason
-        for k in ("exit_code", "stdout", "stderr", "sandbox"):
-            if k in fields:
-                setattr(unit, k, fields[k])
-        self.emit("unit", unit, state, component, ts=ts, **fields)
-        pilot = self.pilots.get(unit.pilot) if unit.pilot else None
-        if pilot is not None:
-            pilot.in_flight.discard(unit.uid)
-            pilot.load_cores -= int(unit.desc["cores"])
-        unit.final.set()
-        unit.wake.set()
-
-    def restart_unit(self, unit: UnitRecord, reason: str) -> None:
-        """A restartable unit whose pilot died goes back to NEW and is bound again."""
-        pilot = self.pilots.get(unit.pilot) if unit.pilot else None
-        if pilot is not None:
-            pilot.in_flight.discard(unit.uid)
-            pilot.load_cores -= int(unit.desc["cores"])
-        unit.pilot = None
-        unit.at_agent = False
-        unit.done_at_agent = None
-        unit.restarts += 1
-        states.check_restart("unit", unit.state)
-        unit.state = states.NEW
-        ts = time.time()
-        fields = {"reason": f"restarting: {reason}", "restarts": unit.restarts}
-        self.profile.add(ts, unit.uid, states.NEW, "hub", **fields)
-        self.events.put(("unit", unit.uid, states.NEW, ts, fields))
-        unit.restart = True
-        unit.wake.set()
+    # -- what the agent says ---------------------------------------------------------------------
 
     def agent_final(self, unit: UnitRecord, state: str, ts: float, fields: dict[str, Any]) -> None:
         """The agent says a unit ended. Output that goes back to the application's machine
@@ -253,47 +205,14 @@ class Hub:
             unit.done_at_agent = (state, ts, fields)
             unit.wake.set()
         else:
-            self.unit_final(unit, state, "agent", ts=ts, **fields)
+            self.end_unit_as_agent_said(unit, state, ts, fields)
 
-    # -- binding ---------------------------------------------------------------------------------
-
-    def pilots_changed(self) -> None:
-        ev, self._pilots_changed = self._pilots_changed, Event()
-        ev.set()
-
-    def wait_pilots_changed(self, timeout: float | None = None) -> None:
-        self._pilots_changed.wait(timeout)
-
-    def choose_pilot(self, unit: UnitRecord) -> tuple[PilotRecord | None, str | None]:
-        """(pilot, None) to bind to, (None, None) to wait, or (None, reason) to fail."""
-        uids = self.umgr_pilots.get(unit.umgr, [])
-        pilots = [self.pilots[u] for u in uids if u in self.pilots]
-        if not pilots:
-            return None, None
-        want_cores = int(unit.desc["cores"])
-        want_gpus = int(unit.desc["gpus"])
-        tags = unit.desc.get("tags") or {}
-        live = [p for p in pilots if p.active()]
-        if not live:
-            if unit.desc.get("restartable"):
-                return None, None  # waits for a pilot to be added
-            return None, "no pilot left to run it: every pilot of its unit manager has ended"
-        fits = [p for p in live if p.cores >= want_cores and int(p.desc["gpus"]) >= want_gpus
-                and _tags_match(tags, p)]
-        if not fits:
-            return None, (f"no pilot can run it: it needs {want_cores} cores, {want_gpus} gpus"
-                          f"{', tags ' + repr(tags) if tags else ''}")
-        start = next(self._rr) % len(fits)
-        ordered = fits[start:] + fits[:start]
-        for p in ordered:
-            if p.load_cores + want_cores <= p.cores:
-                return p, None
-        return min(ordered, key=lambda p: p.load_cores / p.cores), None
-
-    def bind(self, unit: UnitRecord, pilot: PilotRecord) -> None:
-        unit.pilot = pilot.uid
-        pilot.load_cores += int(unit.desc["cores"])
-        self.emit("unit", unit, states.BOUND, "hub", pilot=pilot.uid)
+    def end_unit_as_agent_said(self, unit: UnitRecord, state: str, ts: float,
+                               fields: dict[str, Any]) -> None:
+        fields = dict(fields)
+        code = fields.pop("reason_code", None)
+        why = Why(code) if code else (None if state == states.DONE else Why.AGENT)
+        self.ledger.end_unit(unit, state, "agent", why, ts=ts, **fields)
 
     def enqueue(self, unit: UnitRecord, pilot: PilotRecord) -> None:
         """Hand a bound unit to its pilot's queue; the agent's next pull takes it."""
@@ -305,27 +224,18 @@ class Hub:
     def submit_pilots(self, pmgr: str, items: list[tuple[str, dict[str, Any], str]]) -> None:
         for uid, desc, token in items:
             sandbox = desc.get("sandbox") or os.path.join(self.sandbox, uid)
-            rec = PilotRecord(uid, pmgr, desc, token, sandbox)
-            self.pilots[uid] = rec
-            self.profile.add(time.time(), uid, states.NEW, "hub", resource=desc["resource"])
+            rec = self.ledger.new_pilot(uid, pmgr, desc, token, sandbox)
             rec.greenlet = gevent.spawn(PilotLifecycle(self, rec).run)
-        self.pilots_changed()
+        self.binding.changed()
 
     def add_pilots(self, umgr: str, uids: list[str]) -> None:
-        lst = self.umgr_pilots.setdefault(umgr, [])
-        for uid in uids:
-            if uid not in lst:
-                lst.append(uid)
-        self.pilots_changed()
+        self.binding.add(umgr, uids)
 
     def remove_pilots(self, umgr: str, uids: list[str]) -> None:
-        lst = self.umgr_pilots.setdefault(umgr, [])
-        self.umgr_pilots[umgr] = [u for u in lst if u not in uids]
-        self.pilots_changed()
+        self.binding.remove(umgr, uids)
 
     def submit_units(self, umgr: str, items: list[tuple[str, dict[str, Any]]]) -> None:
         """Make a record and a lifecycle per unit, in slices that let other calls run."""
-        self.umgr_pilots.setdefault(umgr, [])
         pending = self.pending_units
         for uid, _ in items:
             pending[uid] = [umgr, None]
@@ -337,46 +247,46 @@ class Hub:
                     gevent.sleep(0)
                 now = time.time()
                 for uid, desc in items[start:start + SUBMIT_SLICE]:
-                    cancel = pending.pop(uid, [None, None])[1]
-                    self._new_unit(uid, umgr, desc, now, cancel)
+                    self._new_unit(uid, umgr, desc, now, pending.pop(uid, [None, None])[1])
         finally:
             self._submitters.discard(me)
 
     def _new_unit(self, uid: str, umgr: str, desc: dict[str, Any], now: float,
-                  cancel: str | None) -> None:
-        rec = UnitRecord(uid, umgr, desc)
-        self.units[uid] = rec
-        self.profile.add(now, uid, states.NEW, "hub")
+                  cancel: Why | None) -> None:
+        rec = self.ledger.new_unit(uid, umgr, desc, now)
         problem = wire_problem(desc)
         if problem is not None:
             # It could never reach an agent; one unit's content must not fail a pilot's pull.
-            self.unit_final(rec, states.FAILED, "hub",
-                            reason=f"the description cannot be sent to an agent: {problem}")
+            self.ledger.end_unit(rec, states.FAILED, "hub", Why.UNSENDABLE,
+                                 f"the description cannot be sent to an agent: {problem}")
             return
-        rec.cancel_reason = cancel
+        if cancel is not None:  # canceled while its submit was still being taken in
+            rec.cancel_why, rec.cancel_reason = cancel, CANCEL_WORDS[cancel]
         rec.greenlet = gevent.spawn(UnitLifecycle(self, rec).run)
 
-    def cancel_units(self, uids: list[str] | None, reason: str = "canceled by the application",
-                     umgr: str | None = None) -> None:
+    def cancel_units(self, uids: list[str] | None, umgr: str | None = None,
+                     why: Why = Why.CANCELED) -> None:
+        """Cancel units by uid (or all of ``umgr``'s), also those of a submit still being
+        taken in."""
         pending = self.pending_units
         if uids is None:
             targets = [u for u in self.units.values() if umgr is None or u.umgr == umgr]
             for entry in pending.values():
                 if umgr is None or entry[0] == umgr:
-                    entry[1] = entry[1] or reason
+                    entry[1] = entry[1] or why
         else:
             targets = [self.units[u] for u in uids if u in self.units]
             for uid in uids:
                 entry = pending.get(uid)
                 if entry is not None:
-                    entry[1] = entry[1] or reason
+                    entry[1] = entry[1] or why
         for unit in targets:
-            self.cancel_unit(unit, reason)
+            self.cancel_unit(unit, why)
 
-    def cancel_unit(self, unit: UnitRecord, reason: str) -> None:
+    def cancel_unit(self, unit: UnitRecord, why: Why) -> None:
         if states.is_final(unit.state) or unit.cancel_reason is not None:
             return
-        unit.cancel_reason = reason
+        unit.cancel_why, unit.cancel_reason = why, CANCEL_WORDS[why]
         pilot = self.pilots.get(unit.pilot) if unit.pilot else None
         if unit.at_agent and pilot is not None and not states.is_final(pilot.state):
             pilot.cancels.append(unit.uid)
@@ -392,6 +302,7 @@ class Hub:
         for p in targets:
             if not states.is_final(p.state) and p.greenlet is not None:
                 p.final_state_hint = p.final_state_hint or states.CANCELED
+                p.final_why = p.final_why or Why.CANCELED
                 _stop(p.greenlet)
 
     def stats(self) -> dict[str, Any]:
@@ -409,25 +320,28 @@ class Hub:
     def _shutdown(self) -> None:
         self.log.info("hub_stopping", units=len(self.units), pilots=len(self.pilots))
         for entry in self.pending_units.values():  # a submit still being taken in slices
-            entry[1] = entry[1] or "session closed"
+            entry[1] = entry[1] or Why.SESSION_CLOSED
         gevent.joinall(list(self._submitters), timeout=30)
         live = [p for p in self.pilots.values() if not states.is_final(p.state)]
         for p in live:
             p.final_state_hint = p.final_state_hint or states.DONE
-            p.reason = p.reason or "session closed"
+            p.final_why = p.final_why or Why.SESSION_CLOSED
+            p.reason = p.reason or CANCEL_WORDS[Why.SESSION_CLOSED]
             if p.greenlet is not None:
                 _stop(p.greenlet)
         gevent.joinall([p.greenlet for p in live if p.greenlet is not None], timeout=30)
         for unit in list(self.units.values()):
             if not states.is_final(unit.state):
-                unit.cancel_reason = unit.cancel_reason or "session closed"
+                if unit.cancel_reason is None:
+                    unit.cancel_why = Why.SESSION_CLOSED
+                    unit.cancel_reason = CANCEL_WORDS[Why.SESSION_CLOSED]
                 if unit.greenlet is not None:
                     _stop(unit.greenlet)
         gevent.joinall([u.greenlet for u in self.units.values() if u.greenlet is not None],
                        timeout=10)
         for unit in self.units.values():  # belt and braces: nothing leaves without a final state
-            if not states.is_final(unit.state):
-                self.unit_final(unit, states.CANCELED, "hub", reason="session closed")
+            self.ledger.end_unit(unit, states.CANCELED, "hub", Why.SESSION_CLOSED,
+                                 CANCEL_WORDS[Why.SESSION_CLOSED])
 
 
 def _loop_thread(body: Callable[[], None]) -> Callable[[], None]:
@@ -459,14 +373,3 @@ def _stop(g: Any) -> None:
     finds the cancel flag set on its first step and ends itself."""
     if g.gr_frame is not None:
         g.kill(block=False)
-
-
-def _tags_match(tags: dict[str, str], pilot: PilotRecord) -> bool:
-    ptags = pilot.desc.get("tags") or {}
-    for k, v in tags.items():
-        if k == "pilot":
-            if v != pilot.uid:
-                return False
-        elif ptags.get(k) != v:
-            return False
-    return True

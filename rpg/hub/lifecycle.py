@@ -15,6 +15,7 @@ from gevent import GreenletExit
 
 from rpg import states
 from rpg.hub.launchers import LaunchError, launcher_for
+from rpg.states import Why
 
 if TYPE_CHECKING:
     from rpg.hub.hub import Hub
@@ -37,8 +38,8 @@ class UnitLifecycle:
             if not states.is_final(unit.state):
                 # Canceled before the agent had it (a queued entry is skipped by the next pull),
                 # or the session is closing.
-                hub.unit_final(unit, states.CANCELED, "hub",
-                               reason=unit.cancel_reason or "canceled")
+                hub.ledger.end_unit(unit, states.CANCELED, "hub", unit.cancel_why or Why.CANCELED,
+                                    unit.cancel_reason or "canceled")
             unit.greenlet = None
 
     def _attempt(self) -> bool:
@@ -47,14 +48,14 @@ class UnitLifecycle:
         while True:
             if unit.cancel_reason is not None:
                 raise GreenletExit()
-            pilot, why = hub.choose_pilot(unit)
+            pilot, why = hub.binding.choose(unit)
             if pilot is not None:
                 break
             if why is not None:
-                hub.unit_final(unit, states.FAILED, "hub", reason=why)
+                hub.ledger.end_unit(unit, states.FAILED, "hub", Why.NO_PILOT, why)
                 return False
-            hub.wait_pilots_changed(timeout=5.0)
-        hub.bind(unit, pilot)
+            hub.binding.wait_changed(timeout=5.0)
+        hub.ledger.bind(unit, pilot)
         launcher = pilot.launcher
         if (launcher is not None and launcher.has_stage_in(unit.desc)
                 and not self._client_staging(launcher.stage_in)):
@@ -69,7 +70,7 @@ class UnitLifecycle:
             if unit.done_at_agent is not None and not states.is_final(unit.state):
                 state, ts, fields = unit.done_at_agent
                 if self._client_staging(launcher.stage_out):
-                    hub.unit_final(unit, state, "agent", ts=ts, **fields)
+                    hub.end_unit_as_agent_said(unit, state, ts, fields)
         return False
 
     def _client_staging(self, step) -> bool:
@@ -80,7 +81,8 @@ class UnitLifecycle:
         except GreenletExit:
             raise
         except Exception as exc:
-            self.hub.unit_final(self.unit, states.FAILED, "hub", reason=f"client staging: {exc}")
+            self.hub.ledger.end_unit(self.unit, states.FAILED, "hub", Why.CLIENT_STAGING,
+                                     f"client staging: {exc}")
             return False
 
 
@@ -93,33 +95,34 @@ class PilotLifecycle:
 
     def run(self) -> None:
         hub, p = self.hub, self.pilot
-        final, reason = states.FAILED, None
+        final, why, reason = states.FAILED, Why.INTERNAL, None
         launcher = None
         try:
             if p.final_state_hint is not None:  # canceled before it ever ran
                 raise GreenletExit()
-            hub.emit("pilot", p, states.LAUNCHING, "hub", sandbox=p.sandbox)
+            hub.ledger.move("pilot", p, states.LAUNCHING, "hub", sandbox=p.sandbox)
             launcher = launcher_for(hub, p)
             p.launcher = launcher
             launcher.launch()
-            if p.state == states.LAUNCHING:
-                hub.emit("pilot", p, states.PENDING, "hub", sandbox=p.sandbox)  # may be remote
-            final, reason = self._wait_active(launcher)
+            if p.state == states.LAUNCHING:  # may be remote
+                hub.ledger.move("pilot", p, states.PENDING, "hub", sandbox=p.sandbox)
+            final, why, reason = self._wait_active(launcher)
             if final is None:
-                final, reason = self._watch(launcher)
+                final, why, reason = self._watch(launcher)
         except GreenletExit:
             final = p.final_state_hint or states.CANCELED
+            why = p.final_why or Why.CANCELED
             reason = p.reason or ("canceled by the application" if final == states.CANCELED
                                   else None)
         except LaunchError as exc:
-            final, reason = states.FAILED, str(exc)
+            final, why, reason = states.FAILED, Why.LAUNCH_FAILED, str(exc)
         except Exception as exc:
             hub.log.exception("pilot_lifecycle_error", pilot=p.uid)
-            final, reason = states.FAILED, f"internal error: {exc!r}"
+            final, why, reason = states.FAILED, Why.INTERNAL, f"internal error: {exc!r}"
         finally:
-            self._finish(launcher, final, reason)
+            self._finish(launcher, final, why, reason)
 
-    def _wait_active(self, launcher) -> tuple[str | None, str | None]:
+    def _wait_active(self, launcher) -> tuple[str | None, Why | None, str | None]:
         p = self.pilot
         deadline = time.monotonic() + launcher.bootstrap_timeout(self.BOOTSTRAP_TIMEOUT)
         while not p.registered.is_set():
@@ -127,14 +130,15 @@ class PilotLifecycle:
             if ended is not None:
                 if p.registered.is_set():  # it called in, then ended, within one poll
                     return self._ended(launcher, ended)
-                return states.FAILED, f"agent ended before calling in: {ended}"
+                return states.FAILED, Why.BOOTSTRAP, f"agent ended before calling in: {ended}"
             if launcher.queued():
                 deadline = time.monotonic() + launcher.bootstrap_timeout(self.BOOTSTRAP_TIMEOUT)
             if time.monotonic() > deadline:
-                return states.FAILED, "agent did not call in within the bootstrap timeout"
-        return None, None
+                return (states.FAILED, Why.BOOTSTRAP,
+                        "agent did not call in within the bootstrap timeout")
+        return None, None, None
 
-    def _watch(self, launcher) -> tuple[str, str | None]:
+    def _watch(self, launcher) -> tuple[str, Why, str]:
         p = self.pilot
         interval = float(p.desc["heartbeat_interval"])
         hb_timeout = float(p.desc["heartbeat_timeout"])
@@ -144,14 +148,16 @@ class PilotLifecycle:
                 return self._ended(launcher, ended)
             silent = time.time() - p.last_seen
             if silent > hb_timeout:
-                return states.FAILED, f"no heartbeat from the agent for {silent:.1f} s"
+                return (states.FAILED, Why.HEARTBEAT_LOST,
+                        f"no heartbeat from the agent for {silent:.1f} s")
 
-    def _ended(self, launcher, how: str) -> tuple[str, str]:
+    def _ended(self, launcher, how: str) -> tuple[str, Why, str]:
         if launcher.ended_cleanly():
-            return states.DONE, self.pilot.reason or "agent finished (runtime ended)"
-        return states.FAILED, f"agent died: {how}"
+            return (states.DONE, Why.RUNTIME_ENDED,
+                    self.pilot.reason or "agent finished (runtime ended)")
+        return states.FAILED, Why.AGENT_DIED, f"agent died: {how}"
 
-    def _finish(self, launcher, final: str, reason: str | None) -> None:
+    def _finish(self, launcher, final: str, why: Why, reason: str | None) -> None:
         hub, p = self.hub, self.pilot
         p.stopping = True
         p.stop_reason = (reason if final != states.CANCELED
@@ -164,23 +170,21 @@ class PilotLifecycle:
                 raise
             except Exception as exc:
                 hub.log.error("launcher_stop_failed", pilot=p.uid, error=str(exc))
-        # Whatever the agent did not report as final ends here, with the pilot's reason.
-        why = f"pilot {p.uid} ended ({final}): {reason or 'no reason given'}"
-        unit_state = states.FAILED if final == states.FAILED else states.CANCELED
-        if final == states.DONE and reason and "runtime" in reason:
-            unit_state = states.FAILED
+        # Whatever the agent did not report as final ends here, with the pilot's reason: a pilot
+        # that failed or ran out of time fails its units; one canceled or closed cancels them.
+        words = f"pilot {p.uid} ended ({final}): {reason or 'no reason given'}"
+        unit_state = (states.FAILED if final == states.FAILED or why == Why.RUNTIME_ENDED
+                      else states.CANCELED)
         for uid in list(p.in_flight) + list(p.queue):
             unit = hub.units.get(uid)
             if unit is None or states.is_final(unit.state):
                 continue
             if final == states.FAILED and unit.desc.get("restartable") \
                     and unit.cancel_reason is None:
-                hub.restart_unit(unit, why)
+                hub.ledger.restart_unit(unit, words)
             else:
-                hub.unit_final(unit, unit_state, "hub", reason=why)
+                hub.ledger.end_unit(unit, unit_state, "hub", Why.PILOT_ENDED, words)
         p.queue.clear()
-        p.reason = reason
-        if not states.is_final(p.state):
-            hub.emit("pilot", p, final, "hub", reason=reason)
-        hub.pilots_changed()
+        hub.ledger.end_pilot(p, final, why, reason)
+        hub.binding.changed()
         gevent.sleep(0)

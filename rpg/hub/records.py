@@ -1,19 +1,28 @@
-"""The hub's bookkeeping for one unit and one pilot (owned by the hub loop only)."""
+"""The hub's records of units and pilots, and the Ledger: the one place they change state.
+
+Lifecycles, the agent service and launchers never set a record's state themselves: they ask the
+Ledger, which checks every step against the table in ``rpg.states`` (an illegal one raises
+``IllegalTransition``), writes it to the profile, hands it to the session's event stream (each
+state once, in order: skipped ones are filled in), and keeps the pilot bookkeeping of a unit
+(cores bound, units in flight) in one place. Owned by the hub loop only.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
 from gevent.event import Event
 
 from rpg import states
+from rpg.states import Why
 
 
 class UnitRecord:
-    __slots__ = ("uid", "umgr", "desc", "state", "pilot", "greenlet", "final", "reason",
+    __slots__ = ("uid", "umgr", "desc", "state", "pilot", "greenlet", "reason", "reason_code",
                  "exit_code", "stdout", "stderr", "sandbox", "at_agent", "cancel_reason",
-                 "wake", "done_at_agent", "restart", "restarts")
+                 "cancel_why", "wake", "done_at_agent", "restart", "restarts")
 
     def __init__(self, uid: str, umgr: str, desc: dict[str, Any]) -> None:
         self.uid = uid
@@ -22,14 +31,15 @@ class UnitRecord:
         self.state = states.NEW
         self.pilot: str | None = None
         self.greenlet: Any = None
-        self.final = Event()
         self.reason: str | None = None
+        self.reason_code: str | None = None
         self.exit_code: int | None = None
         self.stdout: str | None = None
         self.stderr: str | None = None
         self.sandbox: str | None = None
         self.at_agent = False  # handed to the agent (pulled); cancel must go through it
         self.cancel_reason: str | None = None
+        self.cancel_why: Why | None = None
         self.wake = Event()  # the lifecycle greenlet has something to look at
         self.done_at_agent: tuple[str, float, dict[str, Any]] | None = None
         self.restart = False  # its pilot died; the lifecycle binds it again
@@ -39,8 +49,8 @@ class UnitRecord:
 class PilotRecord:
     __slots__ = ("uid", "pmgr", "desc", "state", "token", "sandbox", "queue", "in_flight",
                  "cancels", "wake", "last_seen", "registered", "launcher", "greenlet",
-                 "load_cores", "agent_info", "stopping", "reason", "final_state_hint",
-                 "rejected_calls", "stop_reason")
+                 "load_cores", "agent_info", "stopping", "reason", "reason_code",
+                 "final_state_hint", "final_why", "rejected_calls", "stop_reason")
 
     def __init__(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
                  sandbox: str) -> None:
@@ -62,7 +72,9 @@ class PilotRecord:
         self.agent_info: dict[str, Any] = {}
         self.stopping = False  # the hub asked the agent to shut down
         self.reason: str | None = None
-        self.final_state_hint: str | None = None
+        self.reason_code: str | None = None
+        self.final_state_hint: str | None = None  # how it ends when its greenlet is killed
+        self.final_why: Why | None = None
         self.rejected_calls = 0
         self.stop_reason = ""  # told to the agent with "shutdown"; its units end with it
 
@@ -72,3 +84,98 @@ class PilotRecord:
 
     def active(self) -> bool:
         return not states.is_final(self.state) and not self.stopping
+
+
+class Ledger:
+    """Every unit and pilot record of one hub, and every change of their states."""
+
+    def __init__(self, profile: Any, events: Any) -> None:
+        self.profile = profile
+        self.events = events
+        self.units: dict[str, UnitRecord] = {}
+        self.pilots: dict[str, PilotRecord] = {}
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def new_unit(self, uid: str, umgr: str, desc: dict[str, Any], ts: float) -> UnitRecord:
+        rec = self.units[uid] = UnitRecord(uid, umgr, desc)
+        self.profile.add(ts, uid, states.NEW, "hub")
+        return rec
+
+    def new_pilot(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
+                  sandbox: str) -> PilotRecord:
+        rec = self.pilots[uid] = PilotRecord(uid, pmgr, desc, token, sandbox)
+        self.profile.add(time.time(), uid, states.NEW, "hub", resource=desc["resource"])
+        return rec
+
+    # -- state changes ---------------------------------------------------------------------------
+
+    def move(self, kind: str, rec: Any, new: str, component: str, ts: float | None = None,
+             **fields: Any) -> None:
+        """Move ``rec`` to ``new`` (filling skipped states), each step checked by the table and
+        delivered once. Raises IllegalTransition for a step the table does not allow."""
+        steps = states.path(kind, rec.state, new)
+        ts = ts or time.time()
+        for st in steps:
+            rec.state = st
+            extra = fields if st == new else {}
+            self.profile.add(ts, rec.uid, st, component, **extra)
+            self.events.put((kind, rec.uid, st, ts, extra))
+
+    def bind(self, unit: UnitRecord, pilot: PilotRecord) -> None:
+        unit.pilot = pilot.uid
+        pilot.load_cores += int(unit.desc["cores"])
+        self.move("unit", unit, states.BOUND, "hub", pilot=pilot.uid)
+
+    def _release(self, unit: UnitRecord) -> None:
+        """The unit no longer counts on its pilot (it ended, or starts over)."""
+        pilot = self.pilots.get(unit.pilot) if unit.pilot else None
+        if pilot is not None:
+            pilot.in_flight.discard(unit.uid)
+            pilot.load_cores -= int(unit.desc["cores"])
+
+    def end_unit(self, unit: UnitRecord, state: str, component: str, why: Why | None,
+                 reason: str | None = None, ts: float | None = None, **fields: Any) -> bool:
+        """End a unit: its fields, the final event, its pilot's bookkeeping. False (and
+        nothing done) if it had ended already."""
+        if states.is_final(unit.state):
+            return False
+        if reason is not None:
+            unit.reason = fields["reason"] = reason
+        if why is not None:
+            unit.reason_code = fields["reason_code"] = why.value
+        for k in ("exit_code", "stdout", "stderr", "sandbox"):
+            if k in fields:
+                setattr(unit, k, fields[k])
+        self.move("unit", unit, state, component, ts=ts, **fields)
+        self._release(unit)
+        unit.wake.set()
+        return True
+
+    def restart_unit(self, unit: UnitRecord, reason: str) -> None:
+        """A restartable unit whose pilot died goes back to NEW (the table's one backward edge)
+        and its lifecycle binds it again."""
+        states.check_restart("unit", unit.state)
+        self._release(unit)
+        unit.pilot = None
+        unit.at_agent = False
+        unit.done_at_agent = None
+        unit.restarts += 1
+        unit.state = states.NEW
+        ts = time.time()
+        fields = {"reason": f"restarting: {reason}", "reason_code": Why.RESTART.value,
+                  "restarts": unit.restarts}
+        self.profile.add(ts, unit.uid, states.NEW, "hub", **fields)
+        self.events.put(("unit", unit.uid, states.NEW, ts, fields))
+        unit.restart = True
+        unit.wake.set()
+
+    def end_pilot(self, pilot: PilotRecord, state: str, why: Why | None,
+                  reason: str | None) -> None:
+        pilot.reason = reason
+        pilot.reason_code = why.value if why is not None else None
+        if not states.is_final(pilot.state):
+            fields: dict[str, Any] = {"reason": reason}
+            if why is not None:
+                fields["reason_code"] = why.value
+            self.move("pilot", pilot, state, "hub", **fields)

@@ -15,6 +15,7 @@ import gevent
 
 from rpg import states
 from rpg.log import SparseWarning
+from rpg.states import Why
 
 if TYPE_CHECKING:
     from rpg.hub.hub import Hub
@@ -25,7 +26,9 @@ MAX_PUSH = 20000
 MAX_WAIT_S = 5.0
 MAX_TEXT = 1 << 20
 YIELD_EVERY = 200
-UNIT_FIELDS = {"exit_code": int, "stdout": str, "stderr": str, "reason": str, "sandbox": str}
+UNIT_FIELDS = {"exit_code": int, "stdout": str, "stderr": str, "reason": str, "sandbox": str,
+               "reason_code": str}
+REASON_CODES = frozenset(w.value for w in Why)
 
 
 class ProtocolError(ValueError):
@@ -81,7 +84,7 @@ class HubService:
                         if isinstance(v, (str, int, float, bool, list))}
         p.last_seen = time.time()
         if p.state in (states.NEW, states.LAUNCHING, states.PENDING):
-            self._hub.emit("pilot", p, states.ACTIVE, "agent",
+            self._hub.ledger.move("pilot", p, states.ACTIVE, "agent",
                            **{k: p.agent_info[k] for k in ("pid", "host") if k in p.agent_info})
         p.registered.set()
         return {"ok": True, "pilot": p.uid}
@@ -141,7 +144,7 @@ class HubService:
                 if states.is_final(state):
                     hub.agent_final(unit, state, ts, fields)
                 else:
-                    hub.emit("unit", unit, state, "agent", ts=ts, **fields)
+                    hub.ledger.move("unit", unit, state, "agent", ts=ts, **fields)
                 applied += 1
             except (ProtocolError, states.IllegalTransition) as exc:
                 errors.append([str(upd[0]) if isinstance(upd, list) and upd else f"#{i}",
@@ -175,6 +178,8 @@ class HubService:
                    f"field {k} must be {want.__name__}")
             if isinstance(v, str):
                 _check(len(v) <= MAX_TEXT, f"field {k} is longer than {MAX_TEXT} characters")
+            if k == "reason_code":
+                _check(v in REASON_CODES, f"unknown reason_code {str(v)[:32]!r}")
             clean[k] = v
         unit = self._hub.units[uid]
         states.path("unit", unit.state, state)  # raises IllegalTransition

@@ -15,8 +15,7 @@ from typing import Any
 
 from rpg import states
 
-STATE_ORDER = ["NEW", "BOUND", "STAGING_IN", "SCHEDULING", "EXECUTING", "STAGING_OUT",
-               "DONE", "FAILED", "CANCELED"]
+STATE_ORDER = [*states.UNIT_PATH, states.FAILED, states.CANCELED]
 SHORT = {"NEW": "new", "BOUND": "bound", "STAGING_IN": "stage-in", "SCHEDULING": "sched",
          "EXECUTING": "exec", "STAGING_OUT": "stage-out", "DONE": "done", "FAILED": "failed",
          "CANCELED": "canceled"}

@@ -2,7 +2,7 @@
 
 Unknown fields and bad values raise ``DescriptionError``, whose message names the description,
 the field and the problem. Descriptions are plain data: ``as_dict()`` is what crosses process
-boundaries, and ``from_dict`` validates again on the other side.
+boundaries (the hub and the agent take the session's validated copy as it is).
 """
 
 from __future__ import annotations
@@ -312,10 +312,6 @@ class _Description:
 
     def as_dict(self) -> dict[str, Any]:
         return {name: _copy(getattr(self, name)) for name in self._fields}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Any:
-        return cls(d)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()

@@ -140,6 +140,3 @@ class Scheduler:
                 continue
             del waiters[i]
             result.set(slots)
-
-    def waiting(self) -> int:
-        return len(self._waiters)

@@ -66,7 +66,6 @@ class Hub:
         self.watch: LoopWatch | None = None
         self.service: HubService | None = None
         self.closed = False
-        self.stuck_threads_at_close = 0
         self.log = get_logger("hub", session=session_uid)
 
     # -- thread and loop -----------------------------------------------------------------------
@@ -127,7 +126,7 @@ class Hub:
                     except Exception as exc:  # a full disk: say what is lost, close anyway
                         self.log.error("profile_not_flushed_at_close", error=str(exc),
                                        events_lost=self.profile.pending())
-                    self.stuck_threads_at_close = self.pool.close(wait=2.0)
+                    self.pool.close(wait=2.0)  # logs any thread left stuck
             finally:
                 if self.watch is not None:
                     self.watch.stop()

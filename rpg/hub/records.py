@@ -50,7 +50,7 @@ class PilotRecord:
     __slots__ = ("uid", "pmgr", "desc", "state", "token", "sandbox", "queue", "in_flight",
                  "cancels", "wake", "last_seen", "registered", "launcher", "greenlet",
                  "load_cores", "agent_info", "stopping", "reason", "reason_code",
-                 "final_state_hint", "final_why", "rejected_calls", "stop_reason")
+                 "final_state_hint", "final_why", "stop_reason")
 
     def __init__(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
                  sandbox: str) -> None:
@@ -75,7 +75,6 @@ class PilotRecord:
         self.reason_code: str | None = None
         self.final_state_hint: str | None = None  # how it ends when its greenlet is killed
         self.final_why: Why | None = None
-        self.rejected_calls = 0
         self.stop_reason = ""  # told to the agent with "shutdown"; its units end with it
 
     @property

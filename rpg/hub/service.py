@@ -66,7 +66,6 @@ class HubService:
 
     def _reject(self, p: "PilotRecord", msg: str) -> None:
         self.counters["rejected"] += 1
-        p.rejected_calls += 1
         self._warn_rejected(pilot=p.uid, error=msg)
         raise ProtocolError(msg)
 
@@ -152,7 +151,6 @@ class HubService:
         self.counters["updates"] += applied
         if errors:
             self.counters["rejected"] += len(errors)
-            p.rejected_calls += len(errors)
             hub.log.warning("push_updates_rejected", pilot=p.uid, count=len(errors),
                             first=errors[0])
         return {"applied": applied, "errors": errors,

@@ -182,6 +182,28 @@ def test_stuck_threads_counted_degraded_and_fail_fast(pool):
     assert dying.run(_noop) == 1
 
 
+def test_killed_caller_abandons_or_keeps_the_result(pool):
+    """Killed mid-call: by default the caller leaves at once and the result is dropped; with
+    keep= it waits for the result (a process that was started, say) and hands it over."""
+    lane = pool.lane("keep")
+    blocking_sleep = __import__("rpg.io_pool.blocking", fromlist=["sleep"]).sleep
+    kept: list[str] = []
+
+    def slow() -> str:
+        blocking_sleep(0.3)
+        return "started"
+
+    g1 = gevent.spawn(lane.run, slow, timeout=5)
+    g2 = gevent.spawn(lane.run, slow, timeout=5, keep=kept.append)
+    gevent.sleep(0.05)
+    t0 = monotonic()
+    g1.kill(block=True)
+    assert monotonic() - t0 < 0.1 and kept == []  # abandoned at once
+    g2.kill(block=True)
+    assert kept == ["started"]  # waited for, then handed over
+    assert g1.dead and g2.dead
+
+
 def test_closed_lane_refuses_calls(pool):
     lane = pool.lane("disk:closing", threads=1)
     assert lane.run(_noop) == 1

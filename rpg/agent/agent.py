@@ -455,20 +455,10 @@ class Agent:
 
     def _spawn_once(self, argv: list[str], sandbox: str, env: dict[str, str],
                     desc: dict) -> Any:
-        # The spawn runs in a thread: if this greenlet is killed meanwhile, the process still
-        # starts, so wait for it and kill it rather than leave an orphan.
-        pending = self.spawner.submit(argv, sandbox, env, desc["stdout"], desc["stderr"])
-        try:
-            return pending.get()
-        except GreenletExit:
-            if self.spawner.withdraw(pending):
-                raise  # never handed to a thread: nothing was started
-            try:
-                child = pending.get(timeout=125)
-                child.terminate(grace=self.kill_grace)
-            except Exception:
-                pass
-            raise
+        # The spawn runs in a thread: if this greenlet is killed meanwhile, the process may
+        # still start; keep hold of it and kill it rather than leave an orphan.
+        return self.spawner.call(argv, sandbox, env, desc["stdout"], desc["stderr"],
+                                 keep=lambda child: child.terminate(grace=self.kill_grace))
 
     def _collector(self, sandbox: str) -> Batcher:
         """Output collection, batched per disk lane."""

@@ -13,7 +13,8 @@ from typing import Any, Callable
 import gevent
 from gevent.event import AsyncResult
 
-from rpg.io_pool.lane import Lane
+from rpg.io_pool.lane import KEEP_WAIT_S, Lane
+from rpg.log import get_logger
 
 
 def _apply_each(fn: Callable[..., Any], calls: list[tuple]) -> list[tuple[bool, Any]]:
@@ -53,9 +54,25 @@ class Batcher:
         """Take back a call that no batch has picked up yet. True if it will never run."""
         return self._pending.pop(result, None) is not None
 
-    def call(self, *args: Any) -> Any:
-        """``fn(*args)`` on the lane, batched with whatever else is waiting; blocks the caller."""
-        return self.submit(*args).get()
+    def call(self, *args: Any, keep: Callable[[Any], Any] | None = None) -> Any:
+        """``fn(*args)`` on the lane, batched with whatever else is waiting; blocks the caller.
+
+        A caller killed while waiting takes its call back if no batch has picked it up yet;
+        otherwise the call is abandoned, or, with ``keep``, waited for and its result handed
+        to ``keep`` (as ``Lane.run``'s ``keep``).
+        """
+        pending = self.submit(*args)
+        try:
+            return pending.get()
+        except BaseException:
+            if not self.withdraw(pending) and keep is not None:
+                try:
+                    value = pending.get(timeout=KEEP_WAIT_S)
+                except BaseException as exc:
+                    get_logger("io_pool").error("batch_result_not_kept", error=repr(exc))
+                else:
+                    keep(value)
+            raise
 
     def _drain(self) -> None:
         try:

@@ -23,6 +23,7 @@ from rpg.log import get_logger
 T = TypeVar("T")
 
 LATENCY_RING = 4096
+KEEP_WAIT_S = 130.0  # how long a killed caller still waits for a result it must keep hold of
 
 
 class IOPoolError(Exception):
@@ -95,8 +96,15 @@ class Lane:
     # -- the call path -------------------------------------------------------------------------
 
     def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None,
-            **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` on a lane thread; return its result or raise its error."""
+            keep: Callable[[T], Any] | None = None, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` on a lane thread; return its result or raise its error.
+
+        If the caller is killed (GreenletExit, KeyboardInterrupt) while ``fn`` runs, the call
+        is abandoned by default: its result, when it comes, is dropped. With ``keep``, the
+        caller still waits (up to KEEP_WAIT_S) for the result and hands it to ``keep`` before
+        the kill goes on: a process spawned in the meantime is kept hold of (to stop it), not
+        left behind. (trio's ``abandon_on_cancel``.)
+        """
         if self._closed:
             raise LaneClosed(f"lane {self.name!r} is closed")
         if self.fail_fast and self.stuck() > 0:
@@ -129,6 +137,10 @@ class Lane:
             self.timeouts += 1
             self._log.warning("lane_timeout", what=_name_of(fn), timeout=timeout)
             raise IOTimeout(self.name, _name_of(fn), timeout or 0.0) from None
+        except BaseException:
+            if keep is not None and queued:
+                keep_result(result, keep, _name_of(fn), self._log)
+            raise
         finally:
             timer.close()
             if not queued:
@@ -218,3 +230,14 @@ class Lane:
         if left:
             self._log.warning("lane_closed_with_stuck_threads", stuck=left)
         return left
+
+
+def keep_result(result: Any, keep: Callable[[Any], Any], what: str, log: Any) -> None:
+    """A killed caller's last duty: wait for the call's result and hand it to ``keep``."""
+    try:
+        ok, value = result.get(timeout=KEEP_WAIT_S)
+    except BaseException as exc:
+        log.error("lane_result_not_kept", what=what, error=repr(exc))
+        return
+    if ok:
+        keep(value)

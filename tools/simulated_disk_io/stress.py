@@ -64,7 +64,6 @@ class ServerProcess:
         self._proc: psutil.Process | None = None
         self._sampler: Any = None
         self._peak_rss = 0.0
-        self._starter: Any = None
         self.host = ""
         self.port = 0
         self.startup_s = 0.0
@@ -84,13 +83,16 @@ class ServerProcess:
         self._popen = popen
         return watch(popen)
 
+    def _keep_child(self, child: Child) -> None:
+        self.child = child
+
     def start(self, ready_timeout: float = 20.0) -> tuple[str, int]:
         """Start the server and wait for its ``listening HOST:PORT`` line."""
         t0 = perf_counter()
-        # In a greenlet of its own, so that a start interrupted here (Ctrl-C) still hands its
-        # Child to stop(): the spawn may complete after the caller has been interrupted.
-        self._starter = gevent.spawn(self.pool.spawn.run, self._start_blocking, timeout=30.0)
-        self.child = self._starter.get()
+        # A start interrupted here (Ctrl-C) still hands its Child to stop(): the spawn may
+        # complete after the caller has been interrupted.
+        self.child = self.pool.spawn.run(self._start_blocking, timeout=30.0,
+                                         keep=self._keep_child)
         try:
             line = self.pool.spawn.run(self._popen.stdout.readline, timeout=ready_timeout)
         except IOTimeout:
@@ -150,10 +152,6 @@ class ServerProcess:
         if self._sampler is not None:
             self._sampler.kill()
             self._sampler = None
-        if self.child is None and self._starter is not None:
-            self._starter.join(timeout=30.0)  # a start still in flight: wait for its Child
-            if self._starter.successful():
-                self.child = self._starter.value
         if self.child is None:
             return None
         try:

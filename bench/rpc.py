@@ -25,6 +25,7 @@ import zerorpc
 import rpg
 from bench._common import emit
 from rpg import states
+from rpg.internals import bound_address
 
 AGENT_STATES = [states.STAGING_IN, states.SCHEDULING, states.EXECUTING, states.STAGING_OUT,
                 states.DONE]
@@ -72,9 +73,8 @@ def raw_call_rate(n: int = 2000) -> float:
 
     server = zerorpc.Server(Noop(), heartbeat=5)
     server.bind("tcp://127.0.0.1:*")
-    import zmq
 
-    addr = server._events._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+    addr = bound_address(server)
     g = gevent.spawn(server.run)
     client = zerorpc.Client(timeout=30, heartbeat=5)
     client.connect(addr)

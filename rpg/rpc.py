@@ -6,6 +6,8 @@ from typing import Any
 
 import msgpack
 
+from rpg.internals import zmq_socket
+
 NO_ZERO_COPY = (1 << 31) - 1
 
 
@@ -16,7 +18,7 @@ def no_zero_copy(endpoint: Any) -> None:
     its own) that nobody ever stops; a copy of a few MB costs microseconds, a leaked thread per
     process is forever.
     """
-    endpoint._events._socket.copy_threshold = NO_ZERO_COPY
+    zmq_socket(endpoint).copy_threshold = NO_ZERO_COPY
 
 
 def wire_problem(data: Any) -> str | None:

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import gevent
 import zerorpc
-import zmq
 from gevent.event import Event
 
 from rpg import states, threads
@@ -21,6 +20,7 @@ from rpg.hub.binding import Binding
 from rpg.hub.lifecycle import PilotLifecycle, UnitLifecycle
 from rpg.hub.records import Ledger, PilotRecord, UnitRecord
 from rpg.hub.service import HubService
+from rpg.internals import bound_address
 from rpg.io_pool import IOPool, LoopWatch
 from rpg.log import ProfileWriter, SparseWarning, get_logger
 from rpg.rpc import no_zero_copy, wire_problem
@@ -99,7 +99,7 @@ class Hub:
             if port in ("0", ""):
                 endpoint = f"tcp://{host}:*"
             server.bind(endpoint)
-            self.address = server._events._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.address = bound_address(server)
             server_g = gevent.spawn(server.run)
             flusher = gevent.spawn(self._flush_loop)
             self.log.info("hub_started", address=self.address, sandbox=self.sandbox)

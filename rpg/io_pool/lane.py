@@ -18,6 +18,7 @@ import gevent
 import numpy as np
 from gevent.threadpool import ThreadPool
 
+from rpg import internals
 from rpg.log import get_logger
 
 T = TypeVar("T")
@@ -219,13 +220,12 @@ class Lane:
         pool = self._pool
         # Not ThreadPool.kill(): it waits for *every* worker, and a stuck one never comes back.
         # One stop marker per worker; each idle thread takes one and exits.
-        for _ in range(len(pool._worker_greenlets)):
-            pool.task_queue.put(None)
+        internals.threadpool_stop_idle(pool)
         deadline = monotonic() + wait
         # Idle threads leave at once; a running call gets until the deadline to finish.
-        while pool._worker_greenlets and monotonic() < deadline:
+        while internals.threadpool_workers(pool) and monotonic() < deadline:
             gevent.sleep(0.005)
-        pool.fork_watcher.close()
+        internals.threadpool_release(pool)
         left = len(self._running)
         if left:
             self._log.warning("lane_closed_with_stuck_threads", stuck=left)

@@ -16,9 +16,9 @@ from typing import Any
 import gevent
 import numpy as np
 import zope.event
-from gevent._monitor import PeriodicMonitoringThread
 from gevent.events import EventLoopBlocked
 
+from rpg.internals import QuietMonitor
 from rpg.log import get_logger
 
 _total_lock = threading.Lock()
@@ -29,13 +29,6 @@ _watches: "weakref.WeakKeyDictionary[Any, LoopWatch]" = weakref.WeakKeyDictionar
 def loop_blocked_total() -> int:
     """EventLoopBlocked events seen by every LoopWatch in this process."""
     return _total_blocked
-
-
-class _QuietMonitor(PeriodicMonitoringThread):
-    """gevent's monitor thread without the stderr dump: rpg logs the event instead."""
-
-    def _show_blocking_report(self, hub: Any, report: Any, active_greenlet: Any) -> Any:
-        return (active_greenlet, report)
 
 
 def _on_gevent_event(event: Any) -> None:
@@ -87,7 +80,7 @@ class LoopWatch:
         self._hub = hub
         _watches[hub] = self
         if hub.periodic_monitoring_thread is None:
-            self._monitor = _QuietMonitor(hub)
+            self._monitor = QuietMonitor(hub)
             hub.periodic_monitoring_thread = self._monitor
             self._own_monitor = True
         else:

@@ -1,0 +1,80 @@
+"""The one place rpg touches private attributes of gevent and zerorpc.
+
+Written against gevent 26.9.0 (greenlet 3.5), zerorpc 0.6.3 and pyzmq 27.3. Each use is a small
+function here; ``check()`` verifies that every private name still exists, and the test-suite
+calls it, so an upgrade that moves one fails loudly in one place instead of quietly elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+from gevent._monitor import PeriodicMonitoringThread  # private module
+from gevent.threadpool import ThreadPool
+
+WRITTEN_FOR = {"gevent": "26.9.0", "zerorpc": "0.6.3", "pyzmq": "27.3.0"}
+
+
+# -- zerorpc: the zmq socket under a Server or Client --
+
+def zmq_socket(endpoint: Any) -> Any:
+    """The pyzmq socket of a zerorpc Server/Client (``endpoint._events._socket``)."""
+    return endpoint._events._socket
+
+
+def bound_address(server: Any) -> str:
+    """The address a zerorpc Server bound (with the port the kernel chose for ``:*``)."""
+    return zmq_socket(server).getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+# -- gevent: the loop's monitoring thread --
+
+class QuietMonitor(PeriodicMonitoringThread):
+    """gevent's monitor thread without the stderr dump: rpg logs the event instead
+    (``_show_blocking_report`` is the private hook that prints it)."""
+
+    def _show_blocking_report(self, hub: Any, report: Any, active_greenlet: Any) -> Any:
+        return (active_greenlet, report)
+
+
+# -- gevent: stopping a ThreadPool whose threads may be stuck --
+
+def threadpool_workers(pool: ThreadPool) -> int:
+    return len(pool._worker_greenlets)
+
+
+def threadpool_stop_idle(pool: ThreadPool) -> None:
+    """Ask every worker to exit once idle (ThreadPool.kill() waits for all, stuck ones too)."""
+    for _ in range(len(pool._worker_greenlets)):
+        pool.task_queue.put(None)
+
+
+def threadpool_release(pool: ThreadPool) -> None:
+    pool.fork_watcher.close()
+
+
+def check() -> list[str]:
+    """The private names rpg relies on that this installation no longer has."""
+    missing = []
+    if not hasattr(PeriodicMonitoringThread, "_show_blocking_report"):
+        missing.append("gevent._monitor.PeriodicMonitoringThread._show_blocking_report")
+    pool = ThreadPool(1)
+    try:
+        for name in ("_worker_greenlets", "task_queue", "fork_watcher"):
+            if not hasattr(pool, name):
+                missing.append(f"gevent.threadpool.ThreadPool.{name}")
+    finally:
+        pool.kill()
+    import zerorpc
+
+    ctx = zerorpc.Context()
+    client = zerorpc.Client(context=ctx, heartbeat=None)
+    try:
+        events = getattr(client, "_events", None)
+        if events is None or not hasattr(events, "_socket"):
+            missing.append("zerorpc.Client._events._socket")
+    finally:
+        client.close()
+        ctx.destroy(linger=0)
+    return missing

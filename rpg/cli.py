@@ -271,9 +271,16 @@ def print_profile_damage(events: Any) -> None:
 
 
 def cmd_stress(rest: list[str]) -> int:
-    from tools.simulated_disk_io import stress
+    """``rpg stress``: the slow-disk harness, installed as ``simulated_disk_io``; in a checkout
+    that was not installed, ``tools.simulated_disk_io`` (found when the repo is on sys.path)."""
+    try:
+        from simulated_disk_io import stress
+    except ModuleNotFoundError as exc:
+        if exc.name != "simulated_disk_io":
+            raise
+        from tools.simulated_disk_io import stress
 
-    return int(stress.main(rest) or 0)
+    return int(stress.main(rest, prog="rpg stress") or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import gevent
 import gevent.socket
 import numpy as np
 
-from tools.simulated_disk_io.disk import disk_name
+from .disk import disk_name
 
 _REPLY = re.compile(rb"(-?[0-9]+),([0-9]+),(.*)\n", re.DOTALL)
 MAX_REPLY = 1 << 16
@@ -282,7 +282,7 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tools.simulated_disk_io.client",
+        prog=f"python -m {__package__}.client",
         description="Concurrent clients for the simulated disk I/O server.",
     )
     p.add_argument("--port", type=int_flag(1, 65535), default=7000,

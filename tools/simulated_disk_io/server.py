@@ -29,8 +29,9 @@ from gevent.server import StreamServer
 
 from rpg.io_pool import IOPool, LaneClosed, LaneFull, LoopWatch
 from rpg.log import get_logger
-from tools.simulated_disk_io.client import float_flag, int_flag
-from tools.simulated_disk_io.disk import DEFAULT_DISK, SimulatedDisks, disk_of
+
+from .client import float_flag, int_flag
+from .disk import DEFAULT_DISK, SimulatedDisks, disk_of
 
 RC_OK = 0
 RC_QUEUE_TIMEOUT = 1
@@ -288,7 +289,7 @@ class DiskServer:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tools.simulated_disk_io.server",
+        prog=f"python -m {__package__}.server",
         description="Simulated disk I/O object server (the seed experiment's protocol) on gevent.",
     )
     p.add_argument("--mode", choices=MODES, default="offload",

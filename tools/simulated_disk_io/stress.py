@@ -1,10 +1,11 @@
 """The slow-disk stress harness: start the server in a mode, run the clients, measure, reap.
 
-``python -m tools.simulated_disk_io.stress --mode blocking`` reproduces the seed experiment's hang
-(client timeouts, loop blocked); ``--mode offload`` shows the cure (no timeouts, fast reads as
-fast as without stalls). ``--json`` prints one JSON object. ``main(argv)`` is the entry point
-``rpg stress`` calls; ``run(...)`` returns the same dict for benchmarks and tests, and
-``server_running(...)`` gives a started server that is always stopped and reaped.
+``python -m tools.simulated_disk_io.stress --mode blocking`` (installed: ``python -m
+simulated_disk_io.stress``) reproduces the seed experiment's hang (client timeouts, loop
+blocked); ``--mode offload`` shows the cure (no timeouts, fast reads as fast as without stalls).
+``--json`` prints one JSON object. ``main(argv, prog)`` is the entry point ``rpg stress`` calls;
+``run(...)`` returns the same dict for benchmarks and tests, and ``server_running(...)`` gives a
+started server that is always stopped and reaped.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import psutil
 from rpg.io_pool import Child, IOPool, IOTimeout, blocking
 from rpg.io_pool.process import watch
 from rpg.log import get_logger
-from tools.simulated_disk_io.client import (
+
+from .client import (
     add_load_flags,
     format_summary,
     int_flag,
@@ -36,9 +38,21 @@ from tools.simulated_disk_io.client import (
     request_once,
     run_clients,
 )
-from tools.simulated_disk_io.server import MODES
+from .server import MODES
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+def _import_root() -> str:
+    """The sys.path entry this package was imported from: the repository root when it is
+    ``tools.simulated_disk_io``, site-packages (or a ``--target`` dir) when it is the installed
+    ``simulated_disk_io``. The server subprocess imports the harness from the same place."""
+    path = os.path.dirname(os.path.abspath(__file__))
+    for _ in __package__.split("."):
+        path = os.path.dirname(path)
+    return path
+
+
+IMPORT_ROOT = _import_root()
+SERVER_MODULE = f"{__package__}.server"  # the server under the name this harness was imported as
 REQUIRED_KEYS = ("mode", "clients", "requests", "timeouts", "errors", "fast_p50_ms",
                  "fast_p99_ms", "loop_blocked_events", "server_cpu_s", "server_peak_rss_mb")
 
@@ -73,12 +87,12 @@ class ServerProcess:
     def _start_blocking(self) -> Child:
         # Runs in the spawn lane: Popen and pidfd_open are blocking calls.
         env = dict(os.environ)
-        env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"]
-                                         if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = IMPORT_ROOT + (os.pathsep + env["PYTHONPATH"]
+                                           if env.get("PYTHONPATH") else "")
         with open(self.log_path, "ab") as log:
             popen = blocking.Popen(
                 self.argv, stdin=blocking.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                cwd=REPO_ROOT, env=env, start_new_session=True, close_fds=True,
+                cwd=IMPORT_ROOT, env=env, start_new_session=True, close_fds=True,
             )
         self._popen = popen
         return watch(popen)
@@ -192,7 +206,7 @@ def server_running(mode: str = "offload", host: str = "127.0.0.1", port: int = 0
     if server_log is None:
         fd, server_log = tempfile.mkstemp(prefix="rpg-simdisk-server-", suffix=".log")
         os.close(fd)
-    argv = [sys.executable, "-m", "tools.simulated_disk_io.server", "--mode", mode,
+    argv = [sys.executable, "-m", SERVER_MODULE, "--mode", mode,
             "--host", host, "--port", str(port), "--threads-per-disk", str(threads_per_disk),
             "--stall", stall, "--queue-timeout-ms", str(queue_timeout_ms),
             "--max-read-ms", str(max_read_ms), "--parent-pid", str(os.getpid())]
@@ -269,9 +283,9 @@ def run(mode: str = "offload", clients: int = 5, requests: int = 20, fast_ms: in
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tools.simulated_disk_io.stress",
+        prog=prog or f"python -m {__package__}.stress",
         description="Start the simulated disk I/O server in a mode, load it with clients that "
                     "hit one stalling disk, and report timeouts, fast-read latency, loop blocks, "
                     "server CPU and memory.",
@@ -322,10 +336,10 @@ def _wake_for_signals(period: float = 0.2) -> None:
         gevent.sleep(period)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """The CLI (and ``rpg stress``): 0 when the run completed, 2 if the server would not start,
     130 when interrupted. Prints the human summary, or one JSON object with ``--json``."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     restore = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so the server is stopped and reaped on the way out.

@@ -1,7 +1,9 @@
-"""tools.simulated_disk_io: the protocol byte for byte, rc 1 / rc 2, blocking vs offload, stress.
+"""tools.simulated_disk_io: the protocol byte for byte, rc 1 / rc 2, blocking vs offload, stress,
+and its packaging (installed as ``simulated_disk_io``, never as a top-level ``tools``).
 
-Real server subprocesses on 127.0.0.1 (port 0), real sockets, real blocking reads. Stalls are
-short (about a second) with proportionally short client timeouts so the file runs quickly.
+Real server subprocesses on 127.0.0.1 (port 0), real sockets, real blocking reads, a real wheel
+built and installed. Stalls are short (about a second) with proportionally short client timeouts
+so the file runs quickly.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from time import monotonic, perf_counter, sleep
 from typing import Any
 
@@ -334,3 +339,80 @@ def test_stress_stops_and_reaps_the_server_when_interrupted(sig):
         if p.poll() is None:
             p.kill()
             p.communicate()
+
+
+# -- packaging: installed as simulated_disk_io, with no top-level "tools" -------------------------
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel of the working tree, built offline (no index, no build isolation) from a copy of
+    what the build reads: setuptools writes build/ and *.egg-info into the tree it builds, and a
+    stale build/lib would leak old files into later wheels."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(os.path.join(REPO_ROOT, name), src / name)
+    for name in ("rpg", "tools"):
+        shutil.copytree(os.path.join(REPO_ROOT, name), src / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    p = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "--no-index", "-w", str(tmp / "dist"), str(src)],
+        capture_output=True, text=True, timeout=80, check=False)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    (whl,) = (tmp / "dist").glob("rpg-*.whl")
+    return whl
+
+
+def test_wheel_has_the_harness_as_simulated_disk_io_and_no_tools_package(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    top = {n.split("/", 1)[0] for n in names}
+    (dist_info,) = [t for t in top if t.endswith(".dist-info")]
+    assert top == {"rpg", "simulated_disk_io", dist_info}, top
+    assert not [n for n in names if n.startswith("tools/")]
+    harness = os.path.join(REPO_ROOT, "tools", "simulated_disk_io")
+    for module in sorted(f for f in os.listdir(harness) if f.endswith(".py")):
+        assert f"simulated_disk_io/{module}" in names, module
+    # Every module under rpg/ ships, so a new subpackage (rpg/staging/, ...) needs no listing.
+    for root, dirs, files in os.walk(os.path.join(REPO_ROOT, "rpg")):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(root, f), REPO_ROOT).replace(os.sep, "/")
+                assert rel in names, rel
+
+
+def test_rpg_stress_runs_from_the_installed_wheel_outside_the_repo(wheel, tmp_path):
+    site = tmp_path / "site"
+    p = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+         str(site), str(wheel)], capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert (site / "simulated_disk_io" / "server.py").is_file()
+    assert not (site / "tools").exists()
+    env = dict(os.environ, PYTHONPATH=str(site))  # the installed copy, not the checkout
+    where = subprocess.run(
+        [sys.executable, "-c", "import json, rpg.cli, simulated_disk_io.stress as s;"
+         " print(json.dumps([rpg.cli.__file__, s.__file__, s.IMPORT_ROOT, s.SERVER_MODULE]))"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert where.returncode == 0, where.stderr[-2000:]
+    cli_file, stress_file, root, server_module = json.loads(where.stdout)
+    assert cli_file.startswith(str(site)) and stress_file.startswith(str(site))
+    assert root == str(site) and server_module == "simulated_disk_io.server"
+
+    def rpg_stress(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "rpg.cli", "stress", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=60, check=False)
+
+    usage = rpg_stress("--help")
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: rpg stress"), usage.stdout
+    p = rpg_stress("--json", "--clients", "2", "--requests", "4", "--fast-ms", "2",
+                   "--stall-ms", "300", "--stall-every", "2", "--timeout", "2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout)
+    assert r["requests_total"] == 8 and r["ok"] == 8, r
+    assert r["timeouts"] == 0 and r["errors"] == 0 and r["loop_blocked_events"] == 0, r
+    assert r["server_exit_code"] == 0, r

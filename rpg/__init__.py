@@ -19,16 +19,18 @@ from rpg.session import (
     PilotManager,
     Session,
     SessionClosed,
+    SessionError,
     Unit,
     UnitManager,
 )
-from rpg.states import CANCELED, DONE, FAILED, FINAL
+from rpg.states import CANCELED, DONE, FAILED, FINAL, Why
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Session",
     "SessionClosed",
+    "SessionError",
     "PilotManager",
     "UnitManager",
     "PilotDescription",
@@ -41,4 +43,5 @@ __all__ = [
     "FAILED",
     "CANCELED",
     "FINAL",
+    "Why",
 ]

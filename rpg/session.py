@@ -85,7 +85,11 @@ def _release_sigterm() -> None:
 Callback = Callable[[Any, str], Any]
 
 
-class SessionClosed(RuntimeError):
+class SessionError(RuntimeError):
+    """The session could not start (its sandbox is refused, the hub cannot bind, ...)."""
+
+
+class SessionClosed(SessionError):
     """The session was closed; it accepts no more work."""
 
 
@@ -199,8 +203,10 @@ class Session:
         self._cb_thread.start()
         try:
             self.hub.start()
-        except BaseException:
+        except BaseException as exc:
             self._stop_threads(5.0, 0.0)
+            if isinstance(exc, HubError):
+                raise SessionError(str(exc)) from exc.__cause__
             raise
         self._sigterm = _hold_sigterm()
         _open_sessions.add(self)

@@ -219,19 +219,6 @@ def test_a_latin1_sandbox_path_does_not_fail_the_pilot(tmp_path):
 # -- the hub's process goes ------------------------------------------------------------------------
 
 HUB_PID_APP = """
-from rpg.hub.launchers.base import Launcher
-
-_config = Launcher.agent_config
-
-
-def agent_config(self, hub_address, sandbox):
-    # What the local launcher does for an embedded hub (here in case it has not landed yet).
-    cfg = _config(self, hub_address, sandbox)
-    cfg.setdefault("hub_pid", os.getpid())
-    return cfg
-
-
-Launcher.agent_config = agent_config
 s = rpg.Session(sandbox=os.path.abspath("session"))
 pm = rpg.PilotManager(s)
 p = pm.submit_pilots(rpg.PilotDescription(resource="local", cores=4, runtime=5,

@@ -24,6 +24,7 @@ from rpg.internals import bound_address
 from rpg.io_pool import IOPool, LoopWatch
 from rpg.log import ProfileWriter, SparseWarning, get_logger
 from rpg.rpc import no_zero_copy, wire_problem
+from rpg.sandbox import make_private_dir
 from rpg.states import Why
 
 PROFILE_FLUSH_S = 0.2
@@ -66,6 +67,9 @@ class Hub:
         self.watch: LoopWatch | None = None
         self.service: HubService | None = None
         self.closed = False
+        # An embedded hub dies with the application: its local agents end their units at once
+        # when its process is gone, instead of waiting out heartbeat_timeout.
+        self.agents_follow_hub_process = True
         self.log = get_logger("hub", session=session_uid)
 
     # -- thread and loop -----------------------------------------------------------------------
@@ -86,8 +90,8 @@ class Hub:
             self._stop = Event()
             self.watch = LoopWatch("hub").start()
             self.pool = IOPool()
-            self.pool.for_path(self.sandbox).run(os.makedirs, self.sandbox, exist_ok=True,
-                                                 timeout=30)
+            self.pool.for_path(self.sandbox).run(make_private_dir, self.sandbox,
+                                                 "session sandbox", timeout=30)
             ctx = zerorpc.Context()
             self.service = HubService(self)
             server = zerorpc.Server(self.service, context=ctx, heartbeat=5)

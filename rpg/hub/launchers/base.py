@@ -8,7 +8,6 @@ sandbox, and must not find it there.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import posixpath
@@ -17,6 +16,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rpg.agent.cleanup import pilot_key
+from rpg.sandbox import SandboxError, check_private_dir, make_private_dir
 
 if TYPE_CHECKING:
     from rpg.hub.hub import Hub
@@ -45,17 +45,16 @@ def prepare_sandbox(path: str, files: list[AgentFile]) -> None:
     ``files`` in it exclusively (O_EXCL|O_NOFOLLOW: never through a planted link, never over
     another pilot's files). Raises LaunchError saying what is wrong with the sandbox, or OSError.
     Blocking: run it in the sandbox's disk lane."""
-    if os.path.islink(path):
-        raise _linked(path)
-    os.makedirs(path, 0o700, exist_ok=True)  # 0700 for the sandbox; its parents as usual
     try:
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
-            raise _linked(path) from None
-        raise
+        make_private_dir(path, "pilot sandbox")
+    except SandboxError as exc:
+        raise LaunchError(str(exc)) from None
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        _check_private_dir(path, os.fstat(dfd))
+        try:  # the directory we opened, too: it may have been swapped since
+            check_private_dir(path, os.fstat(dfd), "pilot sandbox")
+        except SandboxError as exc:
+            raise LaunchError(str(exc)) from None
         _check_unused(path, dfd, files)
         created: list[str] = []
         try:
@@ -96,25 +95,6 @@ def remove_agent_token(sandbox: str) -> None:
     """Delete agent.token if the agent never came to read it (it deletes it itself). Blocking."""
     with suppress(FileNotFoundError):
         os.unlink(os.path.join(sandbox, AGENT_TOKEN))
-
-
-def _linked(path: str) -> LaunchError:
-    return LaunchError(f"pilot sandbox {path} is a symbolic link: refusing it (the agent writes "
-                       f"its secrets there; give the real directory)")
-
-
-def _check_private_dir(path: str, st: os.stat_result) -> None:
-    me = os.geteuid()
-    if st.st_uid != me:
-        raise LaunchError(f"pilot sandbox {path} is owned by uid {st.st_uid}, not by this user "
-                          f"(uid {me}): refusing it (its owner could plant or read files in it)")
-    if st.st_mode & 0o022:
-        who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002))
-                           if st.st_mode & bit)
-        raise LaunchError(f"pilot sandbox {path} is writable by {who} (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}): refusing it (anyone who can write "
-                          f"there can plant links where the agent's files go); remove it, "
-                          f"`chmod go-w` it, or choose another sandbox")
 
 
 def _check_unused(path: str, dfd: int, files: list[AgentFile]) -> None:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import gevent
-from gevent import GreenletExit
-
 from rpg.agent.cleanup import kill_pilot_processes
 from rpg.agent.executor import read_tail
 from rpg.hub.launchers.base import (
@@ -58,10 +55,16 @@ class LocalLauncher(Launcher):
     def out_path(self) -> str:
         return os.path.join(self.sandbox or self.pilot.sandbox, "agent.out")
 
+    def _keep_child(self, child: Child) -> None:
+        self.child = child
+
     def launch(self) -> None:
         hub = self.hub
         sandbox = local_sandbox_path(self)
-        make_local_sandbox(self, sandbox, self.agent_config(hub.address, sandbox))
+        cfg = self.agent_config(hub.address, sandbox)
+        if hub.agents_follow_hub_process:
+            cfg["hub_pid"] = os.getpid()  # the agent ends its units at once if we die
+        make_local_sandbox(self, sandbox, cfg)
         self.sandbox = sandbox
         cfg_path = os.path.join(sandbox, AGENT_CONFIG)
         env = dict(os.environ)
@@ -70,18 +73,13 @@ class LocalLauncher(Launcher):
         argv = [sys.executable, "-m", "rpg.agent", "--config", cfg_path]
         # The spawn runs on a thread: if the pilot is canceled meanwhile the agent still starts,
         # so keep hold of it for stop() rather than leave it behind.
-        pending = gevent.spawn(hub.pool.spawn.run, spawn, argv, cwd=self.sandbox, env=env,
-                               stdout_path=self.out_path, stderr_path=self.err_path, timeout=30)
         try:
-            self.child = pending.get()
+            self.child = hub.pool.spawn.run(spawn, argv, cwd=self.sandbox, env=env,
+                                            stdout_path=self.out_path,
+                                            stderr_path=self.err_path, timeout=30,
+                                            keep=self._keep_child)
         except SpawnError as exc:
             raise LaunchError(str(exc)) from exc
-        except GreenletExit:
-            try:
-                self.child = pending.get(timeout=35)
-            except Exception:
-                pass
-            raise
         hub.log.info("agent_started", pilot=self.pilot.uid, pid=self.child.pid)
 
     def poll(self, timeout: float) -> str | None:
@@ -89,8 +87,11 @@ class LocalLauncher(Launcher):
         rc = self.child.wait(timeout=timeout)
         if rc is None:
             return None
-        tail = self.hub.pool.for_path(self.err_path).run(read_tail, self.err_path, 2000,
-                                                         timeout=10)
+        try:
+            tail = self.hub.pool.for_path(self.err_path).run(read_tail, self.err_path, 2000,
+                                                             timeout=10)
+        except (IOPoolError, OSError) as exc:
+            tail = f"(agent.err unreadable: {exc})"
         lines = [ln for ln in tail.strip().splitlines() if ln.strip()]
         return f"exit code {rc}" + (f"; stderr: {' | '.join(lines[-5:])}" if lines else "")
 

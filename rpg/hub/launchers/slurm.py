@@ -54,7 +54,12 @@ GONE = "GONE"  # scontrol no longer knows the job (purged after MinJobAge)
 
 
 class SlurmCommandError(RuntimeError):
-    """A SLURM client command could not run or did not finish in time."""
+    """A SLURM client command could not run or did not finish in time (``timed_out``: it may
+    still have done what it was asked)."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 # -- blocking halves (run in the slurm lane) -------------------------------------------------------
@@ -73,7 +78,7 @@ def run_command(argv: list[str], timeout: float = COMMAND_TIMEOUT) -> tuple[int,
         proc.kill()
         proc.communicate()
         raise SlurmCommandError(f"{argv[0]} did not finish within {timeout:g} s "
-                                f"(slurmctld busy or unreachable?)") from None
+                                f"(slurmctld busy or unreachable?)", timed_out=True) from None
     return (proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
 
 
@@ -195,30 +200,31 @@ class SlurmLauncher(Launcher):
         self._made = True
         argv = self.sbatch_argv()
         # sbatch runs in a thread: if this greenlet is killed meanwhile the job may still be
-        # submitted, so wait for sbatch and keep the job id; stop() then cancels the job.
-        g = gevent.spawn(self.lane.run, run_command, argv, COMMAND_TIMEOUT,
-                         timeout=COMMAND_TIMEOUT + 10)
+        # submitted, so the lane keeps sbatch's answer for us (the job id; stop() then cancels
+        # the job). Until sbatch has answered, a job may exist that we know no id of.
+        self._submit_lost = True
         try:
-            rc, out, err = g.get()
-        except GreenletExit:
-            try:
-                rc, out, err = g.get(timeout=COMMAND_TIMEOUT + 15)
-                if rc == 0 and out.strip().split(";")[0].isdigit():
-                    self._submitted(out.strip().split(";")[0])
-            except (gevent.Timeout, IOPoolError, SlurmCommandError):
-                self._submit_lost = True
-            raise
+            rc, out, err = self.lane.run(run_command, argv, COMMAND_TIMEOUT,
+                                         timeout=COMMAND_TIMEOUT + 10, keep=self._keep_sbatch)
         except IOPoolError as exc:
-            self._submit_lost = True
             raise LaunchError(f"sbatch: {exc}") from None
         except SlurmCommandError as exc:
-            self._submit_lost = "did not finish" in str(exc)
+            self._submit_lost = exc.timed_out
             raise LaunchError(f"sbatch: {exc}") from None
+        self._submit_lost = False
         job_id = out.strip().split(";")[0]
         if rc != 0 or not job_id.isdigit():
             text = " | ".join(_tail_lines(err + "\n" + out, 5)) or "no output"
             raise LaunchError(f"sbatch refused the pilot job (exit code {rc}): {text}")
         self._submitted(job_id)
+
+    def _keep_sbatch(self, answer: tuple[int, str, str]) -> None:
+        """sbatch answered after the pilot's greenlet was killed: keep the job to cancel it."""
+        rc, out, _ = answer
+        self._submit_lost = False
+        job_id = out.strip().split(";")[0]
+        if rc == 0 and job_id.isdigit():
+            self._submitted(job_id)
 
     def _submitted(self, job_id: str) -> None:
         self.job_id = job_id
@@ -280,8 +286,8 @@ class SlurmLauncher(Launcher):
             try:
                 tail = self.hub.pool.for_path(self.err_path).run(read_tail, self.err_path, 4000,
                                                                  timeout=10)
-            except IOPoolError:
-                tail = ""
+            except (IOPoolError, OSError) as exc:
+                tail = f"(agent.err unreadable: {exc})"
             lines = _tail_lines(tail)
             self._end_reason = text + (f"; agent.err: {' | '.join(lines)}" if lines else "")
         return self._end_reason

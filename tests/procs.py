@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from rpg.agent.cleanup import pilot_processes
+from rpg.io_pool.sweep import pilot_processes
 
 
 def wait_no_pilot_processes(key: str, timeout: float = 10.0) -> list[int]:

@@ -76,10 +76,10 @@ def free_port() -> int:
 
 def pilot_leftovers(session_uid: str, pilot_uid: str, sandbox: str | None) -> list[str]:
     """Processes on the remote that still belong to the pilot: those with its marker
-    ``RPG_PILOT_KEY=<session uid>/<pilot uid>`` (rpg.agent.cleanup.pilot_processes; a bare
+    ``RPG_PILOT_KEY=<session uid>/<pilot uid>`` (rpg.io_pool.sweep.pilot_processes; a bare
     RPG_PILOT_UID repeats across sessions, and other sessions may run on this host), and any
     agent whose command line names the pilot's sandbox."""
-    from rpg.agent.cleanup import pilot_key, pilot_processes
+    from rpg.io_pool.sweep import pilot_key, pilot_processes
 
     key = pilot_key(session_uid, pilot_uid)
     found = [f"{pid} (RPG_PILOT_KEY={key}) {_cmdline(pid)}" for pid in pilot_processes(key)]

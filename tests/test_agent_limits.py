@@ -22,8 +22,8 @@ from procs import wait_no_pilot_processes
 
 import rpg
 from rpg.agent.agent import wire_safe
-from rpg.agent.cleanup import pilot_key
 from rpg.agent.scheduler import Scheduler, format_ids
+from rpg.io_pool.sweep import pilot_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -287,7 +287,8 @@ def test_agent_with_a_hub_pid_already_gone_stops_at_once(tmp_path):
     sandbox.mkdir()
     cfg = {"pilot_uid": "pilot.000000", "session_uid": "s", "token": "t" * 43,
            "hub_address": "tcp://127.0.0.1:9", "sandbox": str(sandbox), "cores": 1, "gpus": 0,
-           "heartbeat_interval": 1.0, "heartbeat_timeout": 30.0, "hub_pid": dead.pid}
+           "heartbeat_interval": 1.0, "heartbeat_timeout": 30.0, "hub_pid": dead.pid,
+           "runtime_s": 0, "staging_timeout": 10.0, "kill_grace": 1.0}
     (sandbox / "agent.json").write_text(json.dumps(cfg))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.monotonic()
@@ -303,9 +304,12 @@ def test_an_update_that_cannot_be_encoded_is_repaired_alone(tmp_path):
     """Every update the agent reports is checked: one msgpack refuses (a lone surrogate, a
     value of a type it cannot pack) is repaired or stripped to its state, alone."""
     from rpg.agent.agent import Agent
+    from rpg.agent_config import AgentConfig
 
-    agent = Agent({"pilot_uid": "pilot.000000", "token": "t", "sandbox": str(tmp_path),
-                   "cores": 1, "gpus": 0, "heartbeat_interval": 1, "heartbeat_timeout": 1})
+    agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
+                              hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,
+                              gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
+                              staging_timeout=10, kill_grace=1))
     bad = os.fsdecode(b"caf\xe9")
     good = ["unit.1", "DONE", 1.0, {"exit_code": 0, "stdout": "ok ✓"}]
     assert agent._encodable(good) is good

@@ -16,7 +16,7 @@ from procs import wait_no_pilot_processes
 
 import rpg
 from rpg import states
-from rpg.agent.cleanup import pilot_key, pilot_processes
+from rpg.io_pool.sweep import pilot_key, pilot_processes
 from rpg.log import read_profile
 
 wait_gone = wait_no_pilot_processes

@@ -273,7 +273,7 @@ EXIT_WITHOUT_CLOSE = """
 def test_exit_without_close_is_clean(tmp_path):
     from procs import wait_no_pilot_processes
 
-    from rpg.agent.cleanup import pilot_key
+    from rpg.io_pool.sweep import pilot_key
 
     for _ in range(4):
         t0 = time.monotonic()

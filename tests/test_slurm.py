@@ -18,7 +18,6 @@ import gevent
 import pytest
 
 import rpg
-from rpg.agent.cleanup import pilot_key, pilot_processes
 from rpg.agent.resources import (
     ResourceError,
     SrunPlacer,
@@ -35,6 +34,7 @@ from rpg.hub.launchers.slurm import (
     walltime_minutes,
 )
 from rpg.hub.lifecycle import PilotLifecycle
+from rpg.io_pool.sweep import pilot_key, pilot_processes
 
 PARTITION = os.environ.get("RPG_SLURM_PARTITION", "debug")
 

@@ -14,7 +14,7 @@ from procs import wait_no_pilot_processes
 
 import rpg
 from rpg import states
-from rpg.agent.cleanup import pilot_key
+from rpg.io_pool.sweep import pilot_key
 from rpg.log import read_profile
 
 UNIT_ORDER = [s for s in states.UNIT_PATH if s != states.NEW]

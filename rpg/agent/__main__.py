@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from rpg.agent_config import AgentConfig
 from rpg.log import get_logger
 
 
@@ -35,30 +36,28 @@ def main(argv: list[str] | None = None) -> int:
     log = get_logger("agent")
     try:
         with open(args.config, encoding="utf-8") as fh:  # before any loop runs
-            cfg = json.load(fh)
+            cfg = AgentConfig.from_json(json.load(fh))
     except (OSError, ValueError) as exc:
         log.error("agent_config_unreadable", path=args.config, error=str(exc))
         return 2
-    if "token_file" in cfg:
+    if cfg.token_file is not None:
         try:
-            cfg["token"] = take_token(cfg["token_file"])
+            cfg.token = take_token(cfg.token_file)
         except (OSError, ValueError) as exc:
-            log.error("agent_token_unreadable", path=cfg["token_file"], error=str(exc))
+            log.error("agent_token_unreadable", path=cfg.token_file, error=str(exc))
             return 2
-    missing = [k for k in ("pilot_uid", "token", "hub_address", "sandbox", "cores", "gpus",
-                           "heartbeat_interval", "heartbeat_timeout") if k not in cfg]
-    if missing:
-        log.error("agent_config_incomplete", path=args.config, missing=missing)
+    if cfg.token is None:
+        log.error("agent_config_incomplete", path=args.config, missing=["token_file"])
         return 2
     from rpg.agent.agent import Agent
 
     code = Agent(cfg).run()
-    if cfg.get("exit_code_file"):  # for launchers that watch the agent from afar (ssh)
+    if cfg.exit_code_file:  # for launchers that watch the agent from afar (ssh)
         try:
-            with open(cfg["exit_code_file"], "w", encoding="utf-8") as fh:  # the loop is done
+            with open(cfg.exit_code_file, "w", encoding="utf-8") as fh:  # the loop is done
                 fh.write(f"{code}\n")
         except OSError as exc:
-            log.error("agent_exit_code_not_written", path=cfg["exit_code_file"], error=str(exc))
+            log.error("agent_exit_code_not_written", path=cfg.exit_code_file, error=str(exc))
     return code
 
 

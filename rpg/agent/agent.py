@@ -29,8 +29,6 @@ from gevent.lock import Semaphore
 from gevent.socket import wait_read
 
 from rpg import states
-from rpg.agent.cleanup import pilot_key
-from rpg.agent.executor import read_outputs, spawn_unit, unit_argv
 from rpg.agent.resources import (
     ResourceError,
     SrunPlacer,
@@ -41,7 +39,11 @@ from rpg.agent.resources import (
 )
 from rpg.agent.scheduler import Scheduler, format_ids
 from rpg.agent.stager import StagingError, make_sandbox, stage
+from rpg.agent.unit_process import spawn_unit, unit_argv
+from rpg.agent_config import AgentConfig
 from rpg.io_pool import Batcher, IOPool, IOPoolError, LoopWatch, SpawnError
+from rpg.io_pool.sweep import pilot_key
+from rpg.io_pool.tails import read_outputs
 from rpg.log import get_logger
 from rpg.rpc import no_zero_copy
 
@@ -50,26 +52,26 @@ EXIT_HUB_LOST = 3
 EXIT_REJECTED = 4
 PUSH_BATCH = 2000  # updates a push carries: packing 10,000 held the loop for tens of ms
 PULL_BATCH = 256  # units a pull takes: each starts a greenlet in the same loop iteration
-STAGING_TIMEOUT = 300.0
-KILL_GRACE = 2.0
 FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
 SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
 
 
 class Agent:
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: AgentConfig) -> None:
+        if cfg.token is None:
+            raise ValueError("agent config: no token (token_file was not read)")
         self.cfg = cfg
-        self.uid: str = cfg["pilot_uid"]
-        self.token: str = cfg["token"]
-        self.sandbox: str = cfg["sandbox"]
-        self.cores = int(cfg["cores"])
-        self.gpus = int(cfg["gpus"])
-        self.hb_interval = float(cfg["heartbeat_interval"])
-        self.hb_timeout = float(cfg["heartbeat_timeout"])
-        self.staging_timeout = float(cfg.get("staging_timeout", STAGING_TIMEOUT))
-        self.kill_grace = float(cfg.get("kill_grace", KILL_GRACE))
-        self.resource_manager = cfg.get("resource_manager") or "local"
-        self.nodes = cfg.get("nodes") or (
+        self.uid = cfg.pilot_uid
+        self.token: str = cfg.token
+        self.sandbox = cfg.sandbox
+        self.cores = int(cfg.cores)
+        self.gpus = int(cfg.gpus)
+        self.hb_interval = float(cfg.heartbeat_interval)
+        self.hb_timeout = float(cfg.heartbeat_timeout)
+        self.staging_timeout = float(cfg.staging_timeout)
+        self.kill_grace = float(cfg.kill_grace)
+        self.resource_manager = cfg.resource_manager
+        self.nodes = cfg.nodes or (
             nodes_from_environment(os.environ, self.cores, self.gpus)
             if self.resource_manager == "slurm"
             else [[socket.gethostname(), self.cores, self.gpus]])
@@ -83,7 +85,7 @@ class Agent:
         self.stop_info: tuple[str, str, str] | None = None  # (why, unit state, reason)
         self.last_ok = time.monotonic()
         self.base_env = dict(os.environ)
-        self.base_env.update(cfg.get("environment") or {})
+        self.base_env.update(cfg.environment)
         self.counters = {"units": 0, "pushes": 0, "updates": 0, "pulls": 0, "fd_waits": 0}
         self.fd_limit: dict[str, int] = {}
 
@@ -103,14 +105,14 @@ class Agent:
         self.rpc_push = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
         no_zero_copy(self.rpc_pull)
         no_zero_copy(self.rpc_push)
-        self.rpc_pull.connect(self.cfg["hub_address"])
-        self.rpc_push.connect(self.cfg["hub_address"])
+        self.rpc_pull.connect(self.cfg.hub_address)
+        self.rpc_push.connect(self.cfg.hub_address)
         loops: list[Any] = []
         code = EXIT_OK
         try:
             self.fd_slots = self._fd_slots()  # after connect: counts what zmq holds too
-            if self.cfg.get("hub_pid") is not None:
-                loops.append(self._watch_hub(int(self.cfg["hub_pid"])))
+            if self.cfg.hub_pid is not None:
+                loops.append(self._watch_hub(self.cfg.hub_pid))
             registering = gevent.spawn(self._register)
             gevent.wait([registering, self.done], count=1)
             if not registering.ready():  # the hub's process went while we called in
@@ -119,7 +121,7 @@ class Agent:
             if registering.get() is not None:
                 raise registering.value
             loops += [gevent.spawn(self._pull_loop), gevent.spawn(self._push_loop)]
-            runtime = float(self.cfg.get("runtime_s") or 0)
+            runtime = float(self.cfg.runtime_s or 0)
             if runtime > 0:
                 loops.append(gevent.spawn_later(runtime, self.stop, "runtime", states.FAILED,
                                                 "pilot runtime ended"))
@@ -475,8 +477,6 @@ class Agent:
             self.pool.for_path(sandbox).run(make_sandbox, sandbox, timeout=self.staging_timeout)
         for d in directives:
             outer = d["source"] if direction == "in" else d["target"]
-            if outer.startswith("client://") and self.cfg.get("client_staging") == "hub":
-                continue  # the hub's launcher moves these (the agent cannot reach the client)
             lane = self.pool.for_path(outer if outer.startswith("/") else sandbox)
             try:
                 lane.run(stage, d, direction, sandbox, self.sandbox, timeout=self.staging_timeout)
@@ -492,7 +492,7 @@ class Agent:
         env.update({
             "RPG_UNIT_UID": uid,
             "RPG_PILOT_UID": self.uid,
-            "RPG_PILOT_KEY": pilot_key(self.cfg.get("session_uid", ""), self.uid),
+            "RPG_PILOT_KEY": pilot_key(self.cfg.session_uid, self.uid),
             "RPG_UNIT_SANDBOX": sandbox,
             "RPG_PILOT_SANDBOX": self.sandbox,
             "RPG_NODE": self.sched.node_names[slots.node],

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from rpg import states
+from rpg.description import without_client_staging
 from rpg.log import SparseWarning
 from rpg.states import Why
 
@@ -107,6 +108,8 @@ class HubService:
     def _work(self, p: "PilotRecord", max_units: int) -> dict:
         hub = self._hub
         out = []
+        # An agent on another machine cannot reach client:// paths: the hub moves those.
+        strip = p.launcher is not None and p.launcher.stages_client_files
         if not p.stopping:
             while p.queue and len(out) < max_units:
                 uid = p.queue.popleft()
@@ -115,7 +118,8 @@ class HubService:
                     continue  # canceled while queued
                 unit.at_agent = True
                 p.in_flight.add(uid)
-                out.append({"uid": uid, "description": unit.desc})
+                desc = without_client_staging(unit.desc) if strip else unit.desc
+                out.append({"uid": uid, "description": desc})
         cancels, p.cancels = p.cancels, []
         cancels = [u for u in cancels if u in p.in_flight]
         return {"units": out, "cancel": cancels, "shutdown": p.stopping and p.stop_reason}

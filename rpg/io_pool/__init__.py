@@ -9,9 +9,9 @@ from rpg.io_pool.lane import (
     LaneDegraded,
     LaneFull,
 )
+from rpg.io_pool.loop_watch import LoopWatch, loop_blocked_total
 from rpg.io_pool.pool import NET, SPAWN, IOPool, read_mounts
 from rpg.io_pool.process import Child, SpawnError, spawn
-from rpg.io_pool.loop_watch import LoopWatch, loop_blocked_total
 
 __all__ = [
     "IOPool",

@@ -15,7 +15,8 @@ import stat
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from rpg.agent.cleanup import pilot_key
+from rpg.agent_config import AgentConfig
+from rpg.io_pool.sweep import pilot_key
 from rpg.sandbox import SandboxError, check_private_dir, make_private_dir
 
 if TYPE_CHECKING:
@@ -125,32 +126,34 @@ class Launcher:
     """Starts, watches and stops one pilot's agent. All methods run on the hub loop and
     put their blocking work in io_pool lanes."""
 
+    stages_client_files = False  # True: the agent cannot reach client://; the hub moves them
+
     def __init__(self, hub: "Hub", pilot: "PilotRecord") -> None:
         self.hub = hub
         self.pilot = pilot
 
-    def agent_config(self, hub_address: str, sandbox: str) -> dict[str, Any]:
+    def agent_config(self, hub_address: str, sandbox: str) -> AgentConfig:
         """The agent's agent.json. The token is not in it: see ``agent_files``."""
         d = self.pilot.desc
-        return {
-            "pilot_uid": self.pilot.uid,
-            "session_uid": self.hub.session_uid,
-            "token_file": posixpath.join(sandbox, AGENT_TOKEN),
-            "hub_address": hub_address,
-            "sandbox": sandbox,
-            "cores": d["cores"],
-            "gpus": d["gpus"],
-            "runtime_s": float(d["runtime"]) * 60.0,
-            "heartbeat_interval": d["heartbeat_interval"],
-            "heartbeat_timeout": d["heartbeat_timeout"],
-            "staging_timeout": d["staging_timeout"],
-            "kill_grace": d["kill_grace"],
-            "environment": d["environment"],
-        }
+        return AgentConfig(
+            pilot_uid=self.pilot.uid,
+            session_uid=self.hub.session_uid,
+            token_file=posixpath.join(sandbox, AGENT_TOKEN),
+            hub_address=hub_address,
+            sandbox=sandbox,
+            cores=d["cores"],
+            gpus=d["gpus"],
+            runtime_s=float(d["runtime"]) * 60.0,
+            heartbeat_interval=d["heartbeat_interval"],
+            heartbeat_timeout=d["heartbeat_timeout"],
+            staging_timeout=d["staging_timeout"],
+            kill_grace=d["kill_grace"],
+            environment=d["environment"],
+        )
 
-    def agent_files(self, cfg: dict[str, Any]) -> list[AgentFile]:
+    def agent_files(self, cfg: AgentConfig) -> list[AgentFile]:
         """agent.json and agent.token (owner-only), for prepare_sandbox."""
-        return [AgentFile(AGENT_CONFIG, json.dumps(cfg).encode()),
+        return [AgentFile(AGENT_CONFIG, json.dumps(cfg.to_json()).encode()),
                 AgentFile(AGENT_TOKEN, self.pilot.token.encode())]
 
     def forget_token(self, sandbox: str) -> None:
@@ -163,7 +166,7 @@ class Launcher:
 
     @property
     def key(self) -> str:
-        """RPG_PILOT_KEY of this pilot's unit processes (for rpg.agent.cleanup)."""
+        """RPG_PILOT_KEY of this pilot's unit processes (for rpg.io_pool.sweep)."""
         return pilot_key(self.hub.session_uid, self.pilot.uid)
 
     def launch(self) -> None:

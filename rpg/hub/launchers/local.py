@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from rpg.agent.cleanup import kill_pilot_processes
-from rpg.agent.executor import read_tail
+from rpg.agent_config import AgentConfig
 from rpg.hub.launchers.base import (
     AGENT_CONFIG,
     AgentFile,
@@ -16,6 +15,8 @@ from rpg.hub.launchers.base import (
     prepare_sandbox,
 )
 from rpg.io_pool import Child, IOPoolError, SpawnError, spawn
+from rpg.io_pool.sweep import kill_pilot_processes
+from rpg.io_pool.tails import read_tail
 
 _RPG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__import__("rpg").__file__)))
 
@@ -28,7 +29,7 @@ def local_sandbox_path(launcher: Launcher) -> str:
     return pilot.sandbox
 
 
-def make_local_sandbox(launcher: Launcher, sandbox: str, cfg: dict,
+def make_local_sandbox(launcher: Launcher, sandbox: str, cfg: AgentConfig,
                        extra: list[AgentFile] | None = None) -> None:
     """Create the pilot sandbox and write agent.json, agent.token, empty agent.out and
     agent.err (plain files of ours, not links) and ``extra`` into it. Hub loop (the disk work
@@ -63,7 +64,7 @@ class LocalLauncher(Launcher):
         sandbox = local_sandbox_path(self)
         cfg = self.agent_config(hub.address, sandbox)
         if hub.agents_follow_hub_process:
-            cfg["hub_pid"] = os.getpid()  # the agent ends its units at once if we die
+            cfg.hub_pid = os.getpid()  # the agent ends its units at once if we die
         make_local_sandbox(self, sandbox, cfg)
         self.sandbox = sandbox
         cfg_path = os.path.join(sandbox, AGENT_CONFIG)

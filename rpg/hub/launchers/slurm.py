@@ -30,11 +30,11 @@ import gevent
 from gevent import GreenletExit
 from gevent.event import Event
 
-from rpg.agent.cleanup import kill_pilot_processes
-from rpg.agent.executor import read_tail
 from rpg.hub.launchers.base import AGENT_CONFIG, AgentFile, Launcher, LaunchError
 from rpg.hub.launchers.local import _RPG_ROOT, local_sandbox_path, make_local_sandbox
 from rpg.io_pool import IOPoolError, blocking
+from rpg.io_pool.sweep import kill_pilot_processes
+from rpg.io_pool.tails import read_tail
 
 SLURM_LANE = "slurm"
 FOLLOW_INTERVAL = 1.0  # s between two looks at the job
@@ -194,7 +194,7 @@ class SlurmLauncher(Launcher):
                               f"runs on this machine")
         self._paths(local_sandbox_path(self))
         cfg = self.agent_config(hub.address, self.sandbox)
-        cfg["resource_manager"] = "slurm"
+        cfg.resource_manager = "slurm"
         script = AgentFile("agent.slurm", self.batch_script().encode(), 0o700)
         make_local_sandbox(self, self.sandbox, cfg, [script])
         self._made = True

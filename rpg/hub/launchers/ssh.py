@@ -483,6 +483,7 @@ def _tail_lines(text: str, n: int = 5) -> str:
 # -- the launcher ---------------------------------------------------------------------------------
 
 class SSHLauncher(Launcher):
+    stages_client_files = True  # the agent is on another machine: the hub moves client:// files
     def __init__(self, hub: Any, pilot: Any) -> None:
         super().__init__(hub, pilot)
         d = pilot.desc
@@ -761,8 +762,7 @@ class SSHLauncher(Launcher):
         assert self.sandbox is not None
         sb = self.sandbox
         cfg = self.agent_config(f"tcp://127.0.0.1:{self.fwd_port}", sb)
-        cfg["client_staging"] = "hub"  # the agent cannot reach client:// paths; we move them
-        cfg["exit_code_file"] = posixpath.join(sb, "exit_code")
+        cfg.exit_code_file = posixpath.join(sb, "exit_code")
         tarball = _rpg_tarball()
         with conn.sftp() as sftp:
             sftp.putfo(io.BytesIO(tarball), posixpath.join(sb, "rpg.tar.gz"),
@@ -873,9 +873,9 @@ class SSHLauncher(Launcher):
                 "fi\n"
                 f"if alive; then kill -KILL {self.agent_pid} 2>/dev/null; echo agent_killed; fi\n")
         # Units live in their own sessions: whatever is left of them (the agent died hard, or
-        # never heard the end) carries RPG_PILOT_KEY; rpg.agent.cleanup finds it in /proc.
+        # never heard the end) carries RPG_PILOT_KEY; rpg.io_pool.sweep finds it in /proc.
         # A daemon that cleared its environment is still found by its cwd in the sandbox.
-        sweep = ("import sys; from rpg.agent.cleanup import kill_pilot_processes; "
+        sweep = ("import sys; from rpg.io_pool.sweep import kill_pilot_processes; "
                  "print(kill_pilot_processes(sys.argv[1], sys.argv[2]))")
         parts.append(
             f"echo swept $(PYTHONPATH={q(sb + '/lib')} {q(self.python)} -c {q(sweep)} "

@@ -124,7 +124,7 @@ class PilotLifecycle:
 
     def _wait_active(self, launcher) -> tuple[str | None, Why | None, str | None]:
         p = self.pilot
-        deadline = time.monotonic() + launcher.bootstrap_timeout(self.BOOTSTRAP_TIMEOUT)
+        deadline = time.monotonic() + self.BOOTSTRAP_TIMEOUT
         while not p.registered.is_set():
             ended = launcher.poll(timeout=0.2)
             if ended is not None:
@@ -132,7 +132,7 @@ class PilotLifecycle:
                     return self._ended(launcher, ended)
                 return states.FAILED, Why.BOOTSTRAP, f"agent ended before calling in: {ended}"
             if launcher.queued():
-                deadline = time.monotonic() + launcher.bootstrap_timeout(self.BOOTSTRAP_TIMEOUT)
+                deadline = time.monotonic() + self.BOOTSTRAP_TIMEOUT
             if time.monotonic() > deadline:
                 return (states.FAILED, Why.BOOTSTRAP,
                         "agent did not call in within the bootstrap timeout")

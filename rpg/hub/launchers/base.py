@@ -176,9 +176,6 @@ class Launcher:
         """True while the resource has not started the agent yet (a batch job in the queue)."""
         return False
 
-    def bootstrap_timeout(self, default: float) -> float:
-        return default
-
     def poll(self, timeout: float) -> str | None:
         """Wait up to ``timeout`` s; None while the agent runs, else how it ended."""
         raise NotImplementedError

@@ -343,32 +343,48 @@ def test_rejections_are_counted_exactly_but_logged_sparingly(tmp_path):
         assert any(e.get("suppressed", 0) > 0 for e in rejected)
 
 
+_slow_validation = threading.Event()
+
+
+class _SlowToValidate(rpg.UnitDescription):
+    """Holds a submit between its 'is the session open?' check and its hand-over to the hub,
+    so close() on another thread lands exactly there."""
+
+    def validate(self) -> None:
+        super().validate()
+        if _slow_validation.is_set():
+            time.sleep(1.0)
+
+
 def test_close_racing_submit_leaves_nothing_half_submitted(tmp_path):
     session = rpg.Session(sandbox=str(tmp_path / "s"))
     _, pilot, umgr = local_pilot(session)
-    accepted, errors = [], []
+    before = umgr.submit_units([rpg.UnitDescription(executable="/bin/true") for _ in range(5)])
+    racing = [_SlowToValidate(executable="/bin/true") for _ in range(5)]
+    outcome: list[str] = []
 
     def submitter():
-        while True:
-            try:
-                accepted.extend(umgr.submit_units([rpg.UnitDescription(executable="/bin/true")
-                                                   for _ in range(50)]))
-            except rpg.SessionClosed:
-                return
-            except Exception as exc:  # anything else is the bug
-                errors.append(repr(exc))
-                return
+        try:
+            umgr.submit_units(racing)
+            outcome.append("accepted")
+        except rpg.SessionClosed:
+            outcome.append("SessionClosed")
+        except Exception as exc:  # the bug: the private HubError
+            outcome.append(repr(exc))
 
-    t = threading.Thread(target=submitter)
-    t.start()
-    time.sleep(1.0)
-    session.close()
-    t.join(30)
-    assert not t.is_alive()
-    assert errors == []
-    assert accepted
-    assert {u.state for u in accepted} <= states.FINAL, {u.state for u in accepted}
-    assert len(umgr.get_units()) == len(accepted)
+    _slow_validation.set()
+    try:
+        t = threading.Thread(target=submitter)
+        t.start()
+        time.sleep(0.3)
+        session.close()
+        t.join(30)
+    finally:
+        _slow_validation.clear()
+    assert outcome == ["SessionClosed"], outcome
+    # Nothing half-submitted: the manager knows only the units that were accepted, all final.
+    assert umgr.get_units() == before
+    assert {u.state for u in before} <= states.FINAL
 
 
 def test_add_pilots_of_another_session_is_refused(tmp_path):

@@ -38,7 +38,6 @@ from rpg.agent.resources import (
     unit_fd_budget,
 )
 from rpg.agent.scheduler import Scheduler, format_ids
-from rpg.agent.stager import StagingError, make_sandbox, stage
 from rpg.agent.unit_process import spawn_unit, unit_argv
 from rpg.agent_config import AgentConfig
 from rpg.io_pool import Batcher, IOPool, IOPoolError, LoopWatch, SpawnError
@@ -46,6 +45,7 @@ from rpg.io_pool.sweep import pilot_key
 from rpg.io_pool.tails import read_outputs
 from rpg.log import get_logger
 from rpg.rpc import no_zero_copy
+from rpg.staging import StagingError, carry_out, make_sandbox, stage
 
 EXIT_OK = 0
 EXIT_HUB_LOST = 3
@@ -473,18 +473,18 @@ class Agent:
 
     def _stage(self, directives: list[dict], direction: str, sandbox: str,
                create: bool = False) -> None:
+        """Carry out a unit's directives, each in the lane of the disk its other side is on;
+        raises StagingError (rpg.staging decides about non_fatal)."""
         if create:
             self.pool.for_path(sandbox).run(make_sandbox, sandbox, timeout=self.staging_timeout)
-        for d in directives:
+
+        def one(d: dict) -> None:
             outer = d["source"] if direction == "in" else d["target"]
             lane = self.pool.for_path(outer if outer.startswith("/") else sandbox)
-            try:
-                lane.run(stage, d, direction, sandbox, self.sandbox, timeout=self.staging_timeout)
-            except (StagingError, IOPoolError) as exc:
-                if "non_fatal" in (d.get("flags") or []):
-                    self.log.warning("staging_failed_non_fatal", error=str(exc))
-                    continue
-                raise StagingError(f"staging {direction}: {exc}") from None
+            lane.run(stage, d, direction, sandbox, self.sandbox, timeout=self.staging_timeout)
+
+        carry_out(directives, one, f"staging {direction}", self.log,
+                  unit=os.path.basename(sandbox))
 
     def _unit_env(self, uid: str, sandbox: str, slots: Any, desc: dict) -> dict[str, str]:
         env = dict(self.base_env)

@@ -201,10 +201,12 @@ class Hub:
 
     def agent_final(self, unit: UnitRecord, state: str, ts: float, fields: dict[str, Any]) -> None:
         """The agent says a unit ended. Output that goes back to the application's machine
-        (client://) is the launcher's to move first: the lifecycle greenlet does that."""
+        (client://) from a remote pilot is the hub's to move first (the launcher's
+        client_staging): the lifecycle greenlet does that."""
         pilot = self.pilots.get(unit.pilot) if unit.pilot else None
         launcher = pilot.launcher if pilot is not None else None
-        if state == states.DONE and launcher is not None and launcher.has_stage_out(unit.desc):
+        staging = launcher.client_staging if launcher is not None else None
+        if state == states.DONE and staging is not None and staging.has_stage_out(unit.desc):
             unit.done_at_agent = (state, ts, fields)
             unit.wake.set()
         else:

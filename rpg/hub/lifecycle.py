@@ -56,9 +56,9 @@ class UnitLifecycle:
                 return False
             hub.binding.wait_changed(timeout=5.0)
         hub.ledger.bind(unit, pilot)
-        launcher = pilot.launcher
-        if (launcher is not None and launcher.has_stage_in(unit.desc)
-                and not self._client_staging(launcher.stage_in)):
+        staging = pilot.launcher.client_staging if pilot.launcher is not None else None
+        if (staging is not None and staging.has_stage_in(unit.desc)
+                and not self._client_staging(staging.stage_in)):
             return False
         hub.enqueue(unit, pilot)
         while not states.is_final(unit.state):
@@ -69,12 +69,13 @@ class UnitLifecycle:
                 return True
             if unit.done_at_agent is not None and not states.is_final(unit.state):
                 state, ts, fields = unit.done_at_agent
-                if self._client_staging(launcher.stage_out):
+                if staging is None or self._client_staging(staging.stage_out):
                     hub.end_unit_as_agent_said(unit, state, ts, fields)
         return False
 
     def _client_staging(self, step) -> bool:
-        """Run a launcher's client:// staging step; a failure ends the unit FAILED."""
+        """Run a client:// staging step (rpg.staging.ClientStaging, on this greenlet); a failure
+        ends the unit FAILED with its words ("client staging in: <directive>: <why>")."""
         try:
             step(self.unit)
             return True
@@ -82,7 +83,7 @@ class UnitLifecycle:
             raise
         except Exception as exc:
             self.hub.ledger.end_unit(self.unit, states.FAILED, "hub", Why.CLIENT_STAGING,
-                                     f"client staging: {exc}")
+                                     str(exc))
             return False
 
 

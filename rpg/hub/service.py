@@ -109,7 +109,7 @@ class HubService:
         hub = self._hub
         out = []
         # An agent on another machine cannot reach client:// paths: the hub moves those.
-        strip = p.launcher is not None and p.launcher.stages_client_files
+        strip = p.launcher is not None and p.launcher.client_staging is not None
         if not p.stopping:
             while p.queue and len(out) < max_units:
                 uid = p.queue.popleft()

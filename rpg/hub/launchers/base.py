@@ -13,7 +13,7 @@ import os
 import posixpath
 import stat
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from rpg.agent_config import AgentConfig
 from rpg.io_pool.sweep import pilot_key
@@ -22,6 +22,7 @@ from rpg.sandbox import SandboxError, check_private_dir, make_private_dir
 if TYPE_CHECKING:
     from rpg.hub.hub import Hub
     from rpg.hub.records import PilotRecord
+    from rpg.staging import ClientStaging
 
 
 AGENT_CONFIG = "agent.json"
@@ -126,7 +127,10 @@ class Launcher:
     """Starts, watches and stops one pilot's agent. All methods run on the hub loop and
     put their blocking work in io_pool lanes."""
 
-    stages_client_files = False  # True: the agent cannot reach client://; the hub moves them
+    # The hub's client:// staging for an agent that cannot reach the application's machine (on
+    # another one): rpg.staging.ClientStaging over what the launcher gives it. None: the agent
+    # stages client:// paths itself, and gets them.
+    client_staging: ClientStaging | None = None
 
     def __init__(self, hub: "Hub", pilot: "PilotRecord") -> None:
         self.hub = hub
@@ -185,18 +189,3 @@ class Launcher:
 
     def stop(self, grace: float) -> None:
         raise NotImplementedError
-
-    # client:// staging that the agent cannot do itself (it runs on another machine). The unit
-    # stays BOUND during stage_in and STAGING_OUT during stage_out; both run on the unit's
-    # lifecycle greenlet (blocking work in lanes) and raise on failure (the unit FAILS).
-    def has_stage_in(self, desc: dict[str, Any]) -> bool:
-        return False
-
-    def has_stage_out(self, desc: dict[str, Any]) -> bool:
-        return False
-
-    def stage_in(self, unit: Any) -> None:
-        pass
-
-    def stage_out(self, unit: Any) -> None:
-        pass

@@ -1,0 +1,390 @@
+"""The SSH launcher: starts a pilot's agent on another machine, watches it, and stops it.
+
+One SSH connection per pilot carries everything: the bootstrap (a remote sandbox, the rpg
+package unpacked there, the agent started detached in its own session), a reverse port forward
+through which the agent calls the hub (the hub keeps binding 127.0.0.1), the watch on the agent
+(a short remote status script every few seconds), the SFTP sessions the hub's ``client://``
+staging uses (``rpg.staging.ClientStaging``; the launcher gives it the remote sandbox and the
+connection, retried across reconnects), and the stop (SIGTERM, SIGKILL, a sweep for the pilot's
+unit processes, the sandbox removed).
+
+Every paramiko call blocks, so all of them run on real threads: a control lane and a transfer
+lane per host (``ssh:`` and ``sftp:`` + user@host:port), one paramiko transport thread per
+connection and one tunnel thread per pilot. If the connection drops, the launcher reconnects
+and asks for the same remote forward port again; the agent keeps its units running meanwhile
+(up to its heartbeat timeout).
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import gevent
+from gevent.event import Event
+
+from rpg.hub.launchers.base import Launcher, LaunchError
+from rpg.hub.launchers.ssh import scripts
+from rpg.hub.launchers.ssh.connection import (
+    CONNECT_TIMEOUT,
+    EXEC_TIMEOUT,
+    ConnectionLost,
+    SSHConnection,
+    net_errors,
+)
+from rpg.hub.launchers.ssh.scripts import tail_lines
+from rpg.hub.launchers.ssh.target import SSHTarget
+from rpg.hub.launchers.ssh.tunnel import TunnelPump
+from rpg.staging import ClientStaging
+
+if TYPE_CHECKING:
+    import paramiko
+
+T = TypeVar("T")
+
+STATUS_TIMEOUT = 10.0  # the status check; past it the connection counts as dead
+BOOTSTRAP_OP_TIMEOUT = 120.0  # the whole bootstrap, as one lane call
+TRANSFER_TIMEOUT = 3600.0  # one staging directive
+TERM_GRACE = 10.0  # SIGTERM -> SIGKILL for the agent (it cancels its units and pushes)
+CHECK_EARLY_S = 0.5  # status checks while the agent has not called in yet
+CHECK_MAX_S = 5.0
+RECONNECT_EVERY_S = 2.0
+
+
+class SSHLauncher(Launcher):
+    """An agent on another machine, over one SSH connection; also the ``RemoteSandbox`` through
+    which the hub's ``client://`` staging reaches the pilot sandbox there."""
+
+    def __init__(self, hub: Any, pilot: Any) -> None:
+        super().__init__(hub, pilot)
+        d = pilot.desc
+        self.target = SSHTarget.parse(d["resource"])
+        self.log = hub.log.bind(pilot=pilot.uid, ssh=self.target.label)
+        self.ctl = hub.pool.lane("ssh:" + self.target.label, threads=4, stall_after=60.0)
+        self.xfer = hub.pool.lane("sftp:" + self.target.label, threads=4, stall_after=600.0)
+        self.python = d["remote_python"]
+        self.hb_timeout = float(d["heartbeat_timeout"])
+        self.sandbox: str | None = None  # remote, canonical (pwd -P)
+        self.agent_pid: int | None = None
+        self.fwd_port = 0
+        self.reconnects = 0
+        self._conn: SSHConnection | None = None
+        self._pinned_key: paramiko.PKey | None = None
+        self._pump: TunnelPump | None = None
+        self._op_lock = threading.Lock()  # bootstrap, teardown: one at a time
+        self._conn_lock = threading.Lock()  # swapping the connection
+        self._closing = False
+        self._closed = False
+        self._ended: str | None = None
+        self._exit_code: int | None = None
+        self._next_check = 0.0
+        self._last_check = 0.0
+        self._lost_since: float | None = None
+        self._launched = Event()  # set when launch() is over, whatever the outcome
+        # The agent cannot reach the application's machine: the hub moves client:// files.
+        self.client_staging = ClientStaging(self, hub.profile, self.log)
+
+    # -- hub-loop side ---------------------------------------------------------------------------
+
+    def launch(self) -> None:
+        try:
+            self.ctl.run(self._b_bootstrap, timeout=BOOTSTRAP_OP_TIMEOUT)
+        except LaunchError:
+            raise
+        except (ConnectionLost, TimeoutError) as exc:
+            raise LaunchError(f"ssh bootstrap on {self.target.label}: {exc}") from None
+        except Exception as exc:
+            raise LaunchError(f"ssh bootstrap on {self.target.label} failed: "
+                              f"{type(exc).__name__}: {exc}") from None
+        finally:
+            self._launched.set()
+        self.pilot.sandbox = self.sandbox
+        self._next_check = time.monotonic() + CHECK_EARLY_S
+        self.log.info("agent_started", pid=self.agent_pid, sandbox=self.sandbox,
+                      forward_port=self.fwd_port)
+
+    def poll(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while self._ended is None:
+            now = time.monotonic()
+            if now >= self._next_check:
+                # While the agent's calls arrive through the tunnel, a remote status check every
+                # CHECK_MAX_S is plenty; when it goes quiet (or has not called in yet), look often.
+                if not (self._heard_recently() and now - self._last_check < CHECK_MAX_S):
+                    self._check()
+                    self._last_check = time.monotonic()
+                # While the connection is down, each check is a reconnect attempt: not too often.
+                self._next_check = time.monotonic() + (
+                    CHECK_EARLY_S if self._lost_since is None else RECONNECT_EVERY_S)
+                continue
+            left = deadline - now
+            if left <= 0:
+                return None
+            gevent.sleep(min(left, self._next_check - now))
+        return self._ended
+
+    def _heard_recently(self) -> bool:
+        p = self.pilot
+        quiet = max(1.0, 2.0 * float(p.desc["heartbeat_interval"]))
+        return p.registered.is_set() and time.time() - p.last_seen < quiet
+
+    def _check(self) -> None:
+        try:
+            state, code, err = self.ctl.run(self._b_status, timeout=STATUS_TIMEOUT + 2 *
+                                            CONNECT_TIMEOUT + 5)
+        except Exception as exc:
+            now = time.monotonic()
+            if self._lost_since is None:
+                self._lost_since = now
+                self.log.warning("ssh_connection_lost", error=str(exc))
+            lost = now - self._lost_since
+            p = self.pilot
+            silent = time.time() - p.last_seen if p.registered.is_set() else 0.0
+            if max(lost, silent) > self.hb_timeout:  # the agent has given up on the hub by now
+                self._ended = (f"ssh connection to {self.target.label} lost (agent silent for "
+                               f"{silent:.0f} s) and not re-established: {exc}")
+            return
+        if self._lost_since is not None:
+            self.log.warning("ssh_connection_restored",
+                             after_s=round(time.monotonic() - self._lost_since, 2),
+                             reconnects=self.reconnects)
+            self._lost_since = None
+        if state == "alive":
+            if self._pump is not None and self._pump.error:
+                self._ended = f"the ssh tunnel to the hub failed: {self._pump.error}"
+            return
+        tail = tail_lines(err)
+        if state == "exited":
+            self._exit_code = code
+            why = f"exit code {code}"
+        elif state == "nosandbox":
+            why = f"the remote pilot sandbox {self.sandbox} is gone"
+        else:
+            why = f"agent process {self.agent_pid} is gone without an exit code (killed?)"
+        self._ended = why + (f"; stderr: {tail}" if tail else "")
+
+    def ended_cleanly(self) -> bool:
+        return self._exit_code == 0
+
+    def stop(self, grace: float) -> None:
+        self._closing = True
+        self.ctl.run(self._b_teardown, grace, timeout=grace + TERM_GRACE + 2 * EXEC_TIMEOUT
+                     + BOOTSTRAP_OP_TIMEOUT)
+
+    # -- the remote sandbox, for client:// staging (rpg.staging.RemoteSandbox) ----------------
+
+    def pilot_sandbox(self) -> str:
+        """The remote pilot sandbox once the launch is over (waits for it)."""
+        self._launched.wait()
+        if self.sandbox is None or self.agent_pid is None or self._closing:
+            raise ConnectionLost(f"pilot {self.pilot.uid} did not start or is stopping")
+        return self.sandbox
+
+    def sftp_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(sftp, known_dirs, *args)`` in the sftp lane (``fn`` is idempotent); while the
+        connection is down, again after a reconnect, for as long as the agent waits for the hub
+        (its heartbeat timeout)."""
+        deadline = time.monotonic() + self.hb_timeout
+        while True:
+            try:
+                return self.xfer.run(self._b_sftp_call, fn, args, timeout=TRANSFER_TIMEOUT)
+            except ConnectionLost as exc:
+                if self._closing or time.monotonic() > deadline:
+                    raise
+                self.log.warning("ssh_transfer_retry", error=str(exc))
+            gevent.sleep(1.0)
+
+    # -- blocking side (lane threads) ---------------------------------------------------------
+
+    def _abort_if_closing(self) -> None:
+        if self._closing:
+            raise LaunchError("pilot canceled during the ssh bootstrap")
+
+    def _b_connect(self) -> SSHConnection:
+        d = self.pilot.desc
+        self.target = self.target.with_user()
+        conn = SSHConnection(self.target, d["ssh_key_file"], d["ssh_known_hosts"],
+                             bool(d["ssh_trust_unknown_host"]), self._pinned_key, self.log)
+        conn.open()
+        self._pinned_key = conn.pinned_key
+        return conn
+
+    def _b_live(self, closing_ok: bool = False, need_forward: bool = True) -> SSHConnection:
+        """The connection, reconnected (same remote forward port) if it dropped. Without
+        ``need_forward`` (the final cleanup), a reconnect that cannot get the port back will do."""
+        conn = self._conn
+        if conn is not None and conn.active():
+            return conn
+        with self._conn_lock:
+            if self._closed or (self._closing and not closing_ok):
+                raise ConnectionLost("the launcher is closing")
+            conn = self._conn
+            if conn is not None and conn.active():
+                return conn
+            if conn is not None:
+                self._conn = None
+                conn.close()
+            try:
+                conn = self._b_connect()
+            except LaunchError as exc:
+                raise ConnectionLost(f"reconnect failed: {exc}") from None
+            if self.fwd_port and self._pump is not None:
+                try:
+                    conn.forward(self.fwd_port, self._pump.accept)
+                except ConnectionLost as exc:
+                    self.log.error("ssh_forward_port_lost", port=self.fwd_port, error=str(exc))
+                    if need_forward:
+                        conn.close()
+                        raise ConnectionLost(
+                            f"reconnected, but the remote port {self.fwd_port} the agent calls "
+                            f"the hub on cannot be forwarded again: {exc}") from None
+            self._conn = conn
+            self.reconnects += 1
+            self.log.warning("ssh_reconnected", reconnects=self.reconnects)
+            return conn
+
+    def _b_bootstrap(self) -> None:
+        with self._op_lock:
+            self._abort_if_closing()
+            conn = self._b_connect()
+            self._conn = conn
+            self._abort_if_closing()
+            self._b_prepare(conn)
+            self._abort_if_closing()
+            host, _, port = self.hub.address[len("tcp://"):].rpartition(":")
+            self._pump = TunnelPump(host, int(port), f"rpg-ssh-tunnel-{self.pilot.uid}",
+                                    self.log)
+            self._pump.start()
+            self.fwd_port = conn.forward(0, self._pump.accept)
+            self._b_upload(conn)
+            self._abort_if_closing()
+            self._b_start(conn)
+
+    def _b_prepare(self, conn: SSHConnection) -> None:
+        script = scripts.sandbox_script(self.python, self.pilot.desc.get("sandbox"),
+                                        self.hub.session_uid, self.pilot.uid)
+        rc, out, err = conn.run(script)
+        if rc in (scripts.NO_PYTHON, scripts.BAD_SANDBOX):
+            raise LaunchError(f"ssh {self.target.label}: {tail_lines(err)}")
+        if rc != 0 or not out.strip().startswith("/"):
+            raise LaunchError(f"ssh {self.target.label}: cannot create the remote pilot "
+                              f"sandbox (exit {rc}): {tail_lines(err) or out.strip()}")
+        self.sandbox = out.strip().splitlines()[-1]
+
+    def _b_upload(self, conn: SSHConnection) -> None:
+        assert self.sandbox is not None
+        sb = self.sandbox
+        cfg = self.agent_config(f"tcp://127.0.0.1:{self.fwd_port}", sb)
+        cfg.exit_code_file = posixpath.join(sb, "exit_code")
+        tarball = scripts.rpg_tarball()
+        with conn.sftp() as sftp:
+            sftp.putfo(io.BytesIO(tarball), posixpath.join(sb, "rpg.tar.gz"),
+                       file_size=len(tarball))
+            # Each agent file (the token in its own) created exclusively (O_CREAT|O_EXCL: never
+            # through a planted link), owner-only before anything is written to it.
+            for f in self.agent_files(cfg):
+                path = posixpath.join(sb, f.name)
+                with suppress(FileNotFoundError):
+                    sftp.lstat(path)
+                    raise LaunchError(f"ssh {self.target.label}: pilot sandbox {sb} already "
+                                      f"holds {f.name}: refusing it")
+                with sftp.open(path, "wx") as fh:
+                    fh.chmod(f.mode)
+                    fh.write(f.data)
+
+    def _b_start(self, conn: SSHConnection) -> None:
+        assert self.sandbox is not None
+        script = scripts.start_script(self.sandbox, self.python, self.key)
+        rc, out, err = conn.run(script)
+        pid = out.strip().splitlines()[-1] if out.strip() else ""
+        if rc != 0 or not pid.isdigit():
+            raise LaunchError(f"ssh {self.target.label}: cannot start the agent (exit {rc}): "
+                              f"{tail_lines(err) or out.strip()}")
+        self.agent_pid = int(pid)
+
+    def _b_status(self) -> tuple[str, int | None, str]:
+        """("alive" | "exited" | "gone" | "nosandbox", exit code, agent.err tail)."""
+        assert self.sandbox is not None and self.agent_pid is not None
+        script = scripts.status_script(self.sandbox, self.agent_pid)
+        conn = self._b_live()
+        try:
+            rc, out, err = conn.run(script, timeout=STATUS_TIMEOUT)
+        except (TimeoutError, ConnectionLost) as exc:
+            # A connection that cannot open a channel and run `test` and `tail` in that time is
+            # as good as dead (a silent network drop keeps the transport "active" for many
+            # minutes): drop it, and the next call reconnects.
+            conn.close()
+            raise ConnectionLost(f"status check failed, connection dropped: {exc}") from None
+        words = out.split()
+        if rc != 0 or not words:
+            raise ConnectionLost(f"status check failed (exit {rc}): {tail_lines(err)}")
+        code = int(words[1]) if words[0] == "exited" and len(words) > 1 and \
+            words[1].lstrip("-").isdigit() else None
+        return words[0], code, err
+
+    def _b_teardown(self, grace: float) -> None:
+        self._closing = True
+        locked = self._op_lock.acquire(timeout=BOOTSTRAP_OP_TIMEOUT)
+        try:
+            if self.sandbox is not None:
+                try:
+                    try:
+                        self._b_stop_remote(grace)
+                    except (ConnectionLost, TimeoutError) as exc:
+                        # The connection died or froze: once more on a fresh one.
+                        self.log.warning("ssh_stop_retry", error=str(exc))
+                        conn = self._conn
+                        if conn is not None:
+                            conn.close()
+                        self._b_stop_remote(grace)
+                except Exception as exc:
+                    self.log.error("ssh_remote_cleanup_failed", sandbox=self.sandbox,
+                                   error=f"{type(exc).__name__}: {exc}",
+                                   note="the agent exits by itself after heartbeat_timeout")
+        finally:
+            self._b_close()
+            if locked:
+                self._op_lock.release()
+
+    def _b_stop_remote(self, grace: float) -> None:
+        assert self.sandbox is not None
+        script = scripts.stop_script(self.sandbox, self.agent_pid, grace, TERM_GRACE,
+                                     self.python, self.key,
+                                     bool(self.pilot.desc.get("keep_sandbox")))
+        conn = self._b_live(closing_ok=True, need_forward=False)
+        _rc, out, _err = conn.run(script, timeout=grace + TERM_GRACE + EXEC_TIMEOUT)
+        words = out.split()
+        swept = words[words.index("swept") + 1] if "swept" in words and \
+            words.index("swept") + 1 < len(words) else "?"
+        self.log.info("ssh_pilot_stopped", terminated="agent_terminated" in words,
+                      killed="agent_killed" in words, swept=swept,
+                      sandbox_removed="removed" in words, reconnects=self.reconnects)
+        if swept not in ("0", "?"):
+            self.log.warning("orphan_unit_processes_killed", count=swept)
+
+    def _b_close(self) -> None:
+        with self._conn_lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+        # No cancel_port_forward: it waits for the server's answer for as long as the transport
+        # looks alive (forever, if the server froze). Closing the session ends the forward.
+        if conn is not None:
+            conn.close()  # first: its transport thread is the one that hands channels to the pump
+        if self._pump is not None:
+            self._pump.close()
+
+    def _b_sftp_call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        conn = self._b_live()
+        try:
+            with conn.sftp() as sftp:
+                return fn(sftp, conn.known_dirs, *args)
+        except net_errors() as exc:
+            if conn.active():
+                raise  # a real error (no such file, permission, ...)
+            raise ConnectionLost(f"ssh connection dropped during the transfer: "
+                                 f"{type(exc).__name__}: {exc}") from None

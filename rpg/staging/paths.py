@@ -50,7 +50,7 @@ LOCAL = LocalFileSystem()
 def sandbox_side(path: str, unit_sandbox: str, pilot_sandbox: str) -> tuple[str, str]:
     """(absolute path, root it must stay inside) for the sandbox side of a directive. Refuses
     (StagingError) an absolute path, ``..`` above the root, and any scheme but unit:// and
-    pilot://; the description refuses them too, this holds whatever reaches the stager."""
+    pilot://; the description refuses them too; this holds whatever reaches staging."""
     scheme, rel = split_url(path)
     if scheme not in ("", "unit", "pilot"):
         raise StagingError(f"the sandbox side must be relative, unit:// or pilot://, "

@@ -35,6 +35,7 @@ from rpg.hub.launchers.ssh.connection import (
     EXEC_TIMEOUT,
     ConnectionLost,
     SSHConnection,
+    import_paramiko,
     net_errors,
 )
 from rpg.hub.launchers.ssh.scripts import tail_lines
@@ -384,7 +385,9 @@ class SSHLauncher(Launcher):
             with conn.sftp() as sftp:
                 return fn(sftp, conn.known_dirs, *args)
         except net_errors() as exc:
-            if conn.active():
+            # A channel that hit EOF says so (EOFError, paramiko's "Server connection dropped")
+            # before the transport thread notices, while the connection still looks active.
+            if conn.active() and not isinstance(exc, (EOFError, import_paramiko().SSHException)):
                 raise  # a real error (no such file, permission, ...)
             raise ConnectionLost(f"ssh connection dropped during the transfer: "
                                  f"{type(exc).__name__}: {exc}") from None

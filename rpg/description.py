@@ -410,17 +410,6 @@ class PilotDescription(_Description):
                                    f"must be >= heartbeat_interval ({self.heartbeat_interval})")
 
 
-def without_client_staging(desc: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a unit description without its client:// staging directives: what an agent
-    on another machine gets, when the hub moves those files itself."""
-    out = dict(desc)
-    out["input_staging"] = [d for d in desc["input_staging"]
-                            if split_url(d["source"])[0] != "client"]
-    out["output_staging"] = [d for d in desc["output_staging"]
-                             if split_url(d["target"])[0] != "client"]
-    return out
-
-
 def resolve_client_path(path: str) -> str:
     """``client://rel`` -> absolute path on the application's machine (string work only)."""
     scheme, rel = split_url(path)

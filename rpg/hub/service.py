@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from rpg import states
-from rpg.description import without_client_staging
 from rpg.log import SparseWarning
+from rpg.staging.directives import without_client_staging
 from rpg.states import Why
 
 if TYPE_CHECKING:

@@ -40,6 +40,15 @@ def client_directives(desc: dict[str, Any], direction: str) -> list[dict[str, An
     return [d for d in desc.get("output_staging") or [] if is_client(d["target"])]
 
 
+def without_client_staging(desc: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a unit description without its client:// directives: what an agent on
+    another machine gets, when the hub moves those files itself."""
+    out = dict(desc)
+    out["input_staging"] = [d for d in desc["input_staging"] if not is_client(d["source"])]
+    out["output_staging"] = [d for d in desc["output_staging"] if not is_client(d["target"])]
+    return out
+
+
 def carry_out(directives: Iterable[dict[str, Any]], one: Callable[[dict[str, Any]], Any],
               what: str, log: Any, **context: Any) -> None:
     """``one(directive)`` for each directive, in order. A failure of a ``non_fatal`` one is

@@ -33,19 +33,24 @@ from rpg.log import get_logger
 _session_ids = itertools.count()
 _sigterm_lock = threads.Lock()
 _open_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
+_closing_sessions: "set[Session]" = set()  # close begun, not finished (strong: exit waits)
 EVENT_BATCH = 4096
 CALLBACK_TIMEOUT = 5.0  # how long close() goes on delivering callbacks already queued
+CALLBACK_RETURN_S = 0.5  # then, how long it waits for the callback running at that moment
 ATEXIT_TIMEOUT = 20.0
 
 
 def _close_open_sessions() -> None:
-    """At interpreter exit, close what the application left open: agents and units stopped,
-    rpg's threads ended while the interpreter is still whole."""
+    """At interpreter exit, close what the application left open, and wait for closes still
+    under way (one begun in a callback): agents and units stopped, rpg's threads ended while
+    the interpreter is still whole (a thread of a torn-down interpreter crashes it)."""
     for s in list(_open_sessions):
         try:
             s.close(timeout=ATEXIT_TIMEOUT, callback_timeout=1.0)
         except Exception:
             pass
+    for s in list(_closing_sessions):
+        s._close_done.wait(ATEXIT_TIMEOUT + 60.0)
 
 
 atexit.register(_close_open_sessions)
@@ -193,6 +198,7 @@ class Session:
         self._ids = itertools.count()
         self._closed = False
         self._close_lock = threads.Lock()
+        self._close_done = threads.Event()
         self._drop_callbacks = False
         self.callback_errors = 0
         self.callbacks_dropped = 0
@@ -318,14 +324,21 @@ class Session:
     def close(self, timeout: float = 60.0, callback_timeout: float = CALLBACK_TIMEOUT) -> None:
         """Stop everything: agents, unit processes, threads, sockets. Idempotent.
 
-        Every unit and pilot object has its final state when close returns. Callbacks already
-        queued go on being delivered for up to ``callback_timeout`` s; the rest are dropped
-        (counted in ``callbacks_dropped``).
+        ``timeout`` bounds how long agents may take to leave on their own; what is left is then
+        killed and reaped, and every unit and pilot object has its final state when close
+        returns. Callbacks already queued go on being delivered for up to ``callback_timeout``
+        s; the rest are dropped (counted in ``callbacks_dropped``). A second close (another
+        thread, or ``with`` after a close in a callback) waits for the first to finish.
         """
         with self._close_lock:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
+            if first:
+                _closing_sessions.add(self)
+        if not first:
+            if not self._cb_thread.is_current():
+                self._close_done.wait(max(0.0, timeout) + 120.0)
+            return
         _open_sessions.discard(self)
         try:
             self.hub.close(timeout=timeout)
@@ -333,6 +346,8 @@ class Session:
             if getattr(self, "_sigterm", False):
                 _release_sigterm()
             self._stop_threads(timeout, callback_timeout)
+            self._close_done.set()
+            _closing_sessions.discard(self)
         self.log.info("session_closed", callbacks_dropped=self.callbacks_dropped)
 
     def _stop_threads(self, timeout: float, callback_timeout: float) -> None:
@@ -341,9 +356,12 @@ class Session:
         if self._cb_thread.is_current():
             return  # close() from inside a callback: the thread ends when the callback returns
         if not self._cb_thread.join(callback_timeout):
-            self._drop_callbacks = True
-            if not self._cb_thread.join(max(1.0, callback_timeout)):
-                self.log.error("callback_still_running", timeout=callback_timeout)
+            self._drop_callbacks = True  # the rest are counted, not run
+            if not self._cb_thread.join(CALLBACK_RETURN_S):
+                left = self._callq.qsize()
+                self.callbacks_dropped += left
+                self.log.error("callback_still_running", timeout=callback_timeout,
+                               queued_left=left)
         if self.callbacks_dropped:
             self.log.warning("callbacks_dropped_at_close", count=self.callbacks_dropped)
 

@@ -286,6 +286,56 @@ def test_exit_without_close_is_clean(tmp_path):
         assert took < 30
 
 
+CLOSE_EARLY = """
+    import sys, os, json
+    import rpg
+    how = sys.argv[2]
+    s = rpg.Session(sandbox=sys.argv[1] + "/s" + str(os.getpid()))
+    with s:
+        p = rpg.PilotManager(s).submit_pilots(rpg.PilotDescription(cores=2, runtime=2,
+                                                                   kill_grace=0.5))
+        um = rpg.UnitManager(s)
+        um.add_pilots(p)
+        def cb(unit, state):
+            if how == "callback" and state == "EXECUTING":
+                s.close()
+        um.register_callback(cb)
+        us = um.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["30"])
+                              for _ in range(2)]
+                             + [rpg.UnitDescription(executable="/bin/true") for _ in range(100)])
+        if how == "zero":
+            um.wait_units([us[0].uid], state="EXECUTING", timeout=20)
+            s.close(timeout=0)
+        else:  # once the callback's close is under way, leaving ``with`` closes again
+            import time
+            deadline = time.monotonic() + 20
+            while not s._closed and time.monotonic() < deadline:
+                time.sleep(0.01)
+    print(json.dumps({"pilot": p.state, "units": sorted({u.state for u in us}),
+                      "key": s.uid + "/" + p.uid}))
+"""
+
+
+@pytest.mark.parametrize("how", ["zero", "callback"])
+def test_an_early_close_still_ends_everything_before_exit(tmp_path, how):
+    """close(timeout=0), or a close from inside a callback followed by the end of ``with``:
+    when close returns every object is final, and the process exits cleanly (both used to
+    segfault, exit 139, in 1 run of 4, with the hub thread still running)."""
+    from procs import wait_no_pilot_processes
+
+    script = tmp_path / "early.py"
+    script.write_text(textwrap.dedent(CLOSE_EARLY))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for _ in range(4):
+        res = subprocess.run([sys.executable, str(script), str(tmp_path), how],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert out["pilot"] in states.FINAL, out
+        assert set(out["units"]) <= states.FINAL, out
+        assert wait_no_pilot_processes(out["key"], 5) == []
+
+
 # -- smaller ones --------------------------------------------------------------------------------
 
 def test_posted_calls_that_block_are_counted(tmp_path):

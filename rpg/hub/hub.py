@@ -29,7 +29,8 @@ from rpg.states import Why
 
 PROFILE_FLUSH_S = 0.2
 CANCEL_WORDS = {Why.CANCELED: "canceled by the application", Why.SESSION_CLOSED: "session closed"}
-SUBMIT_SLICE = 500  # units a submit takes per loop iteration: 20,000 at once held the loop 0.45 s
+SUBMIT_SLICE = 500  # units a submit takes per loop iteration: 20,000 at once held it 0.45 s
+CLOSE_FORCE_S = 60.0  # past the graceful timeout: killing agents and units, reaping them
 
 
 class HubError(RuntimeError):
@@ -67,6 +68,7 @@ class Hub:
         self.watch: LoopWatch | None = None
         self.service: HubService | None = None
         self.closed = False
+        self._close_by: float | None = None
         # An embedded hub dies with the application: its local agents end their units at once
         # when its process is gone, instead of waiting out heartbeat_timeout.
         self.agents_follow_hub_process = True
@@ -171,15 +173,25 @@ class Hub:
             raise box["error"]
         return box.get("value")
 
+    def stop_grace(self, default: float) -> float:
+        """How long a pilot may take to leave on its own: ``default``, less once the session's
+        close timeout is running out (its forceful stop always runs to the end)."""
+        if self._close_by is None:
+            return default
+        return max(0.0, min(default, self._close_by - time.monotonic()))
+
     def close(self, timeout: float = 60.0) -> None:
+        """Stop the hub and wait for its thread. ``timeout`` bounds the graceful part (agents
+        leaving on their own); killing what is left and reaping it always completes."""
         with self._post_lock:
             if self.closed:
                 return
             self.closed = True
+            self._close_by = time.monotonic() + max(0.0, timeout)
             if self._ready.is_set() and self._start_error is None and not self._done.is_set():
                 # As a greenlet, like posted calls: those posted before start before it.
                 self.loop.run_callback_threadsafe(gevent.spawn, self._stop.set)
-        if not self._thread.join(timeout):
+        if not self._thread.join(max(0.0, timeout) + CLOSE_FORCE_S):
             self.log.error("hub_thread_did_not_stop", timeout=timeout)
 
     # -- profile ---------------------------------------------------------------------------------

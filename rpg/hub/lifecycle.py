@@ -166,7 +166,7 @@ class PilotLifecycle:
         p.wake.set()  # a long-polling agent hears "shutdown" now
         if launcher is not None:
             try:
-                launcher.stop(grace=5.0)
+                launcher.stop(grace=hub.stop_grace(5.0))
             except GreenletExit:
                 raise
             except Exception as exc:

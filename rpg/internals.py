@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import zmq
+from gevent._hub_local import get_hub_if_exists  # private module
 from gevent._monitor import PeriodicMonitoringThread  # private module
 from gevent.threadpool import ThreadPool
 
@@ -26,6 +27,13 @@ def zmq_socket(endpoint: Any) -> Any:
 def bound_address(server: Any) -> str:
     """The address a zerorpc Server bound (with the port the kernel chose for ``:*``)."""
     return zmq_socket(server).getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+# -- gevent: the hub of the calling thread, without making one --
+
+def hub_of_this_thread() -> Any:
+    """This thread's gevent hub if it has one, else None (``gevent.get_hub`` would make one)."""
+    return get_hub_if_exists()
 
 
 # -- gevent: the loop's monitoring thread --

@@ -18,8 +18,10 @@ import weakref
 from typing import Any, Callable, Iterable, Sequence, Union
 
 import gevent
+import gevent.event
 
-from rpg import states, threads
+from rpg import internals, states, threads
+from rpg.callbacks import LoopDelivery, ThreadDelivery
 from rpg.description import (
     DescriptionError,
     PilotDescription,
@@ -36,7 +38,6 @@ _open_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
 _closing_sessions: "set[Session]" = set()  # close begun, not finished (strong: exit waits)
 EVENT_BATCH = 4096
 CALLBACK_TIMEOUT = 5.0  # how long close() goes on delivering callbacks already queued
-CALLBACK_RETURN_S = 0.5  # then, how long it waits for the callback running at that moment
 ATEXIT_TIMEOUT = 20.0
 
 
@@ -192,21 +193,18 @@ class Session:
             sandbox or os.path.join(os.getcwd(), self.uid)))
         self.log = get_logger("session", session=self.uid)
         self._events: Any = threads.SimpleQueue()  # hub -> applier
-        self._callq: Any = threads.SimpleQueue()  # applier -> callback thread
         self._cond = threads.Condition()
+        self._coop_waiters: list[tuple[Any, Any]] = []  # (gevent loop, gevent Event)
         self._objects: dict[str, _Entity] = {}
         self._ids = itertools.count()
         self._closed = False
         self._close_lock = threads.Lock()
         self._close_done = threads.Event()
-        self._drop_callbacks = False
-        self.callback_errors = 0
-        self.callbacks_dropped = 0
         self.hub = Hub(self.uid, self.sandbox, hub_address, self._events)
         self._applier = threads.Thread(self._apply_loop, f"rpg-events-{self.uid}")
-        self._cb_thread = threads.Thread(self._callback_loop, f"rpg-callbacks-{self.uid}")
+        self._delivery: Any = (LoopDelivery(self.log) if threads.application_patched() else
+                               ThreadDelivery(f"rpg-callbacks-{self.uid}", self.log))
         self._applier.start()
-        self._cb_thread.start()
         try:
             self.hub.start()
         except BaseException as exc:
@@ -217,6 +215,16 @@ class Session:
         self._sigterm = _hold_sigterm()
         _open_sessions.add(self)
         self.log.info("session_started", sandbox=self.sandbox, hub=self.hub.address)
+
+    @property
+    def callback_errors(self) -> int:
+        """Callbacks that raised (logged, not fatal)."""
+        return self._delivery.errors
+
+    @property
+    def callbacks_dropped(self) -> int:
+        """Callbacks still queued when close() ran out of ``callback_timeout``."""
+        return self._delivery.dropped
 
     @property
     def profile_path(self) -> str:
@@ -243,9 +251,8 @@ class Session:
     # -- events ----------------------------------------------------------------------------------
 
     def _apply_loop(self) -> None:
-        """Apply state events to the objects as they come, wake waiters, queue the callbacks."""
+        """Apply state events to the objects as they come, wake waiters, hand the callbacks on."""
         get, get_nowait, Empty = self._events.get, self._events.get_nowait, threads.Empty
-        callq = self._callq
         while True:
             batch = [get()]
             try:
@@ -254,6 +261,7 @@ class Session:
             except Empty:
                 pass
             stop = False
+            calls = []
             with self._cond:
                 for ev in batch:
                     if ev is None:
@@ -265,58 +273,53 @@ class Session:
                         continue
                     obj._apply(state, ts, fields)
                     if obj._mgr._callbacks:
-                        callq.put((obj, state))
+                        calls.append((obj, state))
                 self._cond.notify_all()
+                for loop, waiter in self._coop_waiters:
+                    loop.run_callback_threadsafe(waiter.set)
+            if calls:
+                self._delivery.put(calls)
             if stop:
-                callq.put(None)
                 return
-
-    def _callback_loop(self) -> None:
-        """Run callbacks, each state once and in order; survive anything a callback raises."""
-        get = self._callq.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            if self._drop_callbacks:
-                self.callbacks_dropped += 1
-                continue
-            obj, state = item
-            for cb in list(obj._mgr._callbacks):
-                try:
-                    cb(obj, state)
-                except BaseException as exc:  # SystemExit, KeyboardInterrupt too: never fatal
-                    self.callback_errors += 1
-                    self.log.error("callback_failed", uid=obj.uid, state=state,
-                                   callback=getattr(cb, "__qualname__", repr(cb)),
-                                   error=repr(exc)[:500], exc_info=isinstance(exc, Exception))
 
     def _wait(self, objs: Sequence[_Entity], state: str | Sequence[str] | None,
               timeout: float | None) -> list[str]:
         """Wait until every object is in ``state`` or final (``_asked_states`` checked it)."""
-        if self._cb_thread.is_current():
+        if self._delivery.is_current():
             raise RuntimeError("wait cannot be called from inside a callback (it would never "
                                "see the next state); use the callback itself")
         want = set(states.FINAL) | (set() if state is None else
                                     {state} if isinstance(state, str) else set(state))
         deadline = None if timeout is None else time.monotonic() + timeout
-        # In a monkey-patched application this thread runs the application's loop: wait in
-        # short slices and let its other greenlets run between them.
-        coop = threads.application_patched()
+        # A thread that runs a gevent loop (a monkey-patched application, or one that uses gevent
+        # itself) waits on that loop, woken by the applier: its other greenlets go on meanwhile.
+        app_hub = internals.hub_of_this_thread()
+        waiter = gevent.event.Event() if app_hub is not None else None
+        entry = (app_hub.loop, waiter) if app_hub is not None else None
         i = 0
-        while True:
-            with self._cond:
-                while i < len(objs) and objs[i].state in want:
-                    i += 1
-                if i >= len(objs) or (self._closed and not self._applier.is_alive()):
-                    break
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                step = 0.02 if coop else 1.0
-                self._cond.wait(step if remaining is None else min(step, remaining))
-            if coop:
-                gevent.sleep(0)
+        try:
+            while True:
+                with self._cond:
+                    while i < len(objs) and objs[i].state in want:
+                        i += 1
+                    if i >= len(objs) or (self._closed and not self._applier.is_alive()):
+                        break
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    step = 1.0 if remaining is None else min(1.0, remaining)
+                    if waiter is None:
+                        self._cond.wait(step)
+                        continue
+                    waiter.clear()
+                    if entry not in self._coop_waiters:
+                        self._coop_waiters.append(entry)
+                waiter.wait(step)
+        finally:
+            if entry is not None:
+                with self._cond:
+                    if entry in self._coop_waiters:
+                        self._coop_waiters.remove(entry)
         return [o.state for o in objs]
 
     # -- close -----------------------------------------------------------------------------------
@@ -336,8 +339,8 @@ class Session:
             if first:
                 _closing_sessions.add(self)
         if not first:
-            if not self._cb_thread.is_current():
-                self._close_done.wait(max(0.0, timeout) + 120.0)
+            if not self._delivery.is_current():
+                self._wait_closed(max(0.0, timeout) + 120.0)
             return
         _open_sessions.discard(self)
         try:
@@ -353,17 +356,18 @@ class Session:
     def _stop_threads(self, timeout: float, callback_timeout: float) -> None:
         self._events.put(None)
         self._applier.join(timeout)
-        if self._cb_thread.is_current():
-            return  # close() from inside a callback: the thread ends when the callback returns
-        if not self._cb_thread.join(callback_timeout):
-            self._drop_callbacks = True  # the rest are counted, not run
-            if not self._cb_thread.join(CALLBACK_RETURN_S):
-                left = self._callq.qsize()
-                self.callbacks_dropped += left
-                self.log.error("callback_still_running", timeout=callback_timeout,
-                               queued_left=left)
+        self._delivery.stop(callback_timeout)
         if self.callbacks_dropped:
             self.log.warning("callbacks_dropped_at_close", count=self.callbacks_dropped)
+
+    def _wait_closed(self, timeout: float) -> None:
+        """Wait for a close under way elsewhere; on a gevent loop, without freezing it."""
+        if internals.hub_of_this_thread() is None:
+            self._close_done.wait(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while not self._close_done.wait(0.005) and time.monotonic() < deadline:
+            gevent.sleep(0.02)
 
     def __enter__(self) -> "Session":
         return self

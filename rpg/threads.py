@@ -12,7 +12,7 @@ from __future__ import annotations
 from time import monotonic
 from typing import Any, Callable
 
-from gevent.monkey import get_original, is_module_patched
+from gevent.monkey import get_original, is_anything_patched
 
 _start_new_thread, allocate_lock, get_ident = get_original(
     "_thread", ["start_new_thread", "allocate_lock", "get_ident"])
@@ -23,8 +23,9 @@ Lock = allocate_lock
 
 
 def application_patched() -> bool:
-    """True if the application monkey-patched threads (its blocking waits block its loop)."""
-    return is_module_patched("threading")
+    """True if the application monkey-patched anything: its queues, events and locks may then
+    be gevent's, bound to its loop, and code that uses them must run on that loop."""
+    return is_anything_patched()
 
 
 class Thread:

@@ -109,6 +109,29 @@ PATCHED_APP = """
         # own, goes on meanwhile.
         real_sleep(4)
         out["states_after_block"] = sorted({{u.state for u in units}})
+        # A callback signals the application through its own (patched) primitives.
+        import queue as queue_mod
+        q = queue_mod.Queue()
+        umgr.register_callback(lambda u, s: s == "DONE" and q.put(u.uid))
+        one = umgr.submit_units(rpg.UnitDescription(executable="/bin/true"))
+        out["queued"] = False
+        try:
+            while not out["queued"]:  # earlier units' DONE may come first
+                out["queued"] = q.get(timeout=10) == one.uid
+        except queue_mod.Empty:
+            pass
+        # A wait lets the application's other greenlets run meanwhile.
+        import gevent
+        ticks = []
+        def ticker():
+            while True:
+                gevent.sleep(0.05)
+                ticks.append(1)
+        t = gevent.spawn(ticker)
+        umgr.wait_units(umgr.submit_units(rpg.UnitDescription(executable="/bin/sleep",
+                                                              arguments=["2"])).uid, timeout=30)
+        t.kill()
+        out["ticks"] = len(ticks)
         slow = umgr.submit_units(rpg.UnitDescription(executable="/bin/sleep", arguments=["30"]))
         slow.wait(state="EXECUTING", timeout=30)
         slow.cancel()
@@ -128,8 +151,11 @@ def test_monkey_patched_application(tmp_path, args):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["states_after_block"] == ["DONE"], out
     assert out["canceled"] == "CANCELED"
-    assert set(out["states"][:20]) == {"DONE"}
-    assert out["callbacks"] == 20 * 6 + 5, out  # BOUND..DONE for 20; BOUND..EXECUTING, CANCELED
+    assert set(out["states"][:22]) == {"DONE"}
+    # BOUND..DONE for 20 + 2 more; BOUND..EXECUTING, CANCELED for the slow one
+    assert out["callbacks"] == 22 * 6 + 5, out
+    assert out["queued"] is True, out
+    assert out["ticks"] >= 15, out  # about 40 in 2 s; a blocking wait gave 3
     assert out["threads_alive"] == []
 
 

@@ -152,11 +152,16 @@ def _run(args: argparse.Namespace, sandbox: str, inputs: str, results: str,
     active: list[Any] = []  # submitted, not final yet
     finals: Counter = Counter()
     error = None
-    try:
-        session = rpg.Session(sandbox=os.path.join(sandbox, "session"))
-    except OSError as exc:
-        print(f"rpg run: --sandbox {sandbox}: cannot start the session: {exc.strerror}",
-              file=sys.stderr)
+    try:  # a sandbox used before keeps its sessions: this one gets a directory of its own
+        session_dir = os.path.join(sandbox, "session")
+        n = 1
+        while os.path.exists(session_dir):
+            n += 1
+            session_dir = os.path.join(sandbox, f"session.{n}")
+        session = rpg.Session(sandbox=session_dir)
+    except (OSError, rpg.SessionError) as exc:
+        print(f"rpg run: --sandbox {sandbox}: cannot start the session: "
+              f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 1
     with session:
         pmgr = rpg.PilotManager(session)

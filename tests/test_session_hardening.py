@@ -481,3 +481,24 @@ def test_wait_for_an_unknown_state_is_refused(tmp_path):
         pmgr = rpg.PilotManager(session)
         with pytest.raises(ValueError, match="RUNNING"):
             pmgr.wait_pilots(state="RUNNING", timeout=1)
+
+
+def test_a_second_session_in_the_same_sandbox_is_refused_at_once(tmp_path):
+    """It used to start, and then every pilot FAILED (pilot.000001's sandbox was taken)."""
+    with rpg.Session(sandbox=str(tmp_path / "s")) as first:
+        _, pilot, umgr = local_pilot(first, cores=1)
+        umgr.submit_units(rpg.UnitDescription(executable="/bin/true"))
+        umgr.wait_units(timeout=30)
+    with pytest.raises(rpg.SessionError, match="another session's profile"):
+        rpg.Session(sandbox=str(tmp_path / "s"))
+    assert [p.name for p in (tmp_path / "s").iterdir() if p.name.startswith("pilot")] == \
+        [pilot.uid]
+
+
+def test_rpg_run_twice_in_one_sandbox(tmp_path):
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-m", "rpg.cli", "run", "--units", "3", "--cores",
+                              "1", "--sandbox", str(tmp_path / "run")], capture_output=True,
+                             text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "3/3 sha256 sums match" in res.stdout

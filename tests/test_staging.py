@@ -269,3 +269,13 @@ def test_carry_out_turns_any_failure_into_a_staging_error():
         carry_out([d("x", "client:///y")], refuse, "client staging out", get_logger("test"))
     carry_out([d("x", "client:///y", flags=("non_fatal",))], refuse, "client staging out",
               get_logger("test"))
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom", "/dev/null"])
+def test_a_device_is_refused_as_a_source(tmp_path, device):
+    """A copy from /dev/zero used to run until the disk was full (20 GB in a minute)."""
+    from rpg.staging import local
+
+    with pytest.raises(StagingError, match="character device"):
+        local.copy(device, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

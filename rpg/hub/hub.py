@@ -24,7 +24,7 @@ from rpg.internals import bound_address
 from rpg.io_pool import IOPool, LoopWatch
 from rpg.log import ProfileWriter, SparseWarning, get_logger
 from rpg.rpc import no_zero_copy, wire_problem
-from rpg.sandbox import make_private_dir
+from rpg.sandbox import SandboxError, make_private_dir
 from rpg.states import Why
 
 PROFILE_FLUSH_S = 0.2
@@ -92,8 +92,8 @@ class Hub:
             self._stop = Event()
             self.watch = LoopWatch("hub").start()
             self.pool = IOPool()
-            self.pool.for_path(self.sandbox).run(make_private_dir, self.sandbox,
-                                                 "session sandbox", timeout=30)
+            self.pool.for_path(self.sandbox).run(_make_session_sandbox, self.sandbox,
+                                                 self.profile.path, timeout=30)
             ctx = zerorpc.Context()
             self.service = HubService(self)
             server = zerorpc.Server(self.service, context=ctx, heartbeat=5)
@@ -359,6 +359,17 @@ class Hub:
         for unit in self.units.values():  # belt and braces: nothing leaves without a final state
             self.ledger.end_unit(unit, states.CANCELED, "hub", Why.SESSION_CLOSED,
                                  CANCEL_WORDS[Why.SESSION_CLOSED])
+
+
+def _make_session_sandbox(path: str, profile: str) -> None:
+    """A private directory that no other session has used: pilot uids start again at
+    pilot.000001 in every session, so a second session there would find its pilots'
+    sandboxes taken, and would mix its profile into the first one's. Blocking."""
+    make_private_dir(path, "session sandbox")
+    if os.path.lexists(profile):
+        raise SandboxError(f"session sandbox {path} holds another session's profile "
+                           f"({os.path.basename(profile)}): give each session a sandbox of "
+                           f"its own (the default is a new one under the current directory)")
 
 
 def _loop_thread(body: Callable[[], None]) -> Callable[[], None]:

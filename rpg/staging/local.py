@@ -68,17 +68,25 @@ def move(src: str, dst: str) -> int:
 
 
 def copy(src: str, dst: str, recursive: bool = False) -> int:
-    """Copy a file, a pipe or device (streamed), or with ``recursive`` a tree (merged into
-    ``dst``); returns the bytes copied."""
+    """Copy a file, a named pipe (streamed until its writer closes it), or with ``recursive``
+    a tree (merged into ``dst``); returns the bytes copied. A device or a socket is refused:
+    a copy from /dev/zero or /dev/urandom never ends and fills the disk."""
     if os.path.isdir(src):
         if not recursive:
             raise StagingError("source is a directory; add the 'recursive' flag")
         shutil.copytree(src, dst, dirs_exist_ok=True)
         return size(dst)
-    if stat.S_ISREG(os.stat(src).st_mode):
+    mode = os.stat(src).st_mode
+    if stat.S_ISREG(mode):
         shutil.copyfile(src, dst)  # sendfile fast path
         return os.path.getsize(dst)
-    with open(src, "rb") as fin, open(dst, "wb") as fout:  # shutil refuses pipes and devices
+    if not stat.S_ISFIFO(mode):
+        kind = ("a character device" if stat.S_ISCHR(mode) else
+                "a block device" if stat.S_ISBLK(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise StagingError(f"source {src} is {kind}: only files, directories and named pipes "
+                           f"are staged (a device never ends and would fill the disk)")
+    with open(src, "rb") as fin, open(dst, "wb") as fout:  # shutil refuses pipes
         shutil.copyfileobj(fin, fout, CHUNK)
         return fout.tell()
 

@@ -36,6 +36,19 @@ def hub_of_this_thread() -> Any:
     return get_hub_if_exists()
 
 
+# -- gevent: errors of greenlets that die of an exception --
+
+def route_loop_errors(hub: Any, report: Any) -> None:
+    """Errors the hub would print to stderr (a greenlet that died of an exception, e.g. one of
+    zerorpc's on a malformed message) go to ``report(context=..., error=...)`` instead. Uses
+    the overridable ``Hub.print_exception``."""
+    def print_exception(context: Any, type_: Any, value: Any, tb: Any) -> None:
+        report(context=repr(context)[:200], error=f"{getattr(type_, '__name__', type_)}: "
+                                                  f"{str(value)[:300]}")
+
+    hub.print_exception = print_exception
+
+
 # -- gevent: the loop's monitoring thread --
 
 class QuietMonitor(PeriodicMonitoringThread):
@@ -65,6 +78,10 @@ def threadpool_release(pool: ThreadPool) -> None:
 def check() -> list[str]:
     """The private names rpg relies on that this installation no longer has."""
     missing = []
+    from gevent.hub import Hub
+
+    if not callable(getattr(Hub, "print_exception", None)):
+        missing.append("gevent.hub.Hub.print_exception")
     if not hasattr(PeriodicMonitoringThread, "_show_blocking_report"):
         missing.append("gevent._monitor.PeriodicMonitoringThread._show_blocking_report")
     pool = ThreadPool(1)

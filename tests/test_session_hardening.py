@@ -502,3 +502,72 @@ def test_rpg_run_twice_in_one_sandbox(tmp_path):
                              text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         assert "3/3 sha256 sums match" in res.stdout
+
+
+def test_malformed_zmq_messages_do_not_flood_stderr(tmp_path, capfd):
+    """A raw zmq peer (no zerorpc, no token) sending the same message id again and again:
+    zerorpc's greenlets die of KeyError, which gevent printed as full tracebacks (13 of them
+    for 20 messages); now they are rate-limited structlog events."""
+    import msgpack
+    import zmq
+
+    with rpg.Session(sandbox=str(tmp_path / "s")) as session:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(session.hub_address)
+            msg = msgpack.packb([{"message_id": b"same", "v": 3}, "pull", ["x", "y", 1, 0]])
+            for _ in range(40):
+                sock.send(msg)
+            time.sleep(1.5)
+        finally:
+            sock.close()
+            ctx.term()
+        assert session.hub.stats()["units"] == 0  # and the hub still answers
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    assert err.count("\n") < 40, err[-3000:]
+
+
+KILLED_WHILE_CLOSING = """
+    import os, signal, sys, threading, time, json
+    import rpg
+    s = rpg.Session(sandbox=sys.argv[1] + "/s")
+    p = rpg.PilotManager(s).submit_pilots(rpg.PilotDescription(cores=2, runtime=5,
+                                                               heartbeat_timeout=30))
+    um = rpg.UnitManager(s)
+    um.add_pilots(p)
+    # Units that ignore SIGTERM keep the agent busy (its kill grace) when it hears "shutdown".
+    us = um.submit_units([rpg.UnitDescription(executable="/bin/sh",
+                                              arguments=["-c", "trap '' TERM; sleep 30"])
+                          for _ in range(2)])
+    um.wait_units(state="EXECUTING", timeout=30)
+    print(json.dumps({"key": s.uid + "/" + p.uid, "agent": s.hub.pilots[p.uid].agent_info["pid"]}),
+          flush=True)
+    threading.Thread(target=s.close).start()
+    time.sleep(0.3)  # the shutdown is under way
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_agent_leaves_at_once_when_the_hub_dies_during_its_shutdown(tmp_path):
+    """It used to go on with its final push to the dead hub (10 s) and its context's close."""
+    script = tmp_path / "k.py"
+    script.write_text(textwrap.dedent(KILLED_WHILE_CLOSING))
+    res = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert res.returncode == -9, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    t0 = time.monotonic()
+    while psutil.pid_exists(info["agent"]) and time.monotonic() - t0 < 20:
+        try:
+            if psutil.Process(info["agent"]).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.Error:
+            break
+        time.sleep(0.05)
+    took = time.monotonic() - t0
+    from procs import wait_no_pilot_processes
+    assert wait_no_pilot_processes(info["key"], 10) == []
+    assert took < 5.0, f"agent lived {took:.1f} s after the hub process died"

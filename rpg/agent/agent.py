@@ -40,10 +40,11 @@ from rpg.agent.resources import (
 from rpg.agent.scheduler import Scheduler, format_ids
 from rpg.agent.unit_process import spawn_unit, unit_argv
 from rpg.agent_config import AgentConfig
+from rpg.internals import route_loop_errors
 from rpg.io_pool import Batcher, IOPool, IOPoolError, LoopWatch, SpawnError
 from rpg.io_pool.sweep import pilot_key
 from rpg.io_pool.tails import read_outputs
-from rpg.log import get_logger
+from rpg.log import SparseWarning, get_logger
 from rpg.rpc import no_zero_copy
 from rpg.staging import StagingError, carry_out, make_sandbox, stage
 
@@ -82,6 +83,7 @@ class Agent:
         self.updates: list[list[Any]] = []
         self.have_updates = Event()
         self.done = Event()
+        self.hub_gone = Event()  # the process holding the hub died: nobody to report to
         self.stop_info: tuple[str, str, str] | None = None  # (why, unit state, reason)
         self.last_ok = time.monotonic()
         self.base_env = dict(os.environ)
@@ -92,6 +94,7 @@ class Agent:
     # -- main ------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        route_loop_errors(gevent.get_hub(), SparseWarning(self.log, "greenlet_failed"))
         self.watch = LoopWatch("agent").start()
         self.pool = IOPool()
         self.sched = Scheduler([(str(n[0]), int(n[1]), int(n[2])) for n in self.nodes])
@@ -136,12 +139,16 @@ class Agent:
             why, unit_state, reason = self.stop_info or ("?", states.CANCELED, "agent stopped")
             self.log.info("agent_stopping", why=why, units=len(self.units))
             self._stop_units(unit_state, reason)
-            if why == "hub_lost":
+            if why == "hub_lost" or self.hub_gone.is_set():
                 code = EXIT_HUB_LOST
             elif why == "rejected":
                 code = EXIT_REJECTED
             else:
-                self._final_push()
+                pusher = gevent.spawn(self._final_push)
+                gevent.wait([pusher, self.hub_gone], count=1)  # the hub may die meanwhile
+                pusher.kill(block=True, timeout=1.0)
+                if self.hub_gone.is_set():
+                    code = EXIT_HUB_LOST
         except _Rejected as exc:
             self.log.error("agent_rejected", error=str(exc))
             code = EXIT_REJECTED
@@ -185,6 +192,7 @@ class Agent:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             self.log.error("hub_process_gone", pid=pid)
+            self.hub_gone.set()
             self.stop("hub_lost", states.CANCELED, reason)
             return gevent.spawn(lambda: None)
         except OSError as exc:  # no pidfds here (old kernel, seccomp): the heartbeat remains
@@ -195,6 +203,7 @@ class Agent:
             try:
                 wait_read(pidfd)
                 self.log.error("hub_process_gone", pid=pid)
+                self.hub_gone.set()  # also when a shutdown is under way: stop reporting
                 self.stop("hub_lost", states.CANCELED, reason)
             finally:
                 os.close(pidfd)

@@ -20,7 +20,7 @@ from rpg.hub.binding import Binding
 from rpg.hub.lifecycle import PilotLifecycle, UnitLifecycle
 from rpg.hub.records import Ledger, PilotRecord, UnitRecord
 from rpg.hub.service import HubService
-from rpg.internals import bound_address
+from rpg.internals import bound_address, route_loop_errors
 from rpg.io_pool import IOPool, LoopWatch
 from rpg.log import ProfileWriter, SparseWarning, get_logger
 from rpg.rpc import no_zero_copy, wire_problem
@@ -381,6 +381,7 @@ def _loop_thread(body: Callable[[], None]) -> Callable[[], None]:
 
     def run() -> None:
         ghub = gevent.get_hub()
+        route_loop_errors(ghub, SparseWarning(get_logger("hub"), "greenlet_failed"))
         g = gevent.spawn(box.pop())
         try:
             g.join()

@@ -288,6 +288,10 @@ class Session:
         if self._delivery.is_current():
             raise RuntimeError("wait cannot be called from inside a callback (it would never "
                                "see the next state); use the callback itself")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float))
+                                    or timeout != timeout or timeout < 0):
+            raise ValueError(f"wait: timeout must be None or a number >= 0, got {timeout!r}")
         want = set(states.FINAL) | (set() if state is None else
                                     {state} if isinstance(state, str) else set(state))
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -415,10 +419,15 @@ class _Manager:
     def _select(self, uids: str | Iterable[str] | None) -> list[Any]:
         if uids is None:
             return list(self._mine.values())
-        if isinstance(uids, str):
+        if isinstance(uids, (str, _Entity)):
             uids = [uids]
         out = []
         for uid in uids:
+            if isinstance(uid, _Entity):  # Unit/Pilot objects are welcome too
+                uid = uid.uid
+            if not isinstance(uid, str):
+                raise TypeError(f"{type(self).__name__}: expected uids or {self._entity.__name__}"
+                                f" objects, got {type(uid).__name__}")
             if uid not in self._mine:
                 raise KeyError(f"{type(self).__name__}: unknown uid {uid!r}")
             out.append(self._mine[uid])

@@ -319,3 +319,17 @@ def test_an_update_that_cannot_be_encoded_is_repaired_alone(tmp_path):
         ["unit.3", "DONE", 3.0, {}]
     agent.report("unit.4", "FAILED", reason=f"cannot open {bad}", exit_code=None)
     assert agent.updates[-1][3] == {"reason": "cannot open caf\\udce9", "exit_code": None}
+
+
+def test_a_stdout_replaced_by_a_symlink_is_not_followed(tmp_path):
+    """A unit that makes STDOUT a link to a file elsewhere got that file as its stdout."""
+    secret = tmp_path / "elsewhere.txt"
+    secret.write_text("not the unit's output\n")
+    with rpg.Session(sandbox=str(tmp_path / "s")) as s:
+        pilot, umgr = local_pilot(s, cores=1)
+        (unit,) = umgr.submit_units([rpg.UnitDescription(
+            executable="/bin/sh", arguments=["-c", f"rm -f STDOUT; ln -s {secret} STDOUT"])])
+        umgr.wait_units(timeout=30)
+    assert unit.state == "FAILED", (unit.state, unit.stdout)
+    assert "symbolic link" in unit.reason and "STDOUT" in unit.reason
+    assert "not the unit's output" not in (unit.stdout or "")

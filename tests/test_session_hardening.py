@@ -481,6 +481,13 @@ def test_wait_for_an_unknown_state_is_refused(tmp_path):
         pmgr = rpg.PilotManager(session)
         with pytest.raises(ValueError, match="RUNNING"):
             pmgr.wait_pilots(state="RUNNING", timeout=1)
+        for bad in (float("nan"), -1, "1", True):
+            with pytest.raises(ValueError, match="timeout"):
+                umgr.wait_units(timeout=bad)
+        with pytest.raises(TypeError, match="expected uids"):
+            umgr.wait_units([3.5], timeout=1)
+        units = umgr.get_units()
+        assert umgr.wait_units(units, timeout=0) == umgr.wait_units(units[0].uid, timeout=0)
 
 
 def test_a_second_session_in_the_same_sandbox_is_refused_at_once(tmp_path):

@@ -15,16 +15,28 @@ def read_tail(path: str, limit: int = TAIL_BYTES) -> str:
     """The last ``limit`` bytes of a file as text ('' if it is missing). Blocking.
 
     Only a missing file reads as ''; any other error raises OSError, so output is never
-    dropped silently. A FIFO or device is refused (never read): opening is non-blocking, so a
-    unit that leaves a FIFO in place of its output cannot hang the reading thread.
+    dropped silently. A FIFO, device or directory is refused (never read): opening is
+    non-blocking, so a unit that leaves a FIFO in place of its output cannot hang the reading
+    thread. A symbolic link is not followed (as staging never leaves the sandbox through one).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return ""
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "is a symbolic link (not followed)", path) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise OSError(errno.EISDIR, "Is a directory", path)
+        if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
         size = fh.seek(0, os.SEEK_END)
         fh.seek(max(0, size - limit))
         return fh.read(limit).decode("utf-8", "replace")

@@ -85,5 +85,14 @@ def no_leaks(request):
     pytest.fail("leak after test: " + "; ".join(problems), pytrace=False)
 
 
+@pytest.fixture
+def session(tmp_path):
+    """A session with its sandbox in the test's tmp_path, closed after the test."""
+    import rpg
+
+    with rpg.Session(sandbox=str(tmp_path / "session")) as s:
+        yield s
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_leaks: skip the leak check (explain why in the test)")

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+from pilots import local_pilot as shared_local_pilot
 from procs import wait_no_pilot_processes
 
 import rpg
@@ -28,18 +29,8 @@ from rpg.io_pool.sweep import pilot_key
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def session(tmp_path):
-    with rpg.Session(sandbox=str(tmp_path / "session")) as s:
-        yield s
-
-
 def local_pilot(session, cores=4, **kw):
-    pmgr = rpg.PilotManager(session)
-    pilot = pmgr.submit_pilots(rpg.PilotDescription(resource="local", cores=cores, runtime=5,
-                                                    **kw))
-    umgr = rpg.UnitManager(session)
-    umgr.add_pilots(pilot)
+    _, pilot, umgr = shared_local_pilot(session, cores, **kw)
     return pilot, umgr
 
 

@@ -15,20 +15,13 @@ import time
 
 import psutil
 import pytest
+from pilots import local_pilot
 
 import rpg
 from rpg import states
 
 BAD = os.fsdecode(b"caf\xe9.dat")  # a lone surrogate: what a Latin-1 file name decodes to
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def local_pilot(session, cores=4, **kw):
-    pmgr = rpg.PilotManager(session)
-    pilot = pmgr.submit_pilots(rpg.PilotDescription(resource="local", cores=cores, runtime=5, **kw))
-    umgr = rpg.UnitManager(session)
-    umgr.add_pilots(pilot)
-    return pmgr, pilot, umgr
 
 
 def run_script(tmp_path, body: str, timeout: float = 90, name: str = "app.py"):

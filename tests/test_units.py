@@ -10,6 +10,7 @@ import time
 
 import psutil
 import pytest
+from pilots import local_pilot
 from procs import wait_no_pilot_processes
 
 import rpg
@@ -18,20 +19,6 @@ from rpg.io_pool.sweep import pilot_key
 from rpg.log import read_profile
 
 UNIT_ORDER = [s for s in states.UNIT_PATH if s != states.NEW]
-
-
-@pytest.fixture
-def session(tmp_path):
-    with rpg.Session(sandbox=str(tmp_path / "session")) as s:
-        yield s
-
-
-def local_pilot(session, cores=4, **kw):
-    pmgr = rpg.PilotManager(session)
-    pilot = pmgr.submit_pilots(rpg.PilotDescription(resource="local", cores=cores, runtime=5, **kw))
-    umgr = rpg.UnitManager(session)
-    umgr.add_pilots(pilot)
-    return pmgr, pilot, umgr
 
 
 def no_pilot_processes(pilot, timeout: float = 5.0) -> list[int]:

@@ -1,10 +1,11 @@
 """Real OS threads and the locks between them, whatever the application monkey-patched.
 
-After ``gevent.monkey.patch_all()``, ``threading.Thread`` starts a greenlet on the caller's loop
-and ``threading.Lock``/``Condition``/``Event`` and ``queue.SimpleQueue`` become gevent objects
-bound to one loop. rpg's hub thread and session threads must be real threads (a blocking call
-in the application must never freeze the hub), and what they share must be real locks. This
-module is their one owner: it builds everything from the original ``_thread`` primitives.
+Once an application has patched everything with gevent.monkey, ``threading.Thread`` starts a
+greenlet on its loop, and ``threading.Lock``/``Condition``/``Event`` and ``queue.SimpleQueue``
+become gevent objects bound to one loop. rpg's hub thread and session threads must be real
+threads (a blocking call in the application must never freeze the hub), and what they share
+must be real locks. This module is their one owner: it builds everything from the original
+``_thread`` primitives.
 """
 
 from __future__ import annotations

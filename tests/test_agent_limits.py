@@ -295,7 +295,7 @@ def test_an_update_that_cannot_be_encoded_is_repaired_alone(tmp_path):
     """Every update the agent reports is checked: one msgpack refuses (a lone surrogate, a
     value of a type it cannot pack) is repaired or stripped to its state, alone."""
     from rpg.agent.agent import Agent
-    from rpg.agent_config import AgentConfig
+    from rpg.launch_config import AgentConfig
 
     agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
                               hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from rpg.agent_config import AgentConfig
+from rpg.launch_config import AgentConfig
 from rpg.log import get_logger
 
 

@@ -39,11 +39,11 @@ from rpg.agent.resources import (
 )
 from rpg.agent.scheduler import Scheduler, format_ids
 from rpg.agent.unit_process import spawn_unit, unit_argv
-from rpg.agent_config import AgentConfig
 from rpg.internals import route_loop_errors
 from rpg.io_pool import Batcher, IOPool, IOPoolError, LoopWatch, SpawnError
 from rpg.io_pool.sweep import pilot_key
 from rpg.io_pool.tails import read_outputs
+from rpg.launch_config import AgentConfig
 from rpg.log import SparseWarning, get_logger
 from rpg.rpc import no_zero_copy
 from rpg.staging import StagingError, carry_out, make_sandbox, stage

@@ -15,8 +15,8 @@ import stat
 from contextlib import suppress
 from typing import TYPE_CHECKING, NamedTuple
 
-from rpg.agent_config import AgentConfig
 from rpg.io_pool.sweep import pilot_key
+from rpg.launch_config import AgentConfig
 from rpg.sandbox import SandboxError, check_private_dir, make_private_dir
 
 if TYPE_CHECKING:

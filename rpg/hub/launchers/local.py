@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-from rpg.agent_config import AgentConfig
 from rpg.hub.launchers.base import (
     AGENT_CONFIG,
     AgentFile,
@@ -17,6 +16,7 @@ from rpg.hub.launchers.base import (
 from rpg.io_pool import Child, IOPoolError, SpawnError, spawn
 from rpg.io_pool.sweep import kill_pilot_processes
 from rpg.io_pool.tails import read_tail
+from rpg.launch_config import AgentConfig
 
 _RPG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__import__("rpg").__file__)))
 

@@ -1,5 +1,6 @@
-"""The agent's configuration (``agent.json``): one typed definition, written by the launchers
-on the hub's side and read by the agent, so neither repeats the other's keys or defaults.
+"""The configuration a launcher hands to the agent it launches (``agent.json``): one typed
+definition, written by the launchers on the hub's side and read by the agent, so neither
+repeats the other's keys or defaults.
 
 The pilot token is not part of the file: launchers write it to a file of its own
 (``token_file``) that the agent reads and deletes at start; ``token`` holds it in memory.

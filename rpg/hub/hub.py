@@ -297,7 +297,9 @@ class Hub:
                 entry = pending.get(uid)
                 if entry is not None:
                     entry[1] = entry[1] or why
-        for unit in targets:
+        for i, unit in enumerate(targets):
+            if i and i % SUBMIT_SLICE == 0:
+                gevent.sleep(0)  # 20,000 kills at once held the loop over 0.1 s
             self.cancel_unit(unit, why)
 
     def cancel_unit(self, unit: UnitRecord, why: Why) -> None:

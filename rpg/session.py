@@ -181,9 +181,9 @@ class Pilot(_Entity):
 
 
 class Session:
-    """A hub (own thread, own gevent loop, zerorpc on 127.0.0.1) and two threads of the session:
-    one applies the hub's state events to the Unit and Pilot objects (and wakes waiters), the
-    other runs the application's callbacks, so a slow callback never holds back a state."""
+    """A hub (own thread, own gevent loop, zerorpc on 127.0.0.1), the session's applier thread
+    (the hub's state events onto the Unit and Pilot objects, waiters woken) and the delivery of
+    callbacks apart from it (rpg/callbacks.py), so a slow callback never holds back a state."""
 
     def __init__(self, sandbox: str | None = None,
                  hub_address: str = "tcp://127.0.0.1:0", uid: str | None = None) -> None:

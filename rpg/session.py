@@ -1,8 +1,9 @@
-"""Session, PilotManager, UnitManager and the Unit/Pilot objects the application holds.
+"""Session, PilotManager, UnitManager: the client side, the same for both places of the hub.
 
-Every public call is thread-safe and returns at once: it hands work to the hub thread. State
-changes come back as events, which the session's callback thread applies to the Unit and Pilot
-objects (in order, each state once) before calling the application's callbacks.
+Every public call is thread-safe and returns at once: it is a call of the client protocol
+(rpg/client.py) to the session's hub, embedded in this process or a hub service. State changes
+come back as the hub's numbered event stream, which the session's applier thread applies to the
+Unit and Pilot objects (rpg/entities.py; in order, each state once) before the callbacks run.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from typing import Any, Callable, Iterable, Sequence, Union
 import gevent
 import gevent.event
 
-from rpg import internals, states, threads
+from rpg import client, internals, states, threads
 from rpg.callbacks import LoopDelivery, ThreadDelivery
-from rpg.description import (
-    DescriptionError,
-    PilotDescription,
-    UnitDescription,
-    resolve_client_path,
-    split_url,
-)
+from rpg.client import SessionClosed, SessionError
+from rpg.description import DescriptionError, PilotDescription, UnitDescription
+from rpg.entities import Pilot, Unit, _Entity, asked_states
+from rpg.hub.events import EventLog
 from rpg.hub.hub import Hub, HubError
+from rpg.hub.session_api import SessionAPI
 from rpg.log import get_logger
+
+__all__ = ["Pilot", "PilotManager", "Session", "SessionClosed", "SessionError", "Unit",
+           "UnitManager"]
 
 _session_ids = itertools.count()
 _sigterm_lock = threads.Lock()
@@ -46,8 +48,11 @@ def _close_open_sessions() -> None:
     under way (one begun in a callback): agents and units stopped, rpg's threads ended while
     the interpreter is still whole (a thread of a torn-down interpreter crashes it)."""
     for s in list(_open_sessions):
-        try:
-            s.close(timeout=ATEXIT_TIMEOUT, callback_timeout=1.0)
+        try:  # a session of a hub service goes on there: re-attach to it with its uid
+            if s.hub is None:
+                s.detach(callback_timeout=1.0)
+            else:
+                s.close(timeout=ATEXIT_TIMEOUT, callback_timeout=1.0)
         except Exception:
             pass
     for s in list(_closing_sessions):
@@ -91,130 +96,111 @@ def _release_sigterm() -> None:
 Callback = Callable[[Any, str], Any]
 
 
-class SessionError(RuntimeError):
-    """The session could not start (its sandbox is refused, the hub cannot bind, ...)."""
-
-
-class SessionClosed(SessionError):
-    """The session was closed; it accepts no more work."""
-
-
-class _Entity:
-    """What Unit and Pilot share: uid, state, history, wait, cancel."""
-
-    _kind = ""
-    _states: frozenset[str] = frozenset()
-
-    def __init__(self, uid: str, mgr: Any) -> None:
-        self.uid = uid
-        self.state = states.NEW
-        self.reason: str | None = None
-        self.reason_code: str | None = None  # what decided it (rpg.states.Why), beside the words
-        self.history: list[tuple[str, float]] = [(states.NEW, time.time())]
-        self._mgr = mgr
-
-    def _apply(self, state: str, ts: float, fields: dict[str, Any]) -> None:
-        self.state = state
-        self.history.append((state, ts))
-        for k, v in fields.items():
-            if k in self._fields:
-                setattr(self, k, v)
-
-    _fields: frozenset[str] = frozenset()
-
-    @property
-    def final(self) -> bool:
-        return self.state in states.FINAL
-
-    def wait(self, state: str | Sequence[str] | None = None,
-             timeout: float | None = None) -> str:
-        """Wait until this reaches ``state`` (default: a final state) or any final state."""
-        _asked_states(self, state)
-        return self._mgr._session._wait([self], state, timeout)[0]
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.uid} {self.state}>"
-
-
-class Unit(_Entity):
-    _kind = "unit"
-    _states = states.UNIT_STATES
-    _fields = frozenset({"exit_code", "stdout", "stderr", "sandbox", "pilot", "reason",
-                         "reason_code", "restarts"})
-
-    def __init__(self, uid: str, description: UnitDescription, mgr: "UnitManager") -> None:
-        super().__init__(uid, mgr)
-        self.description = description
-        self.name = description.name
-        self.exit_code: int | None = None
-        self.stdout: str | None = None
-        self.stderr: str | None = None
-        self.sandbox: str | None = None
-        self.pilot: str | None = None
-        self.restarts = 0
-
-    def _apply(self, state: str, ts: float, fields: dict[str, Any]) -> None:
-        if state == states.NEW:  # a restart: its pilot died, it starts over
-            self.pilot = self.sandbox = None
-        super()._apply(state, ts, fields)
-
-    def cancel(self) -> None:
-        """Ask for this unit to be canceled; returns at once."""
-        self._mgr.cancel_units([self.uid])
-
-
-class Pilot(_Entity):
-    _kind = "pilot"
-    _states = states.PILOT_STATES
-    _fields = frozenset({"reason", "reason_code", "sandbox", "pid", "host"})
-
-    def __init__(self, uid: str, description: PilotDescription, mgr: "PilotManager") -> None:
-        super().__init__(uid, mgr)
-        self.description = description
-        self.sandbox: str | None = None
-        self.pid: int | None = None
-        self.host: str | None = None
-
-    def cancel(self) -> None:
-        """Ask for this pilot to be canceled (its units end CANCELED); returns at once."""
-        self._mgr.cancel_pilots([self.uid])
-
-
 class Session:
-    """A hub (own thread, own gevent loop, zerorpc on 127.0.0.1), the session's applier thread
-    (the hub's state events onto the Unit and Pilot objects, waiters woken) and the delivery of
-    callbacks apart from it (rpg/callbacks.py), so a slow callback never holds back a state."""
+    """A session: its hub, and the applier thread that brings the hub's event stream onto the
+    Unit and Pilot objects (waiters woken) and hands the callbacks to their delivery
+    (rpg/callbacks.py), so a slow callback never holds back a state.
+
+    ``Session()`` runs its own hub in a thread of this process (the default: no service to
+    start). ``Session(hub="DIR/access.json")`` (or ``"ssh://user@host/DIR/access.json"``) opens
+    a session on a hub service (``rpg hub serve``); ``attach=SESSION_UID`` re-attaches to one
+    of the user's sessions there. Both go through the same client protocol (rpg/client.py).
+    """
 
     def __init__(self, sandbox: str | None = None,
-                 hub_address: str = "tcp://127.0.0.1:0", uid: str | None = None) -> None:
-        self.uid = uid or "rpg.session.{}.{}.{:04d}".format(
-            time.strftime("%Y%m%d-%H%M%S"), os.getpid(), next(_session_ids))
-        self.sandbox = os.path.abspath(os.path.expanduser(
-            sandbox or os.path.join(os.getcwd(), self.uid)))
-        self.log = get_logger("session", session=self.uid)
-        self._events: Any = threads.SimpleQueue()  # hub -> applier
+                 hub_address: str = "tcp://127.0.0.1:0", uid: str | None = None,
+                 hub: str | None = None, attach: str | None = None,
+                 reconnect_timeout: float = client.RECONNECT_TIMEOUT) -> None:
         self._cond = threads.Condition()
         self._coop_waiters: list[tuple[Any, Any]] = []  # (gevent loop, gevent Event)
         self._objects: dict[str, _Entity] = {}
-        self._ids = itertools.count()
+        self._orphans: dict[str, list[Any]] = {}  # events of objects not made here yet
+        self._managers: list[_Manager] = []
+        self._seen = 0  # events of the stream applied so far
         self._closed = False
+        self._detached = False
+        self._stop_stream = False
         self._close_lock = threads.Lock()
         self._close_done = threads.Event()
-        self.hub = Hub(self.uid, self.sandbox, hub_address, self._events)
+        self.hub: Hub | None = None
+        if hub is None:
+            if attach is not None:
+                raise SessionError("attach: an embedded session lives and dies with its "
+                                   "application; attach to a session of a hub service "
+                                   "(Session(hub=..., attach=...))")
+            self._start_embedded(sandbox, hub_address, uid)
+        else:
+            if sandbox is not None:
+                raise SessionError("sandbox: a session on a hub service has its sandbox on "
+                                   "the hub (under its --sandbox)")
+            self._start_remote(hub, attach, uid, reconnect_timeout)
+        self.log = get_logger("session", session=self.uid)
         self._applier = threads.Thread(self._apply_loop, f"rpg-events-{self.uid}")
         self._delivery: Any = (LoopDelivery(self.log) if threads.application_patched() else
                                ThreadDelivery(f"rpg-callbacks-{self.uid}", self.log))
         self._applier.start()
-        try:
-            self.hub.start()
-        except BaseException as exc:
-            self._stop_threads(5.0, 0.0)
-            if isinstance(exc, HubError):
-                raise SessionError(str(exc)) from exc.__cause__
-            raise
         self._sigterm = _hold_sigterm()
         _open_sessions.add(self)
-        self.log.info("session_started", sandbox=self.sandbox, hub=self.hub.address)
+        self.log.info("session_started", sandbox=self.sandbox, hub=self.hub_address,
+                      attached=attach is not None)
+
+    def _start_embedded(self, sandbox: str | None, hub_address: str, uid: str | None) -> None:
+        self.uid = uid or "rpg.session.{}.{}.{:04d}".format(
+            time.strftime("%Y%m%d-%H%M%S"), os.getpid(), next(_session_ids))
+        self.sandbox = os.path.abspath(os.path.expanduser(
+            sandbox or os.path.join(os.getcwd(), self.uid)))
+        self.hub = Hub(self.uid, self.sandbox, hub_address, EventLog())
+        try:
+            self.hub.start()
+        except HubError as exc:
+            raise SessionError(str(exc)) from exc.__cause__
+        self._t: Any = client.InProcess(SessionAPI(self.hub))
+        self._profile = self.hub.profile.path
+        self._address = self.hub.address
+
+    def _start_remote(self, hub: str, attach: str | None, uid: str | None,
+                      reconnect_timeout: float) -> None:
+        t = self._t = client.connect(hub, reconnect_timeout)
+        try:
+            if attach is None:
+                opened = t.hub_call("open_session", {"uid": uid} if uid else {},
+                                    secrets.token_hex(8))
+            else:
+                opened = t.hub_call("attach", attach)
+            t.session = self.uid = opened["uid"]
+            t.sandbox = self.sandbox = opened["sandbox"]
+            self._profile = opened["profile"]
+            self._address = t.address
+            self.user = opened["user"]
+            if attach is not None:
+                self._rebuild(t.call("snapshot"))
+        except BaseException:
+            t.close()
+            raise
+
+    def _rebuild(self, snap: dict[str, Any]) -> None:
+        """An attached session's managers and objects, with their histories replayed from the
+        stream (no callbacks: none is registered yet)."""
+        mgrs: dict[str, _Manager] = {}
+        for uid, kind in snap["managers"]:
+            mgrs[uid] = (PilotManager if kind == "pilot" else UnitManager)(self, _uid=uid)
+        made: list[_Entity] = []
+        for rows, cls, desc_cls in ((snap["pilots"], Pilot, PilotDescription),
+                                    (snap["units"], Unit, UnitDescription)):
+            for uid, mgr_uid, desc, created in rows:
+                mgr = mgrs.get(mgr_uid)
+                if mgr is None:
+                    continue
+                obj = cls(uid, desc_cls(desc), mgr)
+                obj.history[0] = (states.NEW, created)
+                mgr._mine[uid] = obj
+                made.append(obj)
+        self._adopt(made)
+        while self._seen < snap["seq"]:
+            evs, ended = self._t.events(self._seen, EVENT_BATCH, 0.0)
+            self._apply(evs)
+            if ended or not evs:
+                break
 
     @property
     def callback_errors(self) -> int:
@@ -228,63 +214,103 @@ class Session:
 
     @property
     def profile_path(self) -> str:
-        return self.hub.profile.path
+        """The session's profile (on the hub's machine, for a session of a hub service)."""
+        return self._profile
 
     @property
     def hub_address(self) -> str | None:
-        return self.hub.address
+        return self._address
 
-    def _next_uid(self, prefix: str) -> str:
-        return f"{prefix}.{next(self._ids):06d}"
+    @property
+    def reconnects(self) -> int:
+        """Calls made again after the connection to a hub service dropped (0 if embedded)."""
+        return getattr(self._t, "reconnects", 0)
+
+    def get_pilot_managers(self) -> list["PilotManager"]:
+        return [m for m in self._managers if isinstance(m, PilotManager)]
+
+    def get_unit_managers(self) -> list["UnitManager"]:
+        return [m for m in self._managers if isinstance(m, UnitManager)]
 
     def _check_open(self) -> None:
         if self._closed:
-            raise SessionClosed(f"session {self.uid} is closed")
+            raise SessionClosed(f"session {self.uid} is "
+                                f"{'detached' if self._detached else 'closed'}")
 
-    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Hand a call to the hub; SessionClosed if the hub no longer takes calls."""
-        try:
-            self.hub.post(fn, *args)
-        except HubError:
-            raise SessionClosed(f"session {self.uid} is closed") from None
+    def _call(self, method: str, *args: Any) -> Any:
+        """A call of the client protocol (rpg/client.py); SessionClosed once closed."""
+        self._check_open()
+        return self._t.call(method, *args)
 
     # -- events ----------------------------------------------------------------------------------
 
     def _apply_loop(self) -> None:
-        """Apply state events to the objects as they come, wake waiters, hand the callbacks on."""
-        get, get_nowait, Empty = self._events.get, self._events.get_nowait, threads.Empty
-        while True:
-            batch = [get()]
+        """Read the event stream from where it stands, apply it, until it ends (close) or the
+        session detaches."""
+        while not self._stop_stream:
             try:
-                while len(batch) < EVENT_BATCH:
-                    batch.append(get_nowait())
-            except Empty:
-                pass
-            stop = False
-            calls = []
-            with self._cond:
-                for ev in batch:
-                    if ev is None:
-                        stop = True
-                        continue
-                    _kind, uid, state, ts, fields = ev
-                    obj = self._objects.get(uid)
-                    if obj is None:
-                        continue
+                evs, ended = self._t.events(self._seen, EVENT_BATCH, 1.0)
+            except SessionError as exc:  # the hub stayed unreachable past reconnect_timeout
+                self.log.error("event_stream_lost", error=str(exc), seen=self._seen)
+                break
+            if evs:
+                self._fetch_outputs(evs)
+                self._apply(evs)
+            if ended:
+                break
+        with self._cond:
+            self._cond.notify_all()
+            for loop, waiter in self._coop_waiters:
+                loop.run_callback_threadsafe(waiter.set)
+
+    def _fetch_outputs(self, evs: list[Any]) -> None:
+        """client:// outputs of units that are DONE, fetched before DONE is applied (a
+        session of a hub service; the embedded hub writes them in place)."""
+        if self._t.remote:
+            for ev in evs:
+                if ev[2] == states.DONE and ev[0] == "unit":
+                    obj = self._objects.get(ev[1])
+                    if obj is not None and obj.description.output_staging:
+                        self._t.fetch_outputs(obj)
+
+    def _apply(self, evs: list[Any]) -> None:
+        """Apply events to the objects, wake waiters, queue the callbacks (under the lock, so
+        events applied by ``_adopt`` on another thread keep their order)."""
+        calls = []
+        with self._cond:
+            for ev in evs:
+                _kind, uid, state, ts, fields = ev
+                obj = self._objects.get(uid)
+                if obj is None:  # made by a call whose reply has not been adopted yet
+                    self._orphans.setdefault(uid, []).append(ev)
+                    continue
+                obj._apply(state, ts, fields)
+                if obj._mgr._callbacks:
+                    calls.append((obj, state))
+            self._seen += len(evs)
+            self._cond.notify_all()
+            for loop, waiter in self._coop_waiters:
+                loop.run_callback_threadsafe(waiter.set)
+            if calls:
+                self._delivery.put(calls)
+
+    def _adopt(self, objs: Sequence[_Entity]) -> None:
+        """Objects a call made: known from now on; events that came before them apply now."""
+        calls = []
+        with self._cond:
+            for obj in objs:
+                self._objects[obj.uid] = obj
+                for _kind, _uid, state, ts, fields in self._orphans.pop(obj.uid, ()):
                     obj._apply(state, ts, fields)
                     if obj._mgr._callbacks:
                         calls.append((obj, state))
-                self._cond.notify_all()
-                for loop, waiter in self._coop_waiters:
-                    loop.run_callback_threadsafe(waiter.set)
             if calls:
+                self._cond.notify_all()
                 self._delivery.put(calls)
-            if stop:
-                return
 
     def _wait(self, objs: Sequence[_Entity], state: str | Sequence[str] | None,
               timeout: float | None) -> list[str]:
-        """Wait until every object is in ``state`` or final (``_asked_states`` checked it)."""
+        """Wait until every object is in ``state`` or final (``asked_states`` checked it)."""
         if self._delivery.is_current():
             raise RuntimeError("wait cannot be called from inside a callback (it would never "
                                "see the next state); use the callback itself")
@@ -306,7 +332,7 @@ class Session:
                 with self._cond:
                     while i < len(objs) and objs[i].state in want:
                         i += 1
-                    if i >= len(objs) or (self._closed and not self._applier.is_alive()):
+                    if i >= len(objs) or not self._applier.is_alive():
                         break
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
@@ -326,10 +352,10 @@ class Session:
                         self._coop_waiters.remove(entry)
         return [o.state for o in objs]
 
-    # -- close -----------------------------------------------------------------------------------
+    # -- close and detach ------------------------------------------------------------------------
 
     def close(self, timeout: float = 60.0, callback_timeout: float = CALLBACK_TIMEOUT) -> None:
-        """Stop everything: agents, unit processes, threads, sockets. Idempotent.
+        """End the session: agents, unit processes, threads, sockets stopped. Idempotent.
 
         ``timeout`` bounds how long agents may take to leave on their own; what is left is then
         killed and reaped, and every unit and pilot object has its final state when close
@@ -337,32 +363,58 @@ class Session:
         s; the rest are dropped (counted in ``callbacks_dropped``). A second close (another
         thread, or ``with`` after a close in a callback) waits for the first to finish.
         """
+        if not self._begin_end():
+            if not self._delivery.is_current():
+                self._wait_closed(max(0.0, timeout) + 120.0)
+            return
+        try:
+            if self.hub is not None:
+                self.hub.close(timeout=timeout)
+            else:
+                try:
+                    self._t.call("close_session", float(max(0.0, timeout)))
+                except SessionError as exc:
+                    self.log.error("session_close_failed", error=str(exc))
+                    self._stop_stream = True
+        finally:
+            self._end(timeout, callback_timeout)
+        self.log.info("session_closed", callbacks_dropped=self.callbacks_dropped)
+
+    def detach(self, callback_timeout: float = CALLBACK_TIMEOUT) -> str:
+        """Leave the session running on its hub service (fire and forget) and stop this
+        client; returns the session uid to ``attach`` to later."""
+        if self.hub is not None:
+            raise SessionError("detach: an embedded session ends with its application; open "
+                               "it on a hub service (Session(hub=...)) to leave work running")
+        if self._begin_end():
+            self._detached = True
+            self._stop_stream = True
+            self._end(10.0, callback_timeout)
+            self.log.info("session_detached")
+        return self.uid
+
+    def _begin_end(self) -> bool:
         with self._close_lock:
             first = not self._closed
             self._closed = True
             if first:
                 _closing_sessions.add(self)
-        if not first:
-            if not self._delivery.is_current():
-                self._wait_closed(max(0.0, timeout) + 120.0)
-            return
-        _open_sessions.discard(self)
+        if first:
+            _open_sessions.discard(self)
+        return first
+
+    def _end(self, timeout: float, callback_timeout: float) -> None:
         try:
-            self.hub.close(timeout=timeout)
-        finally:
             if getattr(self, "_sigterm", False):
                 _release_sigterm()
-            self._stop_threads(timeout, callback_timeout)
+            self._applier.join(timeout + 10.0)
+            self._delivery.stop(callback_timeout)
+            if self.callbacks_dropped:
+                self.log.warning("callbacks_dropped_at_close", count=self.callbacks_dropped)
+            self._t.close()
+        finally:
             self._close_done.set()
             _closing_sessions.discard(self)
-        self.log.info("session_closed", callbacks_dropped=self.callbacks_dropped)
-
-    def _stop_threads(self, timeout: float, callback_timeout: float) -> None:
-        self._events.put(None)
-        self._applier.join(timeout)
-        self._delivery.stop(callback_timeout)
-        if self.callbacks_dropped:
-            self.log.warning("callbacks_dropped_at_close", count=self.callbacks_dropped)
 
     def _wait_closed(self, timeout: float) -> None:
         """Wait for a close under way elsewhere; on a gevent loop, without freezing it."""
@@ -380,19 +432,6 @@ class Session:
         self.close()
 
 
-def _asked_states(entity: Any, state: str | Sequence[str] | None) -> set[str]:
-    """The states a wait asked for, each checked against the table of the entity's kind."""
-    if state is None:
-        return set()
-    asked = {state} if isinstance(state, str) else set(state)
-    known = entity._states
-    for s in sorted(asked, key=str):
-        if s not in known:
-            raise ValueError(f"wait: unknown {entity._kind} state {s!r} "
-                             f"(known: {', '.join(sorted(known))})")
-    return asked
-
-
 def _as_list(x: Any) -> tuple[list[Any], bool]:
     if isinstance(x, (list, tuple)):
         return list(x), True
@@ -400,15 +439,16 @@ def _as_list(x: Any) -> tuple[list[Any], bool]:
 
 
 class _Manager:
-    _prefix = ""
+    _kind = ""
     _entity: Any = None
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, _uid: str | None = None) -> None:
         session._check_open()
         self._session = session
-        self.uid = session._next_uid(self._prefix)
+        self.uid = _uid or session._call("new_manager", self._kind)
         self._callbacks: list[Callback] = []
         self._mine: dict[str, _Entity] = {}
+        session._managers.append(self)
 
     def register_callback(self, cb: Callback) -> None:
         """Call ``cb(obj, state)`` on the callback thread at every state change."""
@@ -433,50 +473,46 @@ class _Manager:
             out.append(self._mine[uid])
         return out
 
-    def _accept(self, desc_cls: type, entity_cls: type, prefix: str,
-                descriptions: Any) -> tuple[list[Any], bool]:
-        """Validate every description first (one bad: none accepted), then make the objects."""
+    def _submit(self, desc_cls: type, method: str, descriptions: Any,
+                wire: Callable[[Any], dict[str, Any]]) -> tuple[list[Any], bool]:
+        """Validate every description first (one bad: none submitted), submit them in one
+        call, and make the objects the reply names."""
         s = self._session
         s._check_open()
         descs, many = _as_list(descriptions)
         checked = [_validated(desc_cls, d, i) for i, d in enumerate(descs)]
-        objs = []
-        for desc in checked:
-            obj = entity_cls(s._next_uid(prefix), desc, self)
-            s._objects[obj.uid] = obj
+        uids = s._call(method, self.uid, [wire(d) for d in checked])
+        objs = [self._entity(uid, d, self) for uid, d in zip(uids, checked, strict=True)]
+        for obj in objs:
             self._mine[obj.uid] = obj
-            objs.append(obj)
+        s._adopt(objs)
         return objs, many
-
-    def _hand_over(self, objs: list[_Entity], fn: Callable[..., Any], *args: Any) -> None:
-        """Post the accepted objects to the hub; if it no longer takes them (a close on another
-        thread won the race), forget them again and raise SessionClosed: none half-submitted."""
-        s = self._session
-        try:
-            s._post(fn, *args)
-        except SessionClosed:
-            for obj in objs:
-                s._objects.pop(obj.uid, None)
-                self._mine.pop(obj.uid, None)
-            raise
 
     def _wait(self, uids: str | Iterable[str] | None, state: Any,
               timeout: float | None) -> list[str]:
-        _asked_states(self._entity, state)
+        asked_states(self._entity, state)
         return self._session._wait(self._select(uids), state, timeout)
+
+    def _cancel(self, method: str, uids: str | Iterable[str] | None) -> None:
+        s = self._session
+        if s._closed:
+            return
+        targets = None if uids is None else [o.uid for o in self._select(uids)]
+        try:
+            s._call(method, targets, self.uid)
+        except SessionClosed:
+            pass  # close cancels them anyway
 
 
 class PilotManager(_Manager):
-    _prefix = "pmgr"
+    _kind = "pilot"
     _entity = Pilot
 
     def submit_pilots(self, descriptions: Union[PilotDescription, dict, Sequence[Any]]
                       ) -> Union[Pilot, list[Pilot]]:
         """Launch pilots; returns at once with Pilot objects (state NEW)."""
-        s = self._session
-        pilots, many = self._accept(PilotDescription, Pilot, "pilot", descriptions)
-        items = [(p.uid, p.description.as_dict(), secrets.token_urlsafe(32)) for p in pilots]
-        self._hand_over(pilots, s.hub.submit_pilots, self.uid, items)
+        pilots, many = self._submit(PilotDescription, "submit_pilots", descriptions,
+                                    PilotDescription.as_dict)
         return pilots if many else pilots[0]
 
     def wait_pilots(self, uids: str | Iterable[str] | None = None,
@@ -486,21 +522,14 @@ class PilotManager(_Manager):
 
     def cancel_pilots(self, uids: str | Iterable[str] | None = None) -> None:
         """Cancel pilots (all of this manager's by default); returns at once."""
-        s = self._session
-        if s._closed:
-            return
-        targets = [p.uid for p in self._select(uids)]
-        try:
-            s._post(s.hub.cancel_pilots, targets)
-        except SessionClosed:
-            pass  # close cancels them anyway
+        self._cancel("cancel_pilots", uids)
 
     def get_pilots(self, uids: str | Iterable[str] | None = None) -> list[Pilot]:
         return self._select(uids)
 
 
 class UnitManager(_Manager):
-    _prefix = "umgr"
+    _kind = "unit"
     _entity = Unit
 
     def add_pilots(self, pilots: Union[Pilot, Sequence[Pilot]]) -> None:
@@ -515,13 +544,13 @@ class UnitManager(_Manager):
                 raise ValueError(f"add_pilots: pilot {p.uid} belongs to another session "
                                  f"({p._mgr._session.uid}); a unit manager takes the pilots "
                                  f"of its own session only")
-        s._post(s.hub.add_pilots, self.uid, [p.uid for p in lst])
+        s._call("add_pilots", self.uid, [p.uid for p in lst])
 
     def remove_pilots(self, pilots: Union[Pilot, Sequence[Pilot]]) -> None:
         s = self._session
         s._check_open()
         lst, _ = _as_list(pilots)
-        s._post(s.hub.remove_pilots, self.uid, [p.uid for p in lst])
+        s._call("remove_pilots", self.uid, [p.uid for p in lst])
 
     def submit_units(self, descriptions: Union[UnitDescription, dict, Sequence[Any]]
                      ) -> Union[Unit, list[Unit]]:
@@ -530,14 +559,8 @@ class UnitManager(_Manager):
         All descriptions are validated first: if one is bad, none is submitted and the error
         names its index and field.
         """
-        s = self._session
-        units, many = self._accept(UnitDescription, Unit, "unit", descriptions)
-        items = []
-        for u in units:
-            d = u.description.as_dict()
-            _resolve_client_paths(d)
-            items.append((u.uid, d))
-        self._hand_over(units, s.hub.submit_units, self.uid, items)
+        units, many = self._submit(UnitDescription, "submit_units", descriptions,
+                                   self._session._t.unit_wire)
         return units if many else units[0]
 
     def wait_units(self, uids: str | Iterable[str] | None = None,
@@ -551,14 +574,7 @@ class UnitManager(_Manager):
 
     def cancel_units(self, uids: str | Iterable[str] | None = None) -> None:
         """Cancel units (all of this manager's by default). Never blocks; works in callbacks."""
-        s = self._session
-        if s._closed:
-            return
-        args: tuple = (None, self.uid) if uids is None else ([u.uid for u in self._select(uids)],)
-        try:
-            s._post(s.hub.cancel_units, *args)
-        except SessionClosed:
-            pass  # close cancels them anyway
+        self._cancel("cancel_units", uids)
 
     def get_units(self, uids: str | Iterable[str] | None = None) -> list[Unit]:
         return self._select(uids)
@@ -574,11 +590,3 @@ def _validated(cls: type, d: Any, index: int) -> Any:
     except DescriptionError as exc:
         raise DescriptionError(f"{exc.where} #{index}", exc.field, exc.problem) from None
     raise TypeError(f"#{index}: expected a {cls.__name__} or a dict, got {type(d).__name__}")
-
-
-def _resolve_client_paths(d: dict[str, Any]) -> None:
-    """client:// paths are relative to the application's cwd: make them absolute now."""
-    for key, side in (("input_staging", "source"), ("output_staging", "target")):
-        for directive in d[key]:
-            if split_url(directive[side])[0] == "client":
-                directive[side] = "client://" + resolve_client_path(directive[side])

@@ -110,6 +110,7 @@ class Why(str, Enum):
 
     CANCELED = "canceled"  # the application asked
     SESSION_CLOSED = "session_closed"
+    HUB_STOPPED = "hub_stopped"  # the hub service was stopped (SIGTERM, rpg hub stop)
     NO_PILOT = "no_pilot"  # no pilot of its unit manager is left, or none can ever fit it
     UNSENDABLE = "unsendable"  # its description cannot be encoded for an agent
     CLIENT_STAGING = "client_staging"  # the launcher could not move its client:// files

@@ -155,3 +155,64 @@ class Event:
                     break
                 self._cond.wait(remaining)
             return self._flag
+
+
+class Reply:
+    """One value handed from one thread to another: ``set`` from any thread, ``wait`` from any
+    thread. A waiter on a thread that runs a gevent loop waits on that loop (its greenlets go
+    on meanwhile, the loop watch sees no block); any other waiter waits on a real lock."""
+
+    _MISSING = object()
+
+    def __init__(self) -> None:
+        self._cond = Condition()
+        self._value: Any = self._MISSING
+        self._error: BaseException | None = None
+        self._loop_waiter: Any = None  # (loop, gevent Event) of a waiter on a loop
+
+    def set(self, value: Any = None, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._value, self._error = value, error
+            self._cond.notify_all()
+            waiter = self._loop_waiter
+        if waiter is not None:
+            waiter[0].run_callback_threadsafe(waiter[1].set)
+
+    def ready(self) -> bool:
+        return self._value is not self._MISSING
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set (then ``get`` returns at once); False if ``timeout`` ran out."""
+        from rpg.internals import hub_of_this_thread
+
+        hub = hub_of_this_thread()
+        if hub is None:
+            deadline = None if timeout is None else monotonic() + timeout
+            with self._cond:
+                while self._value is self._MISSING:
+                    remaining = None if deadline is None else deadline - monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return True
+        import gevent.event
+
+        ev = gevent.event.Event()
+        with self._cond:
+            if self._value is not self._MISSING:
+                return True
+            self._loop_waiter = (hub.loop, ev)
+        try:
+            ev.wait(timeout)
+        finally:
+            with self._cond:
+                self._loop_waiter = None
+        return self._value is not self._MISSING
+
+    def get(self, timeout: float | None = None, what: str = "reply") -> Any:
+        """The value (or raise the error it was set with); TimeoutError if none in time."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"no {what} within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value

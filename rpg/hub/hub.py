@@ -7,6 +7,7 @@ callback thread drains. Everything blocking (disk, spawn, network) goes to the h
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any, Callable
@@ -17,6 +18,7 @@ from gevent.event import Event
 
 from rpg import states, threads
 from rpg.hub.binding import Binding
+from rpg.hub.events import EventLog
 from rpg.hub.lifecycle import PilotLifecycle, UnitLifecycle
 from rpg.hub.records import Ledger, PilotRecord, UnitRecord
 from rpg.hub.service import HubService
@@ -28,7 +30,8 @@ from rpg.sandbox import SandboxError, make_private_dir
 from rpg.states import Why
 
 PROFILE_FLUSH_S = 0.2
-CANCEL_WORDS = {Why.CANCELED: "canceled by the application", Why.SESSION_CLOSED: "session closed"}
+CANCEL_WORDS = {Why.CANCELED: "canceled by the application", Why.SESSION_CLOSED: "session closed",
+                Why.HUB_STOPPED: "hub stopped"}
 SUBMIT_SLICE = 500  # units a submit takes per loop iteration: 20,000 at once held it 0.45 s
 CLOSE_FORCE_S = 60.0  # past the graceful timeout: killing agents and units, reaping them
 
@@ -40,7 +43,7 @@ class HubError(RuntimeError):
 class Hub:
     """Owns the hub thread. Public methods are called from application threads."""
 
-    def __init__(self, session_uid: str, sandbox: str, address: str, events: Any) -> None:
+    def __init__(self, session_uid: str, sandbox: str, address: str, events: EventLog) -> None:
         if not address.startswith("tcp://"):
             raise HubError(f"hub_address must be tcp://host:port, got {address!r}")
         self.session_uid = session_uid
@@ -53,11 +56,13 @@ class Hub:
         self.units = self.ledger.units
         self.pilots = self.ledger.pilots
         self.binding = Binding(self.pilots)
+        self.managers: dict[str, str] = {}  # uid -> "pilot" | "unit"
+        self._uids = itertools.count()  # next() is atomic: uids are taken from any thread
         # Accepted, not yet made into records (a big submit is taken in slices): uid -> [umgr,
         # cancel reason or None], so a cancel that arrives meanwhile reaches them too.
         self.pending_units: dict[str, list[Any]] = {}
         self._submitters: set[Any] = set()
-        self._thread = threads.Thread(_loop_thread(self._main), f"rpg-hub-{session_uid}")
+        self._thread = threads.Thread(loop_thread_target(self._main), f"rpg-hub-{session_uid}")
         self._ready = threads.Event()
         self._done = threads.Event()
         self._post_lock = threads.Lock()
@@ -69,10 +74,15 @@ class Hub:
         self.service: HubService | None = None
         self.closed = False
         self._close_by: float | None = None
+        self._close_why = Why.SESSION_CLOSED
         # An embedded hub dies with the application: its local agents end their units at once
         # when its process is gone, instead of waiting out heartbeat_timeout.
         self.agents_follow_hub_process = True
         self.log = get_logger("hub", session=session_uid)
+
+    def next_uid(self, prefix: str) -> str:
+        """A new uid of this session (``unit.000042``); safe from any thread."""
+        return f"{prefix}.{next(self._uids):06d}"
 
     # -- thread and loop -----------------------------------------------------------------------
 
@@ -136,6 +146,7 @@ class Hub:
             finally:
                 if self.watch is not None:
                     self.watch.stop()
+                self.events.close()  # the stream's end: every final state is in it
                 self._done.set()
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -154,24 +165,20 @@ class Hub:
             self.log.exception("hub_call_failed", call=getattr(fn, "__name__", repr(fn)))
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30.0) -> Any:
-        """Run ``fn(*args)`` in a greenlet on the hub loop and wait for its result (app side)."""
-        done = threads.Event()
-        box: dict[str, Any] = {}
+        """Run ``fn(*args)`` in a greenlet on the hub loop and wait for its result, from any
+        other thread (cooperatively, if that thread runs a gevent loop of its own)."""
+        reply = threads.Reply()
 
         def run() -> None:
             try:
-                box["value"] = fn(*args)
+                reply.set(fn(*args))
             except BaseException as exc:
-                box["error"] = exc
-            finally:
-                done.set()
+                reply.set(error=exc)
 
         self.post(run)
-        if not done.wait(timeout):
+        if not reply.wait(timeout):
             raise HubError(f"hub call {getattr(fn, '__name__', fn)} timed out after {timeout} s")
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
+        return reply.get(0)
 
     def stop_grace(self, default: float) -> float:
         """How long a pilot may take to leave on its own: ``default``, less once the session's
@@ -180,13 +187,15 @@ class Hub:
             return default
         return max(0.0, min(default, self._close_by - time.monotonic()))
 
-    def close(self, timeout: float = 60.0) -> None:
+    def close(self, timeout: float = 60.0, why: Why = Why.SESSION_CLOSED) -> None:
         """Stop the hub and wait for its thread. ``timeout`` bounds the graceful part (agents
-        leaving on their own); killing what is left and reaping it always completes."""
+        leaving on their own); killing what is left and reaping it always completes. Units
+        not final end CANCELED with ``why`` (the session closed, or the hub service stopped)."""
         with self._post_lock:
             if self.closed:
                 return
             self.closed = True
+            self._close_why = why
             self._close_by = time.monotonic() + max(0.0, timeout)
             if self._ready.is_set() and self._start_error is None and not self._done.is_set():
                 # As a greenlet, like posted calls: those posted before start before it.
@@ -324,6 +333,16 @@ class Hub:
                 p.final_why = p.final_why or Why.CANCELED
                 _stop(p.greenlet)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The session as a client attaching to it needs it: managers, pilots and units with
+        their descriptions (their states and histories come from replaying the event stream).
+        On the loop."""
+        return {"uid": self.session_uid, "sandbox": self.sandbox, "profile": self.profile.path,
+                "managers": [[uid, kind] for uid, kind in self.managers.items()],
+                "pilots": [[p.uid, p.pmgr, p.desc, p.created] for p in self.pilots.values()],
+                "units": [[u.uid, u.umgr, u.desc, u.created] for u in self.units.values()],
+                "umgr_pilots": {m: list(ps) for m, ps in self.binding.umgr_pilots.items()}}
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"units": len(self.units), "pilots": len(self.pilots)}
         if self.watch is not None:
@@ -337,30 +356,32 @@ class Hub:
     # -- shutdown ----------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        self.log.info("hub_stopping", units=len(self.units), pilots=len(self.pilots))
+        why = self._close_why
+        self.log.info("hub_stopping", units=len(self.units), pilots=len(self.pilots),
+                      why=why.value)
         for entry in self.pending_units.values():  # a submit still being taken in slices
-            entry[1] = entry[1] or Why.SESSION_CLOSED
+            entry[1] = entry[1] or why
         gevent.joinall(list(self._submitters), timeout=30)
         live = [p for p in self.pilots.values() if not states.is_final(p.state)]
         for p in live:
             p.final_state_hint = p.final_state_hint or states.DONE
-            p.final_why = p.final_why or Why.SESSION_CLOSED
-            p.reason = p.reason or CANCEL_WORDS[Why.SESSION_CLOSED]
+            p.final_why = p.final_why or why
+            p.reason = p.reason or CANCEL_WORDS[why]
             if p.greenlet is not None:
                 _stop(p.greenlet)
         gevent.joinall([p.greenlet for p in live if p.greenlet is not None], timeout=30)
         for unit in list(self.units.values()):
             if not states.is_final(unit.state):
                 if unit.cancel_reason is None:
-                    unit.cancel_why = Why.SESSION_CLOSED
-                    unit.cancel_reason = CANCEL_WORDS[Why.SESSION_CLOSED]
+                    unit.cancel_why = why
+                    unit.cancel_reason = CANCEL_WORDS[why]
                 if unit.greenlet is not None:
                     _stop(unit.greenlet)
         gevent.joinall([u.greenlet for u in self.units.values() if u.greenlet is not None],
                        timeout=10)
         for unit in self.units.values():  # belt and braces: nothing leaves without a final state
-            self.ledger.end_unit(unit, states.CANCELED, "hub", Why.SESSION_CLOSED,
-                                 CANCEL_WORDS[Why.SESSION_CLOSED])
+            self.ledger.end_unit(unit, states.CANCELED, "hub", why,
+                                 CANCEL_WORDS[why])
 
 
 def _make_session_sandbox(path: str, profile: str) -> None:
@@ -374,7 +395,7 @@ def _make_session_sandbox(path: str, profile: str) -> None:
                            f"its own (the default is a new one under the current directory)")
 
 
-def _loop_thread(body: Callable[[], None]) -> Callable[[], None]:
+def loop_thread_target(body: Callable[[], None]) -> Callable[[], None]:
     """A thread target that runs ``body`` in a greenlet of the thread's own gevent hub, then
     destroys that hub. A greenlet still suspended when its thread ends can never be unwound
     and pins what its frames hold, so ``body`` must end every greenlet it started; and nothing

@@ -22,7 +22,7 @@ from rpg.states import Why
 class UnitRecord:
     __slots__ = ("uid", "umgr", "desc", "state", "pilot", "greenlet", "reason", "reason_code",
                  "exit_code", "stdout", "stderr", "sandbox", "at_agent", "cancel_reason",
-                 "cancel_why", "wake", "done_at_agent", "restart", "restarts")
+                 "cancel_why", "wake", "done_at_agent", "restart", "restarts", "created")
 
     def __init__(self, uid: str, umgr: str, desc: dict[str, Any]) -> None:
         self.uid = uid
@@ -44,13 +44,14 @@ class UnitRecord:
         self.done_at_agent: tuple[str, float, dict[str, Any]] | None = None
         self.restart = False  # its pilot died; the lifecycle binds it again
         self.restarts = 0
+        self.created = 0.0
 
 
 class PilotRecord:
     __slots__ = ("uid", "pmgr", "desc", "state", "token", "sandbox", "queue", "in_flight",
                  "cancels", "wake", "last_seen", "registered", "launcher", "greenlet",
                  "load_cores", "agent_info", "stopping", "reason", "reason_code",
-                 "final_state_hint", "final_why", "stop_reason")
+                 "final_state_hint", "final_why", "stop_reason", "created")
 
     def __init__(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
                  sandbox: str) -> None:
@@ -76,6 +77,7 @@ class PilotRecord:
         self.final_state_hint: str | None = None  # how it ends when its greenlet is killed
         self.final_why: Why | None = None
         self.stop_reason = ""  # told to the agent with "shutdown"; its units end with it
+        self.created = time.time()
 
     @property
     def cores(self) -> int:
@@ -93,18 +95,20 @@ class Ledger:
         self.events = events
         self.units: dict[str, UnitRecord] = {}
         self.pilots: dict[str, PilotRecord] = {}
+        self.units_final = 0  # units that reached a final state (a service's in-flight limit)
 
     # -- records ---------------------------------------------------------------------------------
 
     def new_unit(self, uid: str, umgr: str, desc: dict[str, Any], ts: float) -> UnitRecord:
         rec = self.units[uid] = UnitRecord(uid, umgr, desc)
+        rec.created = ts
         self.profile.add(ts, uid, states.NEW, "hub")
         return rec
 
     def new_pilot(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
                   sandbox: str) -> PilotRecord:
         rec = self.pilots[uid] = PilotRecord(uid, pmgr, desc, token, sandbox)
-        self.profile.add(time.time(), uid, states.NEW, "hub", resource=desc["resource"])
+        self.profile.add(rec.created, uid, states.NEW, "hub", resource=desc["resource"])
         return rec
 
     # -- state changes ---------------------------------------------------------------------------
@@ -147,6 +151,7 @@ class Ledger:
             if k in fields:
                 setattr(unit, k, fields[k])
         self.move("unit", unit, state, component, ts=ts, **fields)
+        self.units_final += 1
         self._release(unit)
         unit.wake.set()
         return True

@@ -1,0 +1,107 @@
+"""The Unit and Pilot objects the application holds: uid, state, history, wait, cancel.
+
+They change only in the session's applier thread (rpg/session.py), under the session's lock,
+from the hub's event stream; the application reads them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from rpg import states
+from rpg.description import PilotDescription, UnitDescription
+
+
+class _Entity:
+    """What Unit and Pilot share: uid, state, history, wait, cancel."""
+
+    _kind = ""
+    _states: frozenset[str] = frozenset()
+
+    def __init__(self, uid: str, mgr: Any) -> None:
+        self.uid = uid
+        self.state = states.NEW
+        self.reason: str | None = None
+        self.reason_code: str | None = None  # what decided it (rpg.states.Why), beside the words
+        self.history: list[tuple[str, float]] = [(states.NEW, time.time())]
+        self._mgr = mgr
+
+    def _apply(self, state: str, ts: float, fields: dict[str, Any]) -> None:
+        self.state = state
+        self.history.append((state, ts))
+        for k, v in fields.items():
+            if k in self._fields:
+                setattr(self, k, v)
+
+    _fields: frozenset[str] = frozenset()
+
+    @property
+    def final(self) -> bool:
+        return self.state in states.FINAL
+
+    def wait(self, state: str | Sequence[str] | None = None,
+             timeout: float | None = None) -> str:
+        """Wait until this reaches ``state`` (default: a final state) or any final state."""
+        asked_states(self, state)
+        return self._mgr._session._wait([self], state, timeout)[0]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.uid} {self.state}>"
+
+
+class Unit(_Entity):
+    _kind = "unit"
+    _states = states.UNIT_STATES
+    _fields = frozenset({"exit_code", "stdout", "stderr", "sandbox", "pilot", "reason",
+                         "reason_code", "restarts"})
+
+    def __init__(self, uid: str, description: UnitDescription, mgr: Any) -> None:
+        super().__init__(uid, mgr)
+        self.description = description
+        self.name = description.name
+        self.exit_code: int | None = None
+        self.stdout: str | None = None
+        self.stderr: str | None = None
+        self.sandbox: str | None = None
+        self.pilot: str | None = None
+        self.restarts = 0
+
+    def _apply(self, state: str, ts: float, fields: dict[str, Any]) -> None:
+        if state == states.NEW:  # a restart: its pilot died, it starts over
+            self.pilot = self.sandbox = None
+        super()._apply(state, ts, fields)
+
+    def cancel(self) -> None:
+        """Ask for this unit to be canceled; returns at once."""
+        self._mgr.cancel_units([self.uid])
+
+
+class Pilot(_Entity):
+    _kind = "pilot"
+    _states = states.PILOT_STATES
+    _fields = frozenset({"reason", "reason_code", "sandbox", "pid", "host"})
+
+    def __init__(self, uid: str, description: PilotDescription, mgr: Any) -> None:
+        super().__init__(uid, mgr)
+        self.description = description
+        self.sandbox: str | None = None
+        self.pid: int | None = None
+        self.host: str | None = None
+
+    def cancel(self) -> None:
+        """Ask for this pilot to be canceled (its units end CANCELED); returns at once."""
+        self._mgr.cancel_pilots([self.uid])
+
+
+def asked_states(entity: Any, state: str | Sequence[str] | None) -> set[str]:
+    """The states a wait asked for, each checked against the table of the entity's kind."""
+    if state is None:
+        return set()
+    asked = {state} if isinstance(state, str) else set(state)
+    known = entity._states
+    for s in sorted(asked, key=str):
+        if s not in known:
+            raise ValueError(f"wait: unknown {entity._kind} state {s!r} "
+                             f"(known: {', '.join(sorted(known))})")
+    return asked

@@ -1,0 +1,81 @@
+"""A session's event stream: every state change the Ledger makes, with a sequence number.
+
+Event ``n`` (1-based) is ``(kind, uid, state, ts, fields)``; a reader asks for what comes after
+the last number it saw, so a client that reconnects, or re-attaches from another process,
+resumes exactly where it stopped: nothing missed, nothing repeated. The stream is kept for the
+session's life (re-attach replays it from 0 to rebuild every object's history).
+
+Written on the hub loop only (by the Ledger); read from any thread. Readers are woken once per
+loop iteration that wrote something, not once per event.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import Any
+
+import gevent.event
+
+from rpg import threads
+from rpg.internals import hub_of_this_thread
+
+Event = tuple  # (kind, uid, state, ts, fields)
+
+
+class EventLog:
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+        self._cond = threads.Condition()
+        self._loop_waiters: list[tuple[Any, Any]] = []  # (loop, gevent Event) of loop readers
+        self._wake_pending = False
+        self.closed = False  # the session ended: no event will come after the last one
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def put(self, event: Event) -> None:
+        """Append (hub loop only); readers are woken at the end of this loop iteration."""
+        self._events.append(event)
+        if not self._wake_pending:
+            self._wake_pending = True
+            hub = hub_of_this_thread()
+            if hub is None:
+                self._wake()
+            else:
+                hub.loop.run_callback(self._wake)
+
+    def close(self) -> None:
+        """The end of the stream (the hub is gone); readers get what is left, then ``closed``."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._wake_pending = False
+            self._cond.notify_all()
+            waiters, self._loop_waiters = self._loop_waiters, []
+        for loop, ev in waiters:
+            loop.run_callback_threadsafe(ev.set)
+
+    def read(self, after: int, limit: int, wait: float) -> tuple[list[Event], bool]:
+        """Events ``after+1 ..`` (at most ``limit``), waiting up to ``wait`` s for the first;
+        and whether the stream has ended with them. On a gevent loop, waits on that loop."""
+        deadline = monotonic() + max(0.0, wait)
+        hub = hub_of_this_thread()
+        while True:
+            with self._cond:
+                if len(self._events) > after or self.closed:
+                    out = self._events[after:after + limit]
+                    return out, self.closed and after + len(out) >= len(self._events)
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    return [], False
+                if hub is None:
+                    self._cond.wait(remaining)
+                    continue
+                entry = (hub.loop, gevent.event.Event())
+                self._loop_waiters.append(entry)
+            entry[1].wait(remaining)
+            with self._cond:
+                if entry in self._loop_waiters:
+                    self._loop_waiters.remove(entry)

@@ -1,0 +1,73 @@
+"""What a client may ask of its session: the per-session calls of the client protocol.
+
+Both transports end here: the embedded Session calls these methods directly (in-process), and
+the hub service's front (rpg/hub/front.py) calls them after it has checked the caller's token,
+the session's owner and every argument. Callable from any thread, never blocking a loop: work is
+posted to the session's hub loop; uids are taken from the hub's counter at once, so a reply
+names every object the call made.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from rpg.hub.events import Event
+from rpg.hub.hub import Hub, HubError
+
+EVENTS_MAX = 20000  # events one read returns at most
+
+
+class SessionAPI:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    @property
+    def uid(self) -> str:
+        return self.hub.session_uid
+
+    def _post(self, fn: Any, *args: Any) -> None:
+        self.hub.post(fn, *args)  # HubError once the session is closed
+
+    def new_manager(self, kind: str) -> str:
+        """A pilot or unit manager of this session (kept for clients that attach later)."""
+        if self.hub.closed:
+            raise HubError("the session is closed")
+        uid = self.hub.next_uid("pmgr" if kind == "pilot" else "umgr")
+        self.hub.managers[uid] = kind
+        return uid
+
+    def submit_pilots(self, pmgr: str, descs: list[dict[str, Any]]) -> list[str]:
+        uids = [self.hub.next_uid("pilot") for _ in descs]
+        items = [(uid, d, secrets.token_urlsafe(32)) for uid, d in zip(uids, descs, strict=True)]
+        self._post(self.hub.submit_pilots, pmgr, items)
+        return uids
+
+    def submit_units(self, umgr: str, descs: list[dict[str, Any]]) -> list[str]:
+        uids = [self.hub.next_uid("unit") for _ in descs]
+        self._post(self.hub.submit_units, umgr, list(zip(uids, descs, strict=True)))
+        return uids
+
+    def add_pilots(self, umgr: str, pilots: list[str]) -> None:
+        self._post(self.hub.add_pilots, umgr, pilots)
+
+    def remove_pilots(self, umgr: str, pilots: list[str]) -> None:
+        self._post(self.hub.remove_pilots, umgr, pilots)
+
+    def cancel_units(self, uids: list[str] | None, umgr: str | None) -> None:
+        self._post(self.hub.cancel_units, uids, umgr)
+
+    def cancel_pilots(self, uids: list[str] | None, pmgr: str | None) -> None:
+        self._post(self.hub.cancel_pilots, uids, pmgr)
+
+    def events(self, after: int, limit: int, wait: float) -> tuple[list[Event], bool]:
+        """Events after number ``after`` and whether the stream has ended with them."""
+        return self.hub.events.read(after, min(limit, EVENTS_MAX), wait)
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = self.hub.call(self.hub.snapshot)
+        snap["seq"] = len(self.hub.events)  # at least this much of the stream is reflected
+        return snap
+
+    def stats(self) -> dict[str, Any]:
+        return self.hub.call(self.hub.stats)

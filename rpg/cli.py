@@ -77,8 +77,11 @@ def _unit_description(i: int, path: str, results: str) -> Any:
         name=f"sha-{i}",
         executable="/bin/sh",
         arguments=["-c", "sha256sum chunk.bin | cut -d' ' -f1 > sum.txt; wc -c < chunk.bin"],
-        input_staging=[{"source": path, "target": "chunk.bin", "action": "copy"}],
-        output_staging=[{"source": "sum.txt", "target": os.path.join(results, f"{i:05d}.sum")}],
+        # client://: the application's files, wherever the hub and the pilot run (through the
+        # hub service's relay for `rpg run --hub`)
+        input_staging=[{"source": f"client://{path}", "target": "chunk.bin", "action": "copy"}],
+        output_staging=[{"source": "sum.txt",
+                         "target": "client://" + os.path.join(results, f"{i:05d}.sum")}],
     )
 
 
@@ -158,7 +161,8 @@ def _run(args: argparse.Namespace, sandbox: str, inputs: str, results: str,
         while os.path.exists(session_dir):
             n += 1
             session_dir = os.path.join(sandbox, f"session.{n}")
-        session = rpg.Session(sandbox=session_dir)
+        session = (rpg.Session(hub=args.hub) if args.hub else
+                   rpg.Session(sandbox=session_dir))
     except (OSError, rpg.SessionError) as exc:
         print(f"rpg run: --sandbox {sandbox}: cannot start the session: "
               f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
@@ -275,6 +279,90 @@ def print_profile_damage(events: Any) -> None:
         print(f"{events.dropped} events missing: the profile writer dropped them (disk full)")
 
 
+def cmd_hub(args: argparse.Namespace) -> int:
+    """``rpg hub serve|token|status|stop``."""
+    import json
+
+    from rpg import client
+
+    if args.hub_cmd == "serve":
+        from rpg.hub.serve import HubServer, ServeError
+        from rpg.sandbox import SandboxError
+
+        def ready(address: str, access: str) -> None:
+            print(f"rpg hub serve: listening on {address}; access file {access}",
+                  file=sys.stderr, flush=True)
+
+        try:
+            server = HubServer(args.sandbox, args.address, args.max_units_per_user)
+            return server.serve(ready)
+        except (ServeError, SandboxError, OSError) as exc:
+            print(f"rpg hub serve: {exc}", file=sys.stderr)
+            return 2
+    if args.hub_cmd == "token":
+        from rpg.hub.users import ACCESS_FILE, Users, UsersError, access, read_access_file
+
+        users = Users(os.path.abspath(args.sandbox))
+        try:
+            if args.revoke:
+                if not users.revoke(args.name):
+                    print(f"rpg hub token: no user {args.name!r}", file=sys.stderr)
+                    return 1
+                print(f"rpg hub token: {args.name} revoked", file=sys.stderr)
+                return 0
+            served = read_access_file(os.path.join(args.sandbox, ACCESS_FILE))
+            if not served:
+                print(f"rpg hub token: {args.sandbox} holds no {ACCESS_FILE}: start "
+                      f"`rpg hub serve --sandbox {args.sandbox}` there first", file=sys.stderr)
+                return 2
+            token = users.add(args.name)
+        except (UsersError, OSError) as exc:
+            print(f"rpg hub token: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(access(served["address"], token, args.name)))
+        return 0
+    try:
+        t = client.connect(args.hub, reconnect_timeout=10.0)
+    except client.SessionError as exc:
+        print(f"rpg hub {args.hub_cmd}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.hub_cmd == "stop":
+            t.hub_call("stop")
+            print(f"rpg hub stop: {t.address} is stopping", file=sys.stderr)
+            return 0
+        status = t.hub_call("status")
+    except client.SessionError as exc:
+        print(f"rpg hub {args.hub_cmd}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        t.close()
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        print(format_hub_status(status))
+    return 0
+
+
+def format_hub_status(st: dict[str, Any]) -> str:
+    lines = [f"hub {st['address']} (owner {st['owner']}; you are {st['user']})",
+             f"front loop: lag p99 {st['loop']['lag_p99_ms']} ms, max "
+             f"{st['loop']['lag_max_ms']} ms; refused calls: {st['refused'] or 'none'}",
+             f"{len(st['sessions'])} session(s)"]
+    for s in st["sessions"]:
+        units = " ".join(f"{k}={v}" for k, v in sorted(s["units"].items())) or "no units"
+        lines.append(f"  {s['uid']}  user={s['user']}{'  closed' if s['closed'] else ''}")
+        lines.append(f"    units: {units}")
+        for p in s["pilots"]:
+            lines.append(f"    {p['uid']} {p['state']} cores {p['cores_in_use']}/{p['cores']}")
+        if s.get("loop"):
+            lines.append(f"    hub loop: lag p99 {s['loop']['lag_p99_ms']} ms")
+        bad = [n for n, h in s.get("lanes", {}).items() if h.get("degraded")]
+        lines.append(f"    lanes: {len(s.get('lanes', {}))}"
+                     f"{', degraded: ' + ', '.join(bad) if bad else ''}")
+    return "\n".join(lines)
+
+
 def cmd_stress(rest: list[str]) -> int:
     """``rpg stress``: the slow-disk harness, installed as ``simulated_disk_io``; in a checkout
     that was not installed, ``tools.simulated_disk_io`` (found when the repo is on sys.path)."""
@@ -303,9 +391,29 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="overheads, throughput, concurrency from a profile")
     rep.add_argument("profile", help="profile.jsonl, or a session sandbox holding one")
     sub.add_parser("stress", help="the slow-disk stress harness (see --help of it)")
+    hub = sub.add_parser("hub", help="the hub as a service: serve, token, status, stop")
+    hsub = hub.add_subparsers(dest="hub_cmd", required=True)
+    serve = hsub.add_parser("serve", help="run the hub service in the foreground")
+    serve.add_argument("--sandbox", required=True, help="its directory (access.json, sessions)")
+    serve.add_argument("--address", help="tcp://127.0.0.1:PORT (default: the last run's, or "
+                                         "a free port); loopback only")
+    serve.add_argument("--max-units-per-user", type=int, default=200000,
+                       help="units not final yet one user may have (200000)")
+    tok = hsub.add_parser("token", help="add a user and print their access JSON")
+    tok.add_argument("--sandbox", required=True)
+    tok.add_argument("name")
+    tok.add_argument("--revoke", action="store_true", help="remove the user instead")
+    for name, text in (("status", "sessions, pilots, units by state, lanes, loop lag"),
+                       ("stop", "stop the service (as SIGTERM)")):
+        p = hsub.add_parser(name, help=text)
+        p.add_argument("--hub", required=True, help="an access file (or ssh://user@host/PATH)")
+        p.add_argument("--json", action="store_true", help="the raw reply")
+    run.add_argument("--hub", help="run through a hub service (its access file)")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
+    if args.cmd == "hub":
+        return cmd_hub(args)
     return cmd_report(args)
 
 

@@ -1,0 +1,188 @@
+"""``rpg hub serve``: the hub as a long-lived service that clients and several users call.
+
+One process: the front (rpg/hub/front.py: zerorpc for clients, users, limits) on the main
+thread's gevent loop, and one ``Hub`` per session, each on a thread and loop of its own (the
+hub the embedded Session runs, with its own zerorpc endpoint for its agents). Sessions live here,
+not in their clients: a client may die, re-attach, or detach. SIGTERM, SIGINT or ``rpg hub
+stop`` end it cleanly: every session's pilots stopped, unfinished units CANCELED ("hub
+stopped"), every process reaped.
+
+The sandbox ``DIR`` (private, 0700) holds ``access.json`` (the owner's access, 0600),
+``users.json`` (token hashes) and ``sessions/<uid>/`` (each session's sandbox and profile).
+"""
+
+from __future__ import annotations
+
+import getpass
+import itertools
+import os
+import signal
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+import zerorpc
+import zmq
+
+from rpg import internals
+from rpg.hub.events import EventLog
+from rpg.hub.front import Front, SessionEntry, in_thread
+from rpg.hub.hub import Hub
+from rpg.hub.session_api import SessionAPI
+from rpg.hub.users import ACCESS_FILE, Users, access, read_access_file, write_private_json
+from rpg.io_pool import IOPool, LoopWatch
+from rpg.log import get_logger
+from rpg.rpc import no_zero_copy
+from rpg.sandbox import make_private_dir
+from rpg.states import Why
+
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+MAX_MESSAGE = 256 << 20  # bytes: zmq drops a peer that sends more in one message
+USERS_RELOAD_S = 0.5
+CLOSE_TIMEOUT = 30.0  # graceful part of each session's close when the service stops
+MAX_UNITS_PER_USER = 200000
+
+
+class ServeError(RuntimeError):
+    """The service cannot start; the message names the option and the problem."""
+
+
+def check_address(address: str) -> str:
+    if not address.startswith("tcp://"):
+        raise ServeError(f"--address must be tcp://HOST:PORT, got {address!r}")
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    if host not in LOOPBACK:
+        raise ServeError(
+            f"--address {address}: the hub binds loopback addresses only (its tokens would "
+            f"cross the network in clear, and rpg offers no CurveZMQ); reach it from another "
+            f"machine over SSH: Session(hub='ssh://user@host/DIR/access.json')")
+    if port != "*" and not (port.isdigit() and 0 <= int(port) < 65536):
+        raise ServeError(f"--address {address}: bad port {port!r}")
+    return f"tcp://{host}:*" if port in ("0", "") else address
+
+
+class HubServer:
+    def __init__(self, sandbox: str, address: str | None = None,
+                 max_units_per_user: int = MAX_UNITS_PER_USER) -> None:
+        self.sandbox = os.path.abspath(os.path.expanduser(sandbox))
+        self.requested = check_address(address) if address else None
+        self.max_units_per_user = max_units_per_user
+        self.owner = getpass.getuser()
+        self.users = Users(self.sandbox)
+        self.sessions: dict[str, SessionEntry] = {}
+        self.opened: dict[str, SessionEntry] = {}  # open_session request id -> its session
+        self.address = ""
+        self.log = get_logger("hub_service", sandbox=self.sandbox)
+        self._ids = itertools.count()
+        self._stop = gevent.event.Event()
+        self.watch: Any = None
+        self.pool: Any = None
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def open_session(self, user: str, uid: str | None) -> SessionEntry:
+        uid = uid or "rpg.session.{}.{}.{:04d}".format(
+            time.strftime("%Y%m%d-%H%M%S"), os.getpid(), next(self._ids))
+        hub = Hub(uid, os.path.join(self.sandbox, "sessions", uid), "tcp://127.0.0.1:0",
+                  EventLog())
+        hub.agents_follow_hub_process = False  # agents outlive a hub restart (heartbeats)
+        entry = SessionEntry(SessionAPI(hub), user)
+        self.sessions[uid] = entry
+        try:
+            in_thread(hub.start, name=f"rpg-open-{uid}")
+            out = os.path.join(hub.sandbox, "client", "out")  # client:// outputs land here
+            self.pool.for_path(hub.sandbox).run(os.makedirs, out, 0o700, True, timeout=30)
+        except BaseException:
+            del self.sessions[uid]
+            in_thread(hub.close, 5.0, name=f"rpg-close-{uid}")  # no-op if it never started
+            raise
+        self.log.info("session_opened", session=uid, user=user)
+        return entry
+
+    def close_session(self, entry: SessionEntry, timeout: float, why: Why) -> None:
+        in_thread(entry.hub.close, timeout, why, name=f"rpg-close-{entry.api.uid}")
+        self.log.info("session_ended", session=entry.api.uid, user=entry.owner, why=why.value)
+
+    # -- the service -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _access_token(self, path: str) -> str:
+        """The owner's token: kept from an access file of an earlier run that still matches
+        users.json (clients keep working across a restart), else a new one."""
+        old = read_access_file(path)
+        token = old.get("token") if old else None
+        if isinstance(token, str) and self.users.who(token) == self.owner:
+            return token
+        return self.users.add(self.owner)
+
+    def _bind(self, server: Any, old: dict[str, Any] | None) -> None:
+        wanted = self.requested
+        if wanted is None and old and isinstance(old.get("address"), str):
+            try:  # the address of the last run, so that access files stay good
+                server.bind(check_address(old["address"]))
+                self.address = internals.bound_address(server)
+                return
+            except Exception:
+                pass
+        server.bind(wanted or "tcp://127.0.0.1:*")
+        self.address = internals.bound_address(server)
+
+    def serve(self, ready: Any = None) -> int:
+        """Run until SIGTERM, SIGINT or ``stop``; 0 once everything is stopped."""
+        make_private_dir(self.sandbox, "hub sandbox")
+        make_private_dir(os.path.join(self.sandbox, "sessions"), "hub sessions directory")
+        self.users.reload()
+        access_path = os.path.join(self.sandbox, ACCESS_FILE)
+        old = read_access_file(access_path)
+        token = self._access_token(access_path)
+        self.watch = LoopWatch("hub-front").start()
+        self.pool = IOPool()
+        ctx = zerorpc.Context()
+        front = Front(self)
+        server = zerorpc.Server(front, context=ctx, heartbeat=5)
+        no_zero_copy(server)
+        internals.zmq_socket(server).setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        handlers = []
+        try:
+            try:
+                self._bind(server, old)
+            except Exception as exc:
+                raise ServeError(f"--address {self.requested}: cannot bind: {exc}") from None
+            write_private_json(access_path, access(self.address, token, self.owner))
+            g = gevent.spawn(server.run)
+            reload_g = gevent.spawn(self._reload_users)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers.append(gevent.signal_handler(sig, self.stop))
+            self.log.info("hub_serving", address=self.address, access=access_path,
+                          owner=self.owner)
+            if ready is not None:
+                ready(self.address, access_path)
+            self._stop.wait()
+            self.log.info("hub_service_stopping", sessions=len(self.sessions))
+            live = [e for e in self.sessions.values() if not e.hub.closed]
+            gevent.joinall([gevent.spawn(self.close_session, e, CLOSE_TIMEOUT, Why.HUB_STOPPED)
+                            for e in live])
+            reload_g.kill()
+            g.kill()
+        finally:
+            for h in handlers:
+                h.cancel()
+            server.close()
+            ctx.destroy(linger=0)
+            self.pool.close(wait=2.0)
+            self.watch.stop()
+        self.log.info("hub_service_stopped")
+        return 0
+
+    def _reload_users(self) -> None:
+        """A token added or revoked by ``rpg hub token`` counts within USERS_RELOAD_S."""
+        lane = self.pool.for_path(self.users.path)
+        while True:
+            gevent.sleep(USERS_RELOAD_S)
+            try:
+                lane.run(self.users.reload, timeout=10)
+            except Exception as exc:
+                self.log.error("users_reload_failed", error=str(exc))

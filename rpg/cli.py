@@ -328,7 +328,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.hub_cmd == "stop":
-            t.hub_call("stop")
+            t.hub_call("stop_hub")
             print(f"rpg hub stop: {t.address} is stopping", file=sys.stderr)
             return 0
         status = t.hub_call("status")

@@ -26,10 +26,10 @@ from rpg import threads
 from rpg.description import resolve_client_path, split_url
 from rpg.hub.hub import HubError
 from rpg.log import get_logger
-from rpg.rpc import no_zero_copy
+from rpg.rpc import no_linger, no_zero_copy
 from rpg.staging import relay
 
-CALL_TIMEOUT = 60.0  # one call, hub side included (a submit of 20,000 units takes ~1 s)
+CALL_TIMEOUT = 30.0  # one call, hub side included (a submit of 20,000 units takes ~1 s)
 EVENTS_WAIT = 2.0  # the long poll of the event stream
 RECONNECT_TIMEOUT = 120.0  # how long a dropped hub is retried before calls fail
 CHUNK = 1 << 20  # bytes per upload/download call
@@ -132,6 +132,7 @@ class Remote:
         self.log = get_logger("client", hub=address)
         self._loop: Any = None
         self._clients: dict[str, Any] = {}
+        self._pending: set[Any] = set()  # greenlets of calls under way
         self._ready = threads.Event()
         self._stop: Any = None
         from rpg.hub.hub import loop_thread_target
@@ -144,20 +145,27 @@ class Remote:
     def _main(self) -> None:
         self._loop = gevent.get_hub().loop
         self._stop = gevent.event.Event()
+        self._ctx = zerorpc.Context()  # its own: zmq's threads end with this client
         self._ready.set()
         try:
             while not self._stop.wait(5.0):  # a timer keeps the loop alive (no LoopExit)
                 pass
         finally:
+            gevent.killall(list(self._pending), block=True, timeout=5)
             for c in self._clients.values():
                 c.close()
             self._clients.clear()
+            self._ctx.destroy(linger=0)
 
     def _client(self, lane: str) -> Any:
         c = self._clients.get(lane)
         if c is None:
-            c = zerorpc.Client(timeout=CALL_TIMEOUT, heartbeat=5, passive_heartbeat=True)
+            # A reply lost with a dropped connection is noticed by the timeout (zmq itself
+            # reconnects under a new identity, so no heartbeat says so): a long poll waits
+            # EVENTS_WAIT at most, so its lane times out soon after; then the call is made again.
+            c = zerorpc.Client(context=self._ctx, timeout=CALL_TIMEOUT, heartbeat=3)
             no_zero_copy(c)
+            no_linger(c)
             c.connect(self.address)
             self._clients[lane] = c
         return c
@@ -171,9 +179,11 @@ class Remote:
         """On the client loop: the call, made again on a new connection if this one drops."""
         deadline = time.monotonic() + self.reconnect_timeout
         delay = 0.05
+        longest = EVENTS_WAIT + 8.0 if lane == "events" else CALL_TIMEOUT
         while True:
+            timeout = max(1.0, min(longest, deadline - time.monotonic()))
             try:
-                return self._client(lane)(method, *args)
+                return self._client(lane)(method, *args, timeout=timeout)
             except zerorpc.RemoteError as exc:
                 cls = _REMOTE_ERRORS.get(exc.name)
                 if cls is None:
@@ -196,10 +206,17 @@ class Remote:
         reply = threads.Reply()
 
         def run() -> None:
+            me = gevent.getcurrent()
+            self._pending.add(me)
             try:
                 reply.set(self._invoke(lane, method, args))
+            except gevent.GreenletExit:
+                reply.set(error=SessionClosed(f"session {self.session}: the client closed "
+                                              f"during {method}"))
             except BaseException as exc:
                 reply.set(error=exc)
+            finally:
+                self._pending.discard(me)
 
         self._loop.run_callback_threadsafe(gevent.spawn, run)
         return reply.get(self.reconnect_timeout + 2 * CALL_TIMEOUT, what=f"reply to {method}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import zmq
 
 from rpg.internals import zmq_socket
 
@@ -19,6 +20,13 @@ def no_zero_copy(endpoint: Any) -> None:
     process is forever.
     """
     zmq_socket(endpoint).copy_threshold = NO_ZERO_COPY
+
+
+def no_linger(endpoint: Any) -> None:
+    """Let a zerorpc Client's socket drop unsent messages when closed: with zmq's default
+    (wait for ever), a call queued to a hub that is gone keeps the context's term() from ever
+    returning, and with it the thread that closes the client."""
+    zmq_socket(endpoint).setsockopt(zmq.LINGER, 0)
 
 
 def wire_problem(data: Any) -> str | None:

@@ -105,12 +105,15 @@ class Session:
     start). ``Session(hub="DIR/access.json")`` (or ``"ssh://user@host/DIR/access.json"``) opens
     a session on a hub service (``rpg hub serve``); ``attach=SESSION_UID`` re-attaches to one
     of the user's sessions there. Both go through the same client protocol (rpg/client.py).
+    ``ssh_key`` and ``known_hosts`` are for an ``ssh://`` hub (default: ~/.ssh's); a dropped
+    connection to a hub service is retried for ``reconnect_timeout`` s.
     """
 
     def __init__(self, sandbox: str | None = None,
                  hub_address: str = "tcp://127.0.0.1:0", uid: str | None = None,
                  hub: str | None = None, attach: str | None = None,
-                 reconnect_timeout: float = client.RECONNECT_TIMEOUT) -> None:
+                 reconnect_timeout: float = client.RECONNECT_TIMEOUT,
+                 ssh_key: str | None = None, known_hosts: str | None = None) -> None:
         self._cond = threads.Condition()
         self._coop_waiters: list[tuple[Any, Any]] = []  # (gevent loop, gevent Event)
         self._objects: dict[str, _Entity] = {}
@@ -120,6 +123,7 @@ class Session:
         self._closed = False
         self._detached = False
         self._stop_stream = False
+        self._stream_ended = False
         self._close_lock = threads.Lock()
         self._close_done = threads.Event()
         self.hub: Hub | None = None
@@ -133,7 +137,8 @@ class Session:
             if sandbox is not None:
                 raise SessionError("sandbox: a session on a hub service has its sandbox on "
                                    "the hub (under its --sandbox)")
-            self._start_remote(hub, attach, uid, reconnect_timeout)
+            self._t = client.connect(hub, reconnect_timeout, ssh_key, known_hosts)
+            self._start_remote(attach, uid)
         self.log = get_logger("session", session=self.uid)
         self._applier = threads.Thread(self._apply_loop, f"rpg-events-{self.uid}")
         self._delivery: Any = (LoopDelivery(self.log) if threads.application_patched() else
@@ -158,9 +163,8 @@ class Session:
         self._profile = self.hub.profile.path
         self._address = self.hub.address
 
-    def _start_remote(self, hub: str, attach: str | None, uid: str | None,
-                      reconnect_timeout: float) -> None:
-        t = self._t = client.connect(hub, reconnect_timeout)
+    def _start_remote(self, attach: str | None, uid: str | None) -> None:
+        t = self._t
         try:
             if attach is None:
                 opened = t.hub_call("open_session", {"uid": uid} if uid else {},
@@ -257,6 +261,7 @@ class Session:
                 self._fetch_outputs(evs)
                 self._apply(evs)
             if ended:
+                self._stream_ended = True  # the hub closed the session (or stopped)
                 break
         with self._cond:
             self._cond.notify_all()
@@ -370,7 +375,7 @@ class Session:
         try:
             if self.hub is not None:
                 self.hub.close(timeout=timeout)
-            else:
+            elif not self._stream_ended:
                 try:
                     self._t.call("close_session", float(max(0.0, timeout)))
                 except SessionError as exc:

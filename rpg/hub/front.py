@@ -219,7 +219,7 @@ class Front:
                 "sessions": out, "loop": self._server.watch.stats(),
                 "refused": dict(self.refused)}
 
-    def stop(self, token: str) -> dict[str, Any]:
+    def stop_hub(self, token: str) -> dict[str, Any]:
         """Stop the service (the hub's owner only): as SIGTERM."""
         user = self._user(token)
         if user != self._server.owner:

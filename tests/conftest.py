@@ -94,5 +94,18 @@ def session(tmp_path):
         yield s
 
 
+@pytest.fixture
+def hub_service(tmp_path):
+    """A real ``rpg hub serve`` in tmp_path/hub; SIGTERMed after the test (exit code 0)."""
+    from tests.hub_fixture import HubProcess
+
+    hub = HubProcess(str(tmp_path / "hub"))
+    try:
+        yield hub
+    finally:
+        rc = hub.stop()
+        assert rc == 0, f"rpg hub serve exited {rc}: {hub.log().decode()[-2000:]}"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_leaks: skip the leak check (explain why in the test)")

@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import psutil
-import pytest
 
 
 class HubProcess:
@@ -64,14 +63,3 @@ class HubProcess:
             rc = self.proc.wait(10)
         self._log.close()
         return rc
-
-
-@pytest.fixture
-def hub_service(tmp_path):
-    """A hub service in tmp_path/hub; stopped with SIGTERM after the test (exit code 0)."""
-    hub = HubProcess(str(tmp_path / "hub"))
-    try:
-        yield hub
-    finally:
-        rc = hub.stop()
-        assert rc == 0, f"rpg hub serve exited {rc}: {hub.log().decode()[-2000:]}"

@@ -18,7 +18,7 @@ import pytest
 
 import rpg
 from rpg import states
-from tests.hub_fixture import HubProcess, hub_service  # noqa: F401
+from tests.hub_fixture import HubProcess
 
 UNIT_PATH = list(states.UNIT_PATH)
 

@@ -8,10 +8,10 @@ import os
 import queue
 import select
 import socket
-import threading
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
+from rpg import threads
 from rpg.hub.launchers.ssh.connection import CHANNEL_TIMEOUT, CHUNK, net_errors
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class TunnelPump:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threads.Thread(self._run, name)  # real, whatever was patched
 
     def start(self) -> None:
         self._thread.start()

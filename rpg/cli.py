@@ -315,6 +315,11 @@ def cmd_hub(args: argparse.Namespace) -> int:
                 print(f"rpg hub token: {args.sandbox} holds no {ACCESS_FILE}: start "
                       f"`rpg hub serve --sandbox {args.sandbox}` there first", file=sys.stderr)
                 return 2
+            if args.name == served.get("user"):
+                print(f"rpg hub token: {args.name} is the hub's owner: their access file is "
+                      f"{os.path.join(args.sandbox, ACCESS_FILE)} (a new token would leave "
+                      f"it stale)", file=sys.stderr)
+                return 2
             token = users.add(args.name)
         except (UsersError, OSError) as exc:
             print(f"rpg hub token: {exc}", file=sys.stderr)

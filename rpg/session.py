@@ -12,8 +12,6 @@ import atexit
 import itertools
 import os
 import secrets
-import signal
-import threading
 import time
 import weakref
 from typing import Any, Callable, Iterable, Sequence, Union
@@ -30,15 +28,18 @@ from rpg.hub.events import EventLog
 from rpg.hub.hub import Hub, HubError
 from rpg.hub.session_api import SessionAPI
 from rpg.log import get_logger
+from rpg.signals import hold_sigterm as _hold_sigterm
+from rpg.signals import release_sigterm as _release_sigterm
 
 __all__ = ["Pilot", "PilotManager", "Session", "SessionClosed", "SessionError", "Unit",
            "UnitManager"]
 
 _session_ids = itertools.count()
-_sigterm_lock = threads.Lock()
 _open_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
 _closing_sessions: "set[Session]" = set()  # close begun, not finished (strong: exit waits)
 EVENT_BATCH = 4096
+ORPHANS_MAX = 200_000  # events kept for objects this client did not make
+CLOSE_RECONNECT_S = 15.0  # close() does not wait reconnect_timeout for a hub that is gone
 CALLBACK_TIMEOUT = 5.0  # how long close() goes on delivering callbacks already queued
 ATEXIT_TIMEOUT = 20.0
 
@@ -60,39 +61,6 @@ def _close_open_sessions() -> None:
 
 
 atexit.register(_close_open_sessions)
-_sigterm_users = 0
-
-
-def _sigterm_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _hold_sigterm() -> bool:
-    """While a session is open, SIGTERM unwinds the main thread (so ``with Session()`` closes
-    cleanly: agents stopped, units canceled, profile flushed) instead of killing the process
-    outright. Only when SIGTERM has its default action and we are on the main thread."""
-    global _sigterm_users
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    with _sigterm_lock:
-        current = signal.getsignal(signal.SIGTERM)
-        if current is _sigterm_exit:
-            _sigterm_users += 1
-            return True
-        if current != signal.SIG_DFL:
-            return False
-        signal.signal(signal.SIGTERM, _sigterm_exit)
-        _sigterm_users = 1
-        return True
-
-
-def _release_sigterm() -> None:
-    global _sigterm_users
-    with _sigterm_lock:
-        _sigterm_users -= 1
-        if (_sigterm_users == 0 and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGTERM) is _sigterm_exit):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 Callback = Callable[[Any, str], Any]
 
 
@@ -118,6 +86,8 @@ class Session:
         self._coop_waiters: list[tuple[Any, Any]] = []  # (gevent loop, gevent Event)
         self._objects: dict[str, _Entity] = {}
         self._orphans: dict[str, list[Any]] = {}  # events of objects not made here yet
+        self._orphan_count = 0
+        self.events_dropped = 0
         self._managers: list[_Manager] = []
         self._seen = 0  # events of the stream applied so far
         self._closed = False
@@ -287,7 +257,7 @@ class Session:
                 _kind, uid, state, ts, fields = ev
                 obj = self._objects.get(uid)
                 if obj is None:  # made by a call whose reply has not been adopted yet
-                    self._orphans.setdefault(uid, []).append(ev)
+                    self._orphan(ev)
                     continue
                 obj._apply(state, ts, fields)
                 if obj._mgr._callbacks:
@@ -299,13 +269,26 @@ class Session:
             if calls:
                 self._delivery.put(calls)
 
+    def _orphan(self, ev: Any) -> None:
+        """Keep an event of an object this client has not made (yet): its call's reply is on
+        the way, or another client attached to the session made it (seen at the next attach;
+        those are bounded: the oldest are dropped, counted in ``events_dropped``)."""
+        if self._orphan_count >= ORPHANS_MAX:
+            uid = next(iter(self._orphans))
+            self.events_dropped += len(self._orphans.pop(uid))
+            self._orphan_count = sum(map(len, self._orphans.values()))
+        self._orphans.setdefault(ev[1], []).append(ev)
+        self._orphan_count += 1
+
     def _adopt(self, objs: Sequence[_Entity]) -> None:
         """Objects a call made: known from now on; events that came before them apply now."""
         calls = []
         with self._cond:
             for obj in objs:
                 self._objects[obj.uid] = obj
-                for _kind, _uid, state, ts, fields in self._orphans.pop(obj.uid, ()):
+                mine = self._orphans.pop(obj.uid, ())
+                self._orphan_count -= len(mine)
+                for _kind, _uid, state, ts, fields in mine:
                     obj._apply(state, ts, fields)
                     if obj._mgr._callbacks:
                         calls.append((obj, state))
@@ -376,6 +359,7 @@ class Session:
             if self.hub is not None:
                 self.hub.close(timeout=timeout)
             elif not self._stream_ended:
+                self._t.reconnect_timeout = min(self._t.reconnect_timeout, CLOSE_RECONNECT_S)
                 try:
                     self._t.call("close_session", float(max(0.0, timeout)))
                 except SessionError as exc:

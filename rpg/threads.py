@@ -168,15 +168,15 @@ class Reply:
         self._cond = Condition()
         self._value: Any = self._MISSING
         self._error: BaseException | None = None
-        self._loop_waiter: Any = None  # (loop, gevent Event) of a waiter on a loop
+        self._loop_waiters: list[Any] = []  # (loop, gevent Event) of waiters on loops
 
     def set(self, value: Any = None, error: BaseException | None = None) -> None:
         with self._cond:
             self._value, self._error = value, error
             self._cond.notify_all()
-            waiter = self._loop_waiter
-        if waiter is not None:
-            waiter[0].run_callback_threadsafe(waiter[1].set)
+            waiters, self._loop_waiters = self._loop_waiters, []
+        for loop, ev in waiters:
+            loop.run_callback_threadsafe(ev.set)
 
     def ready(self) -> bool:
         return self._value is not self._MISSING
@@ -197,16 +197,17 @@ class Reply:
                 return True
         import gevent.event
 
-        ev = gevent.event.Event()
+        entry = (hub.loop, gevent.event.Event())
         with self._cond:
             if self._value is not self._MISSING:
                 return True
-            self._loop_waiter = (hub.loop, ev)
+            self._loop_waiters.append(entry)
         try:
-            ev.wait(timeout)
+            entry[1].wait(timeout)
         finally:
             with self._cond:
-                self._loop_waiter = None
+                if entry in self._loop_waiters:
+                    self._loop_waiters.remove(entry)
         return self._value is not self._MISSING
 
     def get(self, timeout: float | None = None, what: str = "reply") -> Any:

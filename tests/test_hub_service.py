@@ -250,6 +250,7 @@ def test_sigterm_cancels_running_units_with_hub_stopped_and_leaves_nothing(tmp_p
         assert hub.stop(signal.SIGTERM) == 0
         assert umgr.wait_units(timeout=30) == ["CANCELED"] * 4
         assert all("hub stopped" in (u.reason or "") for u in units), [u.reason for u in units]
+        assert {u.reason_code for u in units} == {"hub_stopped"}  # the hub's code, not "agent"
         assert pilot.wait(timeout=10) in states.FINAL
         t0 = time.monotonic()
         s.close()  # the hub said the session ended: nothing to wait for
@@ -285,6 +286,20 @@ def test_cli_status_stop_and_run_through_a_hub(tmp_path):
         assert hub.proc.wait(60) == 0
     finally:
         hub.stop()
+
+
+def test_one_service_per_sandbox_and_no_new_token_for_the_owner(hub_service):
+    cli = [sys.executable, "-m", "rpg.cli", "hub"]
+    second = subprocess.run([*cli, "serve", "--sandbox", hub_service.sandbox],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2
+    assert "runs there already" in second.stderr and str(hub_service.proc.pid) in second.stderr
+    owner = subprocess.run([*cli, "token", "--sandbox", hub_service.sandbox,
+                            hub_service.access["user"]], capture_output=True, text=True,
+                           timeout=30)
+    assert owner.returncode == 2 and "owner" in owner.stderr
+    with rpg.Session(hub=hub_service.access_path) as s:  # the owner's access still works
+        assert s.user == hub_service.access["user"]
 
 
 def test_serve_refuses_a_non_loopback_address(tmp_path):

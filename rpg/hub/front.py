@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.lock
 
-from rpg import states, threads
+from rpg import states
 from rpg.client import SessionClosed
 from rpg.description import DescriptionError, PilotDescription, UnitDescription
 from rpg.hub.hub import HubError
@@ -34,6 +34,7 @@ MAX_UIDS = 100000  # uids one cancel may carry
 SUBMITS_AT_ONCE = 4  # per user: more wait (back-pressure), then LimitExceeded
 SUBMIT_QUEUE_S = 30.0
 REPLIES_KEPT = 1024  # per session: a repeated request id gets its first reply
+MAX_SESSIONS = 64  # sessions not closed, per user
 VALIDATE_SLICE = 200
 UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
@@ -73,6 +74,12 @@ def _number(value: Any, what: str, low: float, high: float) -> float:
     _check(not isinstance(value, bool) and isinstance(value, (int, float))
            and low <= value <= high, f"{what} must be a number in [{low}, {high}]")
     return float(value)
+
+
+def _request_key(method: str, request_id: Any) -> str:
+    _check(isinstance(request_id, str) and 0 < len(request_id) <= 64,
+           "request_id must be a string of 1-64 characters")
+    return f"{method}:{request_id}"
 
 
 class SessionEntry:
@@ -141,14 +148,13 @@ class Front:
                                                     f"{entry.api.uid}")
         return uid
 
-    def _once(self, entry: SessionEntry, request_id: Any, make: Any) -> Any:
-        """``make()``, or the reply it gave to the same request id before."""
-        _check(isinstance(request_id, str) and 0 < len(request_id) <= 64,
-               "request_id must be a string of 1-64 characters")
-        if request_id in entry.replies:
-            return entry.replies[request_id]
+    def _once(self, entry: SessionEntry, method: str, request_id: Any, make: Any) -> Any:
+        """``make()``, or the reply it gave to the same request id of ``method`` before."""
+        key = _request_key(method, request_id)
+        if key in entry.replies:
+            return entry.replies[key]
         reply = make()
-        entry.replies[request_id] = reply
+        entry.replies[key] = reply
         while len(entry.replies) > REPLIES_KEPT:
             entry.replies.popitem(last=False)
         return reply
@@ -169,6 +175,11 @@ class Front:
     def open_session(self, token: str, options: dict, request_id: str) -> dict[str, Any]:
         user = self._user(token)
 
+        key = self._guard(_request_key, user, request_id)
+        done = self._server.opened.get(key)
+        if done is not None:  # a retry: the session this request opened
+            return self._describe(done)
+
         def check() -> str | None:
             _check(isinstance(options, dict) and set(options) <= {"uid"},
                    "options must be a dict with at most the key 'uid'")
@@ -176,16 +187,19 @@ class Front:
             if uid is not None:
                 _uid(uid, "options.uid")
                 _check(uid not in self._server.sessions, f"session {uid!r} exists already")
-            _check(isinstance(request_id, str) and 0 < len(request_id) <= 64,
-                   "request_id must be a string of 1-64 characters")
             return uid
 
         uid = self._guard(check)
-        done = self._server.opened.get(request_id)
-        if done is not None and done.owner == user:
-            return self._describe(done)
+        live = sum(1 for e in self._server.sessions.values()
+                   if e.owner == user and not e.hub.closed)
+        if live >= MAX_SESSIONS:
+            raise self._refuse("limit", LimitExceeded(
+                f"user {user}: {live} sessions open already (at most {MAX_SESSIONS}); close "
+                f"some first"))
         entry = self._server.open_session(user, uid)
-        self._server.opened[request_id] = entry
+        self._server.opened[key] = entry
+        while len(self._server.opened) > REPLIES_KEPT:
+            self._server.opened.popitem(last=False)
         return self._describe(entry)
 
     def _describe(self, entry: SessionEntry) -> dict[str, Any]:
@@ -236,7 +250,7 @@ class Front:
     def new_manager(self, token: str, session: str, kind: str, request_id: str) -> str:
         entry = self._entry(token, session)
         self._guard(_check, kind in ("pilot", "unit"), "kind must be 'pilot' or 'unit'")
-        return self._guard(self._once, entry, request_id,
+        return self._guard(self._once, entry, "new_manager", request_id,
                            lambda: self._call(entry, "new_manager", kind))
 
     def submit_pilots(self, token: str, session: str, pmgr: str, descs: list,
@@ -244,15 +258,16 @@ class Front:
         entry = self._entry(token, session)
         self._guard(self._manager, entry, pmgr, "pilot")
         checked = self._guard(self._descriptions, PilotDescription, descs)
-        return self._guard(self._once, entry, request_id,
+        return self._guard(self._once, entry, "submit_pilots", request_id,
                            lambda: self._call(entry, "submit_pilots", pmgr, checked))
 
     def submit_units(self, token: str, session: str, umgr: str, descs: list,
                      request_id: str) -> list[str]:
         entry = self._entry(token, session)
         self._guard(self._manager, entry, umgr, "unit")
-        if request_id in entry.replies:
-            return entry.replies[request_id]
+        key = self._guard(_request_key, "submit_units", request_id)
+        if key in entry.replies:
+            return entry.replies[key]
         sem = self._submits.setdefault(entry.owner, gevent.lock.BoundedSemaphore(
             SUBMITS_AT_ONCE))
         if not sem.acquire(timeout=SUBMIT_QUEUE_S):
@@ -274,7 +289,7 @@ class Front:
                 entry.accepted_units += len(uids)
                 return uids
 
-            return self._guard(self._once, entry, request_id, make)
+            return self._guard(self._once, entry, "submit_units", request_id, make)
         finally:
             sem.release()
 
@@ -310,7 +325,7 @@ class Front:
         uids = _uids(pilots, "pilots")
         _check(uids is not None, "pilots must be a list of pilot uids")
         for uid in uids or ():
-            _check(uid in entry.hub.pilots, f"no pilot {uid!r} in session {entry.api.uid}")
+            _check(uid in entry.api.pilot_uids, f"no pilot {uid!r} in session {entry.api.uid}")
         return uids or []
 
     def cancel_units(self, token: str, session: str, uids: Any, umgr: Any) -> None:
@@ -385,23 +400,3 @@ class Front:
         self._guard(_check, not isinstance(offset, bool) and isinstance(offset, int)
                     and offset >= 0, "offset must be an integer >= 0")
         return self._relay(entry, relay.read_chunk, client_path, offset)
-
-
-def in_thread(fn: Any, *args: Any, timeout: float | None = None, name: str = "rpg-call") -> Any:
-    """Run a blocking control call (a hub's start or close) on a thread of its own and wait
-    for it cooperatively: the front's loop goes on meanwhile."""
-    reply = threads.Reply()
-
-    def run() -> None:
-        try:
-            reply.set(fn(*args))
-        except BaseException as exc:
-            reply.set(error=exc)
-
-    t = threads.Thread(run, name)
-    t.start()
-    try:
-        return reply.get(timeout, what=name)
-    finally:
-        if reply.ready():
-            t.join(1.0)

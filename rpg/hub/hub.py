@@ -1,8 +1,10 @@
-"""The hub: one native thread, one gevent loop, every unit and pilot lifecycle as a greenlet.
+"""The hub of one session: a gevent loop with every unit and pilot lifecycle as a greenlet.
 
-The application thread never touches hub state: it posts calls onto the hub loop
-(``loop.run_callback_threadsafe``) and receives state events through a queue that the session's
-callback thread drains. Everything blocking (disk, spawn, network) goes to the hub's IOPool.
+An embedded hub runs on a native thread of its own. The hubs of a hub service all run on the
+service's loop (``host``): one loop, so that ten sessions' loops do not wait on each other for
+the GIL. The application thread never touches hub state: it posts calls onto the hub loop
+(``loop.run_callback_threadsafe``) and reads the session's event stream (rpg/hub/events.py).
+Everything blocking (disk, spawn, network) goes to the hub's IOPool.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class HubError(RuntimeError):
 class Hub:
     """Owns the hub thread. Public methods are called from application threads."""
 
-    def __init__(self, session_uid: str, sandbox: str, address: str, events: EventLog) -> None:
+    def __init__(self, session_uid: str, sandbox: str, address: str, events: EventLog,
+                 host: Any = None) -> None:
         if not address.startswith("tcp://"):
             raise HubError(f"hub_address must be tcp://host:port, got {address!r}")
         self.session_uid = session_uid
@@ -62,9 +65,12 @@ class Hub:
         # cancel reason or None], so a cancel that arrives meanwhile reaches them too.
         self.pending_units: dict[str, list[Any]] = {}
         self._submitters: set[Any] = set()
-        self._thread = threads.Thread(loop_thread_target(self._main), f"rpg-hub-{session_uid}")
-        self._ready = threads.Event()
-        self._done = threads.Event()
+        # host: the service's (loop, LoopWatch) to run on; None: a thread and loop of its own
+        self._host = host
+        self._thread = (threads.Thread(loop_thread_target(self._main), f"rpg-hub-{session_uid}")
+                        if host is None else None)
+        self._ready = threads.Reply()  # waited on cooperatively where the waiter runs a loop
+        self._done = threads.Reply()
         self._post_lock = threads.Lock()
         self._start_error: BaseException | None = None
         self._stop: Event | None = None
@@ -87,20 +93,26 @@ class Hub:
     # -- thread and loop -----------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> None:
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
+        else:
+            self._host[0].run_callback_threadsafe(gevent.spawn, self._main)
         if not self._ready.wait(timeout):
             raise HubError(f"hub did not start within {timeout} s")
         if self._start_error is not None:
-            self._thread.join(5)
+            if self._thread is not None:
+                self._thread.join(5)
+            else:
+                self._done.wait(5)
             raise HubError(f"hub failed to start: {self._start_error}") from self._start_error
 
     def _main(self) -> None:
-        """The hub thread's work, in a greenlet of its loop (see _loop_thread)."""
+        """The hub's work, in a greenlet of its loop (see loop_thread_target)."""
         self.loop = gevent.get_hub().loop
         ctx = server = server_g = flusher = None
         try:
             self._stop = Event()
-            self.watch = LoopWatch("hub").start()
+            self.watch = LoopWatch("hub").start() if self._host is None else self._host[1]
             self.pool = IOPool()
             self.pool.for_path(self.sandbox).run(_make_session_sandbox, self.sandbox,
                                                  self.profile.path, timeout=30)
@@ -144,7 +156,7 @@ class Hub:
                                        events_lost=self.profile.pending())
                     self.pool.close(wait=2.0)  # logs any thread left stuck
             finally:
-                if self.watch is not None:
+                if self.watch is not None and self._host is None:
                     self.watch.stop()
                 self.events.close()  # the stream's end: every final state is in it
                 self._done.set()
@@ -180,6 +192,10 @@ class Hub:
             raise HubError(f"hub call {getattr(fn, '__name__', fn)} timed out after {timeout} s")
         return reply.get(0)
 
+    def wait_stopped(self, timeout: float) -> bool:
+        """Wait (cooperatively on a loop) until the hub has stopped; True if it has."""
+        return not self._ready.ready() or self._done.wait(timeout)
+
     def stop_grace(self, default: float) -> float:
         """How long a pilot may take to leave on its own: ``default``, less once the session's
         close timeout is running out (its forceful stop always runs to the end)."""
@@ -197,10 +213,12 @@ class Hub:
             self.closed = True
             self._close_why = why
             self._close_by = time.monotonic() + max(0.0, timeout)
-            if self._ready.is_set() and self._start_error is None and not self._done.is_set():
+            if self._ready.ready() and self._start_error is None and not self._done.ready():
                 # As a greenlet, like posted calls: those posted before start before it.
                 self.loop.run_callback_threadsafe(gevent.spawn, self._stop.set)
-        if not self._thread.join(max(0.0, timeout) + CLOSE_FORCE_S):
+        limit = max(0.0, timeout) + CLOSE_FORCE_S
+        if not (self._thread.join(limit) if self._thread is not None else
+                self.wait_stopped(limit)):
             self.log.error("hub_thread_did_not_stop", timeout=timeout)
 
     # -- profile ---------------------------------------------------------------------------------
@@ -238,6 +256,11 @@ class Hub:
         fields = dict(fields)
         code = fields.pop("reason_code", None)
         why = Why(code) if code else (None if state == states.DONE else Why.AGENT)
+        if state == states.CANCELED and why == Why.AGENT:
+            # The agent canceled it because the hub asked: the hub's code, not "agent".
+            pilot = self.pilots.get(unit.pilot) if unit.pilot else None
+            why = unit.cancel_why or (pilot.final_why if pilot is not None and pilot.stopping
+                                      else None) or why
         self.ledger.end_unit(unit, state, "agent", why, ts=ts, **fields)
 
     def enqueue(self, unit: UnitRecord, pilot: PilotRecord) -> None:

@@ -21,6 +21,7 @@ EVENTS_MAX = 20000  # events one read returns at most
 class SessionAPI:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
+        self.pilot_uids: set[str] = set()  # every pilot submitted, made on the loop or not yet
 
     @property
     def uid(self) -> str:
@@ -39,6 +40,7 @@ class SessionAPI:
 
     def submit_pilots(self, pmgr: str, descs: list[dict[str, Any]]) -> list[str]:
         uids = [self.hub.next_uid("pilot") for _ in descs]
+        self.pilot_uids.update(uids)
         items = [(uid, d, secrets.token_urlsafe(32)) for uid, d in zip(uids, descs, strict=True)]
         self._post(self.hub.submit_pilots, pmgr, items)
         return uids
@@ -65,7 +67,13 @@ class SessionAPI:
         return self.hub.events.read(after, min(limit, EVENTS_MAX), wait)
 
     def snapshot(self) -> dict[str, Any]:
-        snap = self.hub.call(self.hub.snapshot)
+        """On the hub loop; a closed session's once its hub has stopped (its records no longer
+        change then)."""
+        if self.hub.closed:
+            self.hub.wait_stopped(120.0)
+            snap = self.hub.snapshot()
+        else:
+            snap = self.hub.call(self.hub.snapshot)
         snap["seq"] = len(self.hub.events)  # at least this much of the stream is reflected
         return snap
 

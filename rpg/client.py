@@ -32,7 +32,7 @@ from rpg.staging import relay
 CALL_TIMEOUT = 30.0  # one call, hub side included (a submit of 20,000 units takes ~1 s)
 EVENTS_WAIT = 2.0  # the long poll of the event stream
 RECONNECT_TIMEOUT = 120.0  # how long a dropped hub is retried before calls fail
-CHUNK = 1 << 20  # bytes per upload/download call
+SUBMIT_SLICE = 10000  # descriptions per submit call (the hub takes at most 20,000)
 
 
 class SessionError(RuntimeError):
@@ -226,6 +226,17 @@ class Remote:
         return self._run("calls", method, (self.token, *args))
 
     def call(self, method: str, *args: Any) -> Any:
+        if method in ("submit_pilots", "submit_units") and len(args[1]) > SUBMIT_SLICE:
+            uids: list[str] = []  # the hub takes at most 20,000 a call: more go in slices
+            try:
+                for i in range(0, len(args[1]), SUBMIT_SLICE):
+                    uids += self.call(method, args[0], args[1][i:i + SUBMIT_SLICE])
+            except SessionError:
+                if uids:  # all or nothing, as in one call: the slices taken are withdrawn
+                    self.call("cancel_units" if method == "submit_units" else "cancel_pilots",
+                              uids, None)
+                raise
+            return uids
         if method in ("new_manager", "submit_pilots", "submit_units"):
             args = (*args, secrets.token_hex(8))  # a retry gets the first reply
         return self._run("calls", method, (self.token, self.session, *args))

@@ -82,6 +82,12 @@ def _request_key(method: str, request_id: Any) -> str:
     return f"{method}:{request_id}"
 
 
+def _same(kept: tuple[Any, Any], what: Any, request_id: str) -> Any:
+    _check(kept[0] == what, f"request_id {request_id!r} was used for another call (give each "
+                            f"call a new one; repeat one only to repeat its call)")
+    return kept[1]
+
+
 class SessionEntry:
     """A session of the service: its hub, its owner, the replies to its recent requests."""
 
@@ -116,22 +122,30 @@ class Front:
         return exc
 
     def _user(self, token: Any) -> str:
-        if not isinstance(token, str) or not token or len(token) > 256:
+        if not isinstance(token, str) or not token:
             raise self._refuse("token", Unauthorized(
                 "a token is required: the first argument of every call is the 'token' of an "
                 "access file (rpg hub token --sandbox DIR NAME makes one)"))
+        if len(token) > 256:
+            raise self._refuse("token", Unauthorized(
+                f"the token must be a string of 1-256 characters, got {len(token)}"))
         user = self._server.users.who(token)
+        if user is None and self._server.reload_users_now():
+            user = self._server.users.who(token)  # one made by `rpg hub token` just now
         if user is None:
             raise self._refuse("token", Unauthorized("unknown token (wrong, or revoked)"))
         return user
 
-    def _entry(self, token: Any, session: Any) -> SessionEntry:
+    def _entry(self, token: Any, session: Any, owner_too: bool = False) -> SessionEntry:
+        """The caller's session; ``owner_too``: the hub's owner may act on anyone's."""
         user = self._user(token)
         try:
             uid = _uid(session, "session")
         except ProtocolError as exc:
             raise self._refuse("call", exc) from None
         entry = self._server.sessions.get(uid)
+        if owner_too and entry is not None and user == self._server.owner:
+            return entry
         if entry is None or entry.owner != user:  # the same words: existence is not told
             raise self._refuse("session", Unauthorized(f"no session {uid!r} of user {user!r}"))
         return entry
@@ -148,13 +162,15 @@ class Front:
                                                     f"{entry.api.uid}")
         return uid
 
-    def _once(self, entry: SessionEntry, method: str, request_id: Any, make: Any) -> Any:
-        """``make()``, or the reply it gave to the same request id of ``method`` before."""
+    def _once(self, entry: SessionEntry, method: str, request_id: Any, what: Any,
+              make: Any) -> Any:
+        """``make()``, or the reply it gave to the same request id of ``method`` before (if
+        that was about the same ``what``: a request id reused for another call is refused)."""
         key = _request_key(method, request_id)
         if key in entry.replies:
-            return entry.replies[key]
+            return _same(entry.replies[key], what, request_id)
         reply = make()
-        entry.replies[key] = reply
+        entry.replies[key] = (what, reply)
         while len(entry.replies) > REPLIES_KEPT:
             entry.replies.popitem(last=False)
         return reply
@@ -250,7 +266,7 @@ class Front:
     def new_manager(self, token: str, session: str, kind: str, request_id: str) -> str:
         entry = self._entry(token, session)
         self._guard(_check, kind in ("pilot", "unit"), "kind must be 'pilot' or 'unit'")
-        return self._guard(self._once, entry, "new_manager", request_id,
+        return self._guard(self._once, entry, "new_manager", request_id, kind,
                            lambda: self._call(entry, "new_manager", kind))
 
     def submit_pilots(self, token: str, session: str, pmgr: str, descs: list,
@@ -259,6 +275,7 @@ class Front:
         self._guard(self._manager, entry, pmgr, "pilot")
         checked = self._guard(self._descriptions, PilotDescription, descs)
         return self._guard(self._once, entry, "submit_pilots", request_id,
+                           (pmgr, len(checked)),
                            lambda: self._call(entry, "submit_pilots", pmgr, checked))
 
     def submit_units(self, token: str, session: str, umgr: str, descs: list,
@@ -266,8 +283,9 @@ class Front:
         entry = self._entry(token, session)
         self._guard(self._manager, entry, umgr, "unit")
         key = self._guard(_request_key, "submit_units", request_id)
+        what = (umgr, len(descs) if isinstance(descs, list) else -1)
         if key in entry.replies:
-            return entry.replies[key]
+            return self._guard(_same, entry.replies[key], what, request_id)
         sem = self._submits.setdefault(entry.owner, gevent.lock.BoundedSemaphore(
             SUBMITS_AT_ONCE))
         if not sem.acquire(timeout=SUBMIT_QUEUE_S):
@@ -289,7 +307,7 @@ class Front:
                 entry.accepted_units += len(uids)
                 return uids
 
-            return self._guard(self._once, entry, "submit_units", request_id, make)
+            return self._guard(self._once, entry, "submit_units", request_id, what, make)
         finally:
             sem.release()
 
@@ -359,8 +377,9 @@ class Front:
         return {"events": evs, "closed": closed, "next": after + len(evs)}
 
     def close_session(self, token: str, session: str, timeout: float) -> dict[str, Any]:
-        """End the session: its pilots stopped, its unfinished units CANCELED."""
-        entry = self._entry(token, session)
+        """End the session: its pilots stopped, its unfinished units CANCELED. The hub's owner
+        may close anyone's (a revoked user's sessions, say)."""
+        entry = self._entry(token, session, owner_too=True)
         timeout = self._guard(_number, timeout, "timeout", 0, 3600)
         self._server.close_session(entry, timeout, states.Why.SESSION_CLOSED)
         return {"closed": True}

@@ -88,6 +88,7 @@ class HubServer:
         self._stop = gevent.event.Event()
         self.watch: Any = None
         self.pool: Any = None
+        self._last_reload = 0.0
 
     # -- sessions --------------------------------------------------------------------------------
 
@@ -210,6 +211,19 @@ class HubServer:
             self.watch.stop()
         self.log.info("hub_service_stopped")
         return 0
+
+    def reload_users_now(self) -> bool:
+        """On a token not known: read users.json again now (at most every 0.1 s), so a token
+        `rpg hub token` just made works at once. True if it changed."""
+        now = time.monotonic()
+        if now - self._last_reload < 0.1:
+            return False
+        self._last_reload = now
+        try:
+            return self.pool.for_path(self.users.path).run(self.users.reload, timeout=10)
+        except Exception as exc:
+            self.log.error("users_reload_failed", error=str(exc))
+            return False
 
     def _reload_users(self) -> None:
         """A token added or revoked by ``rpg hub token`` counts within USERS_RELOAD_S."""

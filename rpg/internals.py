@@ -7,12 +7,17 @@ calls it, so an upgrade that moves one fails loudly in one place instead of quie
 
 from __future__ import annotations
 
+import sys
+import traceback
 from typing import Any
 
 import zmq
+from gevent import config as GEVENT_CONFIG
 from gevent._hub_local import get_hub_if_exists  # private module
 from gevent._monitor import PeriodicMonitoringThread  # private module
+from gevent.events import EventLoopBlocked
 from gevent.threadpool import ThreadPool
+from zope.event import notify
 
 WRITTEN_FOR = {"gevent": "26.9.0", "zerorpc": "0.6.3", "pyzmq": "27.3.0"}
 
@@ -52,11 +57,21 @@ def route_loop_errors(hub: Any, report: Any) -> None:
 # -- gevent: the loop's monitoring thread --
 
 class QuietMonitor(PeriodicMonitoringThread):
-    """gevent's monitor thread without the stderr dump: rpg logs the event instead
-    (``_show_blocking_report`` is the private hook that prints it)."""
+    """gevent's monitor thread without the stderr dump (rpg logs the event instead), and with a
+    cheap report: the blocked thread's own stack only. gevent's report renders the tree of
+    every greenlet, with the GIL held: with thousands of lifecycle greenlets that took 27 % of
+    a busy hub service's samples (py-spy --gil), and lengthened the very block it reported.
+    ``monitor_blocking`` is the public hook; ``_greenlet_tracer`` is private."""
 
-    def _show_blocking_report(self, hub: Any, report: Any, active_greenlet: Any) -> Any:
-        return (active_greenlet, report)
+    def monitor_blocking(self, hub: Any) -> Any:
+        did_block = self._greenlet_tracer.did_block_hub(hub)
+        if not did_block:
+            return None
+        active = did_block[1]
+        frame = sys._current_frames().get(getattr(hub, "thread_ident", None))
+        report = traceback.format_stack(frame) if frame is not None else []
+        notify(EventLoopBlocked(active, GEVENT_CONFIG.max_blocking_time, report, hub=hub))
+        return (active, report)
 
 
 # -- gevent: stopping a ThreadPool whose threads may be stuck --
@@ -82,8 +97,19 @@ def check() -> list[str]:
 
     if not callable(getattr(Hub, "print_exception", None)):
         missing.append("gevent.hub.Hub.print_exception")
-    if not hasattr(PeriodicMonitoringThread, "_show_blocking_report"):
-        missing.append("gevent._monitor.PeriodicMonitoringThread._show_blocking_report")
+    if not hasattr(PeriodicMonitoringThread, "monitor_blocking"):
+        missing.append("gevent._monitor.PeriodicMonitoringThread.monitor_blocking")
+    from gevent import get_hub
+
+    mon = PeriodicMonitoringThread.__new__(PeriodicMonitoringThread)
+    try:
+        PeriodicMonitoringThread.__init__(mon, get_hub())
+        tracer = getattr(mon, "_greenlet_tracer", None)
+        if tracer is None or not callable(getattr(tracer, "did_block_hub", None)):
+            missing.append("gevent._monitor.PeriodicMonitoringThread._greenlet_tracer"
+                           ".did_block_hub")
+    finally:
+        mon.kill()
     pool = ThreadPool(1)
     try:
         for name in ("_worker_greenlets", "task_queue", "fork_watcher"):

@@ -146,7 +146,13 @@ class Hub:
             if server is not None:
                 server.close()
             if ctx is not None:
-                ctx.destroy(linger=0)
+                if self._host is None or self.pool is None:
+                    ctx.destroy(linger=0)
+                else:  # zmq's term() blocks in C: not on a loop every session shares
+                    try:
+                        self.pool.net.run(ctx.destroy, 0, timeout=5.0)
+                    except Exception as exc:
+                        self.log.warning("zmq_context_not_terminated", error=str(exc))
             try:
                 if self.pool is not None:
                     try:

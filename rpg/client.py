@@ -23,7 +23,7 @@ import gevent.event
 import zerorpc
 
 from rpg import threads
-from rpg.description import resolve_client_path, split_url
+from rpg.description import DescriptionError, resolve_client_path, split_url
 from rpg.hub.hub import HubError
 from rpg.log import get_logger
 from rpg.rpc import no_linger, no_zero_copy
@@ -248,7 +248,13 @@ class Remote:
         for directive in d["input_staging"]:
             if split_url(directive["source"])[0] == "client":
                 local = resolve_client_path(directive["source"])
-                directive["source"] = "client://" + relay.upload(self.call, local)
+                try:
+                    directive["source"] = "client://" + relay.upload(self.call, local)
+                except OSError as exc:  # before anything of this submit is accepted
+                    raise DescriptionError(
+                        "UnitDescription", "input_staging",
+                        f"client://{local}: cannot read it here to send it to the hub: "
+                        f"{exc.strerror or exc}") from None
         for directive in d["output_staging"]:
             if split_url(directive["target"])[0] == "client":
                 local = resolve_client_path(directive["target"])

@@ -95,6 +95,19 @@ import time; time.sleep(600)
 """
 
 
+def test_a_client_input_that_is_not_there_is_refused_before_anything_is_accepted(
+        hub_service, tmp_path):
+    with rpg.Session(hub=hub_service.access_path) as s:
+        _p, umgr = _pilot(s)
+        ok = rpg.UnitDescription(executable="/bin/true")
+        bad = rpg.UnitDescription(executable="/bin/true", input_staging=[
+            {"source": f"client://{tmp_path}/missing.txt", "target": "x"}])
+        with pytest.raises(rpg.DescriptionError, match="missing.txt.*No such file"):
+            umgr.submit_units([ok, bad])
+        assert umgr.get_units() == []
+        assert umgr.submit_units(ok).wait(timeout=30) == "DONE"
+
+
 def test_a_client_killed_mid_run_and_a_new_one_attached_sees_every_unit_done(
         hub_service, tmp_path):
     ledger = tmp_path / "ledger"

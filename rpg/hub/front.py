@@ -347,22 +347,21 @@ class Front:
         return uids or []
 
     def cancel_units(self, token: str, session: str, uids: Any, umgr: Any) -> None:
-        entry = self._entry(token, session)
-        uids = self._guard(_uids, uids, "uids")
-        if umgr is not None:
-            self._guard(self._manager, entry, umgr, "unit")
-        self._guard(_check, uids is not None or umgr is not None,
-                    "cancel_units needs uids or a umgr")
-        self._call(entry, "cancel_units", uids, umgr)
+        self._cancel("cancel_units", "unit", token, session, uids, umgr)
 
     def cancel_pilots(self, token: str, session: str, uids: Any, pmgr: Any) -> None:
+        self._cancel("cancel_pilots", "pilot", token, session, uids, pmgr)
+
+    def _cancel(self, method: str, kind: str, token: str, session: str, uids: Any,
+                mgr: Any) -> None:
+        """Those ``uids`` (unknown ones ignored), or all of the manager's; returns at once."""
         entry = self._entry(token, session)
         uids = self._guard(_uids, uids, "uids")
-        if pmgr is not None:
-            self._guard(self._manager, entry, pmgr, "pilot")
-        self._guard(_check, uids is not None or pmgr is not None,
-                    "cancel_pilots needs uids or a pmgr")
-        self._call(entry, "cancel_pilots", uids, pmgr)
+        if mgr is not None:
+            self._guard(self._manager, entry, mgr, kind)
+        self._guard(_check, uids is not None or mgr is not None,
+                    f"{method} needs uids or a {'umgr' if kind == 'unit' else 'pmgr'}")
+        self._call(entry, method, uids, mgr)
 
     def events(self, token: str, session: str, after: int, limit: int,
                wait: float) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from rpg import threads
 from rpg.client import SessionError
 from rpg.hub.launchers.base import LaunchError
 from rpg.hub.launchers.ssh.connection import (
-    CHANNEL_TIMEOUT,
     WINDOW,
     ConnectionLost,
     SSHConnection,
@@ -169,10 +168,7 @@ class _ForwardPump(TunnelPump):
         if sock is None:
             chan.close()
             return None
-        sock.settimeout(CHANNEL_TIMEOUT)
-        chan.settimeout(CHANNEL_TIMEOUT)
-        self.bridged += 1
-        return sock
+        return self._bridged(chan, sock)
 
     def close(self, timeout: float = 5.0) -> None:
         super().close(timeout)

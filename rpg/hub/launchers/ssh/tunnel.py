@@ -94,6 +94,10 @@ class TunnelPump:
             self.log.warning("ssh_tunnel_hub_unreachable", error=str(exc))
             chan.close()
             return None
+        return self._bridged(chan, sock)
+
+    def _bridged(self, chan: paramiko.Channel, sock: socket.socket) -> socket.socket:
+        """A new bridge's two ends, with the timeouts a stalled peer must not outlast."""
         sock.settimeout(CHANNEL_TIMEOUT)
         chan.settimeout(CHANNEL_TIMEOUT)
         self.bridged += 1

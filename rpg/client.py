@@ -30,6 +30,7 @@ from rpg.rpc import no_linger, no_zero_copy
 from rpg.staging import relay
 
 CALL_TIMEOUT = 30.0  # one call, hub side included (a submit of 20,000 units takes ~1 s)
+CLOSE_MARGIN = 120.0  # a close_session waits for its timeout, then the hub's forced stop
 EVENTS_WAIT = 2.0  # the long poll of the event stream
 RECONNECT_TIMEOUT = 120.0  # how long a dropped hub is retried before calls fail
 SUBMIT_SLICE = 10000  # descriptions per submit call (the hub takes at most 20,000)
@@ -133,14 +134,16 @@ class Remote:
         self._loop: Any = None
         self._clients: dict[str, Any] = {}
         self._pending: set[Any] = set()  # greenlets of calls under way
+        self._replies: set[Any] = set()  # replies callers wait for
+        self._replies_lock = threads.Lock()
         self._ready = threads.Event()
         self._stop: Any = None
         from rpg.hub.hub import loop_thread_target
 
         self._thread = threads.Thread(loop_thread_target(self._main), "rpg-client")
+        self._closed = False
         self._thread.start()
         self._ready.wait(30)
-        self._closed = False
 
     def _main(self) -> None:
         self._loop = gevent.get_hub().loop
@@ -175,13 +178,13 @@ class Remote:
         if c is not None:
             c.close()
 
-    def _invoke(self, lane: str, method: str, args: tuple) -> Any:
-        """On the client loop: the call, made again on a new connection if this one drops."""
+    def _invoke(self, lane: str, method: str, args: tuple, longest: float) -> Any:
+        """On the client loop: the call, made again on a new connection if this one drops;
+        each attempt waits ``longest`` s at most (less once reconnect_timeout runs out)."""
         deadline = time.monotonic() + self.reconnect_timeout
         delay = 0.05
-        longest = EVENTS_WAIT + 8.0 if lane == "events" else CALL_TIMEOUT
         while True:
-            timeout = max(1.0, min(longest, deadline - time.monotonic()))
+            timeout = max(min(longest, 10.0), min(longest, deadline - time.monotonic()))
             try:
                 return self._client(lane)(method, *args, timeout=timeout)
             except zerorpc.RemoteError as exc:
@@ -200,16 +203,20 @@ class Remote:
                 gevent.sleep(delay)
                 delay = min(2.0, delay * 2)
 
-    def _run(self, lane: str, method: str, args: tuple) -> Any:
-        if self._closed:
-            raise SessionClosed(f"session {self.session}: the client is closed")
+    def _run(self, lane: str, method: str, args: tuple, longest: float | None = None) -> Any:
+        if longest is None:
+            longest = EVENTS_WAIT + 8.0 if lane == "events" else CALL_TIMEOUT
         reply = threads.Reply()
+        with self._replies_lock:  # close() answers every reply still registered
+            if self._closed:
+                raise SessionClosed(f"session {self.session}: the client is closed")
+            self._replies.add(reply)
 
         def run() -> None:
             me = gevent.getcurrent()
             self._pending.add(me)
             try:
-                reply.set(self._invoke(lane, method, args))
+                reply.set(self._invoke(lane, method, args, longest))
             except gevent.GreenletExit:
                 reply.set(error=SessionClosed(f"session {self.session}: the client closed "
                                               f"during {method}"))
@@ -218,14 +225,21 @@ class Remote:
             finally:
                 self._pending.discard(me)
 
-        self._loop.run_callback_threadsafe(gevent.spawn, run)
-        return reply.get(self.reconnect_timeout + 2 * CALL_TIMEOUT, what=f"reply to {method}")
+        try:
+            self._loop.run_callback_threadsafe(gevent.spawn, run)
+            return reply.get(self.reconnect_timeout + 2 * longest, what=f"reply to {method}")
+        finally:
+            with self._replies_lock:
+                self._replies.discard(reply)
 
     def hub_call(self, method: str, *args: Any) -> Any:
         """A call that names no session (hello, open_session, status, stop)."""
         return self._run("calls", method, (self.token, *args))
 
     def call(self, method: str, *args: Any) -> Any:
+        if method == "close_session":  # waits for the close itself: its timeout and more
+            return self._run("calls", method, (self.token, self.session, *args),
+                             longest=float(args[0]) + CLOSE_MARGIN)
         if method in ("submit_pilots", "submit_units") and len(args[1]) > SUBMIT_SLICE:
             uids: list[str] = []  # the hub takes at most 20,000 a call: more go in slices
             try:
@@ -266,14 +280,15 @@ class Remote:
         """A DONE unit's client:// outputs, from the hub into place (before the application
         sees DONE). Only the client that submitted it knows where they go."""
         for directive in unit.description.output_staging:
-            target = directive["target"] if isinstance(directive, dict) else directive.target
+            target = directive["target"]
             if split_url(target)[0] != "client":
                 continue
             local = resolve_client_path(target)
             if local.startswith(os.path.join(self.sandbox, "client") + os.sep):
                 continue  # an attached client: the description names the hub's copy
             try:
-                relay.download(self.call, local)
+                relay.download(self.call, local,
+                               create_parents="create_parents" in directive.get("flags", ()))
             except (OSError, SessionError, relay.RelayError) as exc:
                 self.log.error("client_output_not_fetched", unit=unit.uid, path=local,
                                error=str(exc)[:300])
@@ -284,12 +299,18 @@ class Remote:
         return reply["events"], reply["closed"]
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._replies_lock:
+            if self._closed:
+                return
+            self._closed = True
         if self._loop is not None:
             self._loop.run_callback_threadsafe(self._stop.set)
         self._thread.join(10)
+        with self._replies_lock:  # a call whose greenlet never ran (or was killed)
+            left, self._replies = list(self._replies), set()
+        for reply in left:
+            if not reply.ready():
+                reply.set(error=SessionClosed(f"session {self.session}: the client closed"))
         if self._on_close is not None:
             self._on_close()
 

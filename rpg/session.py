@@ -87,6 +87,7 @@ class Session:
         self._objects: dict[str, _Entity] = {}
         self._orphans: dict[str, list[Any]] = {}  # events of objects not made here yet
         self._orphan_count = 0
+        self._apply_lock = threads.Lock()  # the applier's fetch+apply, and _adopt's
         self.events_dropped = 0
         self._managers: list[_Manager] = []
         self._seen = 0  # events of the stream applied so far
@@ -228,8 +229,9 @@ class Session:
                 self.log.error("event_stream_lost", error=str(exc), seen=self._seen)
                 break
             if evs:
-                self._fetch_outputs(evs)
-                self._apply(evs)
+                with self._apply_lock:
+                    self._fetch_outputs(evs)
+                    self._apply(evs)
             if ended:
                 self._stream_ended = True  # the hub closed the session (or stopped)
                 break
@@ -274,27 +276,37 @@ class Session:
         the way, or another client attached to the session made it (seen at the next attach;
         those are bounded: the oldest are dropped, counted in ``events_dropped``)."""
         if self._orphan_count >= ORPHANS_MAX:
-            uid = next(iter(self._orphans))
-            self.events_dropped += len(self._orphans.pop(uid))
-            self._orphan_count = sum(map(len, self._orphans.values()))
+            dropped = len(self._orphans.pop(next(iter(self._orphans))))
+            self.events_dropped += dropped
+            self._orphan_count -= dropped
         self._orphans.setdefault(ev[1], []).append(ev)
         self._orphan_count += 1
 
     def _adopt(self, objs: Sequence[_Entity]) -> None:
-        """Objects a call made: known from now on; events that came before them apply now."""
-        calls = []
-        with self._cond:
-            for obj in objs:
-                self._objects[obj.uid] = obj
-                mine = self._orphans.pop(obj.uid, ())
-                self._orphan_count -= len(mine)
-                for _kind, _uid, state, ts, fields in mine:
-                    obj._apply(state, ts, fields)
-                    if obj._mgr._callbacks:
-                        calls.append((obj, state))
-            if calls:
-                self._cond.notify_all()
-                self._delivery.put(calls)
+        """Objects a call made: known from now on; events that came before them apply now
+        (client:// outputs of one already DONE fetched first, as the applier would)."""
+        with self._apply_lock:  # the applier neither fetches nor applies meanwhile
+            with self._cond:
+                for obj in objs:
+                    self._objects[obj.uid] = obj
+                early = [(obj, self._orphans.pop(obj.uid)) for obj in objs
+                         if obj.uid in self._orphans]
+                self._orphan_count -= sum(len(evs) for _obj, evs in early)
+            for _obj, evs in early:
+                self._fetch_outputs(evs)
+            calls = []
+            with self._cond:
+                for obj, evs in early:
+                    for _kind, _uid, state, ts, fields in evs:
+                        obj._apply(state, ts, fields)
+                        if obj._mgr._callbacks:
+                            calls.append((obj, state))
+                if early:
+                    self._cond.notify_all()
+                    for loop, waiter in self._coop_waiters:
+                        loop.run_callback_threadsafe(waiter.set)
+                if calls:
+                    self._delivery.put(calls)
 
     def _wait(self, objs: Sequence[_Entity], state: str | Sequence[str] | None,
               timeout: float | None) -> list[str]:

@@ -4,6 +4,7 @@ copy/link/move on real files in tmp_path."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -279,3 +280,69 @@ def test_a_device_is_refused_as_a_source(tmp_path, device):
     with pytest.raises(StagingError, match="character device"):
         local.copy(device, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+# -- client:// through a hub service (rpg/staging/relay.py), both sides with real files ----------
+
+def _hub_call(sandbox):
+    from rpg.staging import relay
+
+    fns = {"upload": relay.write_chunk, "upload_done": relay.finish_upload,
+           "download": relay.read_chunk}
+    return lambda method, *args: fns[method](sandbox, *args)
+
+
+def test_relay_two_uploads_of_the_same_content_never_meet(tmp_path):
+    from rpg.staging import relay
+
+    sandbox = str(tmp_path / "s")
+    data = os.urandom(2 * relay.CHUNK + 5)
+    name = hashlib.sha256(data).hexdigest()
+    a, b = "a" * 16, "b" * 16
+    assert relay.write_chunk(sandbox, name, a, 0, b"") == 0
+    assert relay.write_chunk(sandbox, name, a, 0, data[:relay.CHUNK]) == relay.CHUNK
+    assert relay.write_chunk(sandbox, name, b, 0, b"") == 0  # another upload begins
+    # the first goes on undisturbed; a chunk sent again after a lost reply is taken as held
+    assert relay.write_chunk(sandbox, name, a, 0, data[:relay.CHUNK]) == relay.CHUNK
+    c = relay.CHUNK
+    assert relay.write_chunk(sandbox, name, a, c, data[c:2 * c]) == 2 * c
+    assert relay.write_chunk(sandbox, name, a, 2 * c, data[2 * c:]) == len(data)
+    path = relay.finish_upload(sandbox, name, a)
+    assert open(path, "rb").read() == data
+    # the second finds the content there already
+    assert relay.write_chunk(sandbox, name, b, 0, b"") == len(data)
+    assert relay.finish_upload(sandbox, name, b) == path
+    with pytest.raises(relay.RelayError, match="transfer id"):
+        relay.write_chunk(sandbox, name, "../x", 0, b"")
+
+
+def test_relay_a_corrupted_upload_is_refused_and_dropped(tmp_path):
+    from rpg.staging import relay
+
+    sandbox = str(tmp_path / "s")
+    name = hashlib.sha256(b"right").hexdigest()
+    relay.write_chunk(sandbox, name, "c" * 16, 0, b"wrong")
+    with pytest.raises(relay.RelayError, match="checksum mismatch"):
+        relay.finish_upload(sandbox, name, "c" * 16)
+    assert not os.listdir(os.path.join(sandbox, "client", "in"))
+
+
+def test_relay_download_in_chunks_with_parents_made_and_directories_refused(tmp_path):
+    from rpg.staging import relay
+
+    sandbox = str(tmp_path / "s")
+    data = os.urandom(relay.CHUNK * 2 + 3)
+    want = str(tmp_path / "client" / "deep" / "out.bin")
+    with open(relay.hub_out_path(sandbox, want), "wb") as fh:
+        fh.write(data)
+    call = _hub_call(sandbox)
+    first = call("download", want, "d" * 16, 0)
+    again = call("download", want, "d" * 16, 0)  # asked again after a lost reply
+    assert first["data"] == again["data"] == data[:relay.CHUNK] and "eof" not in first
+    relay.download(call, want)  # makes client/deep/, checks the sha256
+    assert open(want, "rb").read() == data
+    os.makedirs(relay.hub_out_path(sandbox, "/x/dir"))
+    with pytest.raises(relay.RelayError, match="directory"):
+        call("download", "/x/dir", "e" * 16, 0)
+    with pytest.raises(relay.RelayError, match="no output"):
+        call("download", "/nothing/here", "f" * 16, 0)

@@ -18,6 +18,7 @@ import gevent.event
 
 from rpg import threads
 from rpg.internals import hub_of_this_thread
+from rpg.log import get_logger
 
 Event = tuple  # (kind, uid, state, ts, fields)
 
@@ -35,6 +36,9 @@ class EventLog:
 
     def put(self, event: Event) -> None:
         """Append (hub loop only); readers are woken at the end of this loop iteration."""
+        if self.closed:  # the hub ends every record before it ends the stream: a bug
+            get_logger("events").error("event_after_stream_end", uid=event[1], state=event[2])
+            return
         self._events.append(event)
         if not self._wake_pending:
             self._wake_pending = True

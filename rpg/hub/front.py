@@ -5,7 +5,7 @@ touches anything, checks that the session named is that user's, and validates ev
 A refused call raises ``Unauthorized``, ``ProtocolError`` or ``LimitExceeded`` (zerorpc hands the
 name and message to the caller), changes nothing, and is counted. What a call may do to a
 session is ``SessionAPI``'s (rpg/hub/session_api.py), the same the embedded Session calls.
-Runs on the service's loop; a session's hub runs on a thread and loop of its own.
+Runs on the service's loop, with every session's hub.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PROTOCOL = 1
 MAX_ITEMS = 20000  # descriptions one submit may carry
 MAX_UIDS = 100000  # uids one cancel may carry
 SUBMITS_AT_ONCE = 4  # per user: more wait (back-pressure), then LimitExceeded
-SUBMIT_QUEUE_S = 30.0
+SUBMIT_QUEUE_S = 10.0  # well under the client's call timeout: it hears LimitExceeded
 REPLIES_KEPT = 1024  # per session: a repeated request id gets its first reply
 MAX_SESSIONS = 64  # sessions not closed, per user
 VALIDATE_SLICE = 200
@@ -393,28 +393,34 @@ class Front:
         except relay.RelayError as exc:
             raise self._refuse("call", ProtocolError(str(exc))) from None
 
-    def upload(self, token: str, session: str, name: str, offset: int, data: bytes) -> int:
-        """A chunk of a client:// input (``name``: its sha256); returns the bytes held."""
+    def upload(self, token: str, session: str, name: str, tid: str, offset: int,
+               data: bytes) -> int:
+        """A chunk of upload ``tid`` of a client:// input (``name``: its sha256); returns the
+        bytes held."""
         entry = self._entry(token, session)
         self._guard(_check, isinstance(name, str), "name must be a string")
+        self._guard(_check, isinstance(tid, str), "tid must be a string")
         self._guard(_check, not isinstance(offset, bool) and isinstance(offset, int)
                     and offset >= 0, "offset must be an integer >= 0")
         self._guard(_check, isinstance(data, bytes) and len(data) <= relay.CHUNK,
                     f"data must be bytes, at most {relay.CHUNK}")
-        return self._relay(entry, relay.write_chunk, name, offset, data)
+        return self._relay(entry, relay.write_chunk, name, tid, offset, data)
 
-    def upload_done(self, token: str, session: str, name: str) -> str:
-        """The upload is whole: checked against its sha256; returns its path on the hub."""
+    def upload_done(self, token: str, session: str, name: str, tid: str) -> str:
+        """Upload ``tid`` is whole: checked against its sha256; returns its path on the hub."""
         entry = self._entry(token, session)
         self._guard(_check, isinstance(name, str), "name must be a string")
-        return self._relay(entry, relay.finish_upload, name)
+        self._guard(_check, isinstance(tid, str), "tid must be a string")
+        return self._relay(entry, relay.finish_upload, name, tid)
 
-    def download(self, token: str, session: str, client_path: str,
+    def download(self, token: str, session: str, client_path: str, tid: str,
                  offset: int) -> dict[str, Any]:
-        """A chunk of a unit's client:// output (the first says size and sha256)."""
+        """Chunk ``offset`` of download ``tid`` of a unit's client:// output (in order; the
+        last has ``eof`` and the sha256)."""
         entry = self._entry(token, session)
         self._guard(_check, isinstance(client_path, str) and client_path.startswith("/")
                     and len(client_path) < 4096, "client_path must be an absolute path")
+        self._guard(_check, isinstance(tid, str), "tid must be a string")
         self._guard(_check, not isinstance(offset, bool) and isinstance(offset, int)
                     and offset >= 0, "offset must be an integer >= 0")
-        return self._relay(entry, relay.read_chunk, client_path, offset)
+        return self._relay(entry, relay.read_chunk, client_path, tid, offset)

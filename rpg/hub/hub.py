@@ -135,6 +135,8 @@ class Hub:
             self._start_error = exc
         finally:
             self._ready.set()
+            if self.closed and self._stop is not None:
+                self._stop.set()  # a close that came before we were ready scheduled nothing
         try:
             if self._start_error is None:
                 self._stop.wait()
@@ -214,14 +216,16 @@ class Hub:
         leaving on their own); killing what is left and reaping it always completes. Units
         not final end CANCELED with ``why`` (the session closed, or the hub service stopped)."""
         with self._post_lock:
-            if self.closed:
-                return
-            self.closed = True
-            self._close_why = why
-            self._close_by = time.monotonic() + max(0.0, timeout)
-            if self._ready.ready() and self._start_error is None and not self._done.ready():
+            first = not self.closed
+            if first:
+                self.closed = True
+                self._close_why = why
+                self._close_by = time.monotonic() + max(0.0, timeout)
+            if first and self._ready.ready() and self._start_error is None \
+                    and not self._done.ready():
                 # As a greenlet, like posted calls: those posted before start before it.
                 self.loop.run_callback_threadsafe(gevent.spawn, self._stop.set)
+        # a second close waits for the first one's end too
         limit = max(0.0, timeout) + CLOSE_FORCE_S
         if not (self._thread.join(limit) if self._thread is not None else
                 self.wait_stopped(limit)):
@@ -411,6 +415,17 @@ class Hub:
         for unit in self.units.values():  # belt and braces: nothing leaves without a final state
             self.ledger.end_unit(unit, states.CANCELED, "hub", why,
                                  CANCEL_WORDS[why])
+        # On a service's loop nothing dies with this hub: what still runs is stopped here, and
+        # every pilot ends before the stream does.
+        left = [r.greenlet for r in (*self.pilots.values(), *self.units.values())
+                if r.greenlet is not None and not r.greenlet.dead]
+        if left:
+            self.log.warning("lifecycles_killed_at_close", count=len(left))
+            gevent.killall(left, block=True, timeout=5)
+        for p in self.pilots.values():
+            if not states.is_final(p.state):
+                self.ledger.end_pilot(p, p.final_state_hint or states.CANCELED, why,
+                                      p.reason or CANCEL_WORDS[why])
 
 
 def _make_session_sandbox(path: str, profile: str) -> None:

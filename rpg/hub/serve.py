@@ -44,7 +44,8 @@ from rpg.sandbox import make_private_dir
 from rpg.states import Why
 
 LOOPBACK = ("127.0.0.1", "localhost")  # zmq here binds no IPv6 unless told
-MAX_MESSAGE = 256 << 20  # bytes: zmq drops a peer that sends more in one message
+MAX_MESSAGE = 64 << 20  # bytes: zmq drops a peer that sends more in one message (it is decoded
+# on the loop before any token is checked: ~12 ms per MB)
 USERS_RELOAD_S = 0.5
 CLOSE_TIMEOUT = 30.0  # graceful part of each session's close when the service stops
 MAX_UNITS_PER_USER = 200000
@@ -201,9 +202,10 @@ class HubServer:
                 ready(self.address, access_path)
             self._stop.wait()
             self.log.info("hub_service_stopping", sessions=len(self.sessions))
-            live = [e for e in self.sessions.values() if not e.hub.closed]
+            # every session, also one whose close a client began: each close waits for the
+            # hub's end (a second close waits for the first)
             gevent.joinall([gevent.spawn(self.close_session, e, CLOSE_TIMEOUT, Why.HUB_STOPPED)
-                            for e in live])
+                            for e in list(self.sessions.values())])
             reload_g.kill()
             g.kill()
         finally:

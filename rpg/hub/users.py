@@ -64,7 +64,7 @@ class Users:
         self.path = os.path.join(sandbox, USERS_FILE)
         self._lock_path = self.path + ".lock"
         self.hashes: dict[str, str] = {}
-        self._mtime: float | None = None
+        self._mtime: Any = None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -92,7 +92,8 @@ class Users:
     def reload(self) -> bool:
         """Read the file again if it changed; True if it did."""
         try:
-            mtime = os.stat(self.path).st_mtime_ns
+            st = os.stat(self.path)
+            mtime: Any = (st.st_ino, st.st_mtime_ns, st.st_size)  # each write is a new inode
         except FileNotFoundError:
             mtime = None
         if mtime == self._mtime:

@@ -339,3 +339,32 @@ def test_a_hub_that_is_not_there_is_a_clear_error(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(rpg.SessionError, match="not JSON"):
         rpg.Session(hub=str(tmp_path / "bad.json"))
+
+
+def test_outputs_of_units_done_before_their_sliced_submit_returns_are_fetched(
+        hub_service, tmp_path, monkeypatch):
+    """A submit sent in slices adopts its units only when the last slice returns: units of the
+    first slices may be DONE by then, and their client:// outputs must still be fetched."""
+    from rpg import client
+
+    monkeypatch.setattr(client, "SUBMIT_SLICE", 2)
+    call = client.Remote.call
+
+    def slow_slices(self, method, *args):  # a slow network between slices
+        out = call(self, method, *args)
+        if method == "submit_units" and len(args[1]) <= 2:
+            time.sleep(0.4)
+        return out
+
+    monkeypatch.setattr(client.Remote, "call", slow_slices)
+    with rpg.Session(hub=hub_service.access_path) as s:
+        pilot, umgr = _pilot(s, cores=4)
+        assert pilot.wait(state="ACTIVE", timeout=30) == "ACTIVE"
+        units = umgr.submit_units([rpg.UnitDescription(
+            executable="/bin/sh", arguments=["-c", f"echo {i} > out.txt"],
+            output_staging=[{"source": "out.txt",
+                             "target": f"client://{tmp_path}/out-{i}.txt"}])
+            for i in range(12)])
+        assert umgr.wait_units(timeout=60) == ["DONE"] * 12
+        for i, u in enumerate(units):
+            assert (tmp_path / f"out-{i}.txt").read_text() == f"{i}\n", u.uid

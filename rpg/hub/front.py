@@ -21,6 +21,7 @@ from rpg import states
 from rpg.client import SessionClosed
 from rpg.description import DescriptionError, PilotDescription, UnitDescription
 from rpg.hub.hub import HubError
+from rpg.hub.service import ProtocolError, require
 from rpg.hub.session_api import EVENTS_MAX, SessionAPI
 from rpg.log import SparseWarning
 from rpg.staging import relay
@@ -43,21 +44,12 @@ class Unauthorized(PermissionError):
     """A wrong or missing token, or another user's session."""
 
 
-class ProtocolError(ValueError):
-    """A malformed call: the message names the argument and the problem."""
-
-
 class LimitExceeded(RuntimeError):
     """A limit of the service (units in flight, concurrent submits)."""
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ProtocolError(msg)
-
-
 def _uid(value: Any, what: str) -> str:
-    _check(isinstance(value, str) and UID.match(value) is not None,
+    require(isinstance(value, str) and UID.match(value) is not None,
            f"{what} must be a uid (letters, digits, '.', '_', '-'), got {str(value)[:70]!r}")
     return value
 
@@ -65,25 +57,25 @@ def _uid(value: Any, what: str) -> str:
 def _uids(value: Any, what: str) -> list[str] | None:
     if value is None:
         return None
-    _check(isinstance(value, list) and len(value) <= MAX_UIDS,
+    require(isinstance(value, list) and len(value) <= MAX_UIDS,
            f"{what} must be null or a list of at most {MAX_UIDS} uids")
     return [_uid(v, f"{what}[{i}]") for i, v in enumerate(value)]
 
 
 def _number(value: Any, what: str, low: float, high: float) -> float:
-    _check(not isinstance(value, bool) and isinstance(value, (int, float))
+    require(not isinstance(value, bool) and isinstance(value, (int, float))
            and low <= value <= high, f"{what} must be a number in [{low}, {high}]")
     return float(value)
 
 
 def _request_key(method: str, request_id: Any) -> str:
-    _check(isinstance(request_id, str) and 0 < len(request_id) <= 64,
+    require(isinstance(request_id, str) and 0 < len(request_id) <= 64,
            "request_id must be a string of 1-64 characters")
     return f"{method}:{request_id}"
 
 
 def _same(kept: tuple[Any, Any], what: Any, request_id: str) -> Any:
-    _check(kept[0] == what, f"request_id {request_id!r} was used for another call (give each "
+    require(kept[0] == what, f"request_id {request_id!r} was used for another call (give each "
                             f"call a new one; repeat one only to repeat its call)")
     return kept[1]
 
@@ -158,7 +150,7 @@ class Front:
 
     def _manager(self, entry: SessionEntry, uid: Any, kind: str) -> str:
         _uid(uid, f"{'pmgr' if kind == 'pilot' else 'umgr'}")
-        _check(entry.hub.managers.get(uid) == kind, f"no {kind} manager {uid!r} in session "
+        require(entry.hub.managers.get(uid) == kind, f"no {kind} manager {uid!r} in session "
                                                     f"{entry.api.uid}")
         return uid
 
@@ -197,12 +189,12 @@ class Front:
             return self._describe(done)
 
         def check() -> str | None:
-            _check(isinstance(options, dict) and set(options) <= {"uid"},
+            require(isinstance(options, dict) and set(options) <= {"uid"},
                    "options must be a dict with at most the key 'uid'")
             uid = options.get("uid")
             if uid is not None:
                 _uid(uid, "options.uid")
-                _check(uid not in self._server.sessions, f"session {uid!r} exists already")
+                require(uid not in self._server.sessions, f"session {uid!r} exists already")
             return uid
 
         uid = self._guard(check)
@@ -265,7 +257,7 @@ class Front:
 
     def new_manager(self, token: str, session: str, kind: str, request_id: str) -> str:
         entry = self._entry(token, session)
-        self._guard(_check, kind in ("pilot", "unit"), "kind must be 'pilot' or 'unit'")
+        self._guard(require, kind in ("pilot", "unit"), "kind must be 'pilot' or 'unit'")
         return self._guard(self._once, entry, "new_manager", request_id, kind,
                            lambda: self._call(entry, "new_manager", kind))
 
@@ -312,13 +304,13 @@ class Front:
             sem.release()
 
     def _descriptions(self, cls: type, descs: Any) -> list[dict[str, Any]]:
-        _check(isinstance(descs, list) and len(descs) <= MAX_ITEMS,
+        require(isinstance(descs, list) and len(descs) <= MAX_ITEMS,
                f"descriptions must be a list of at most {MAX_ITEMS}")
         out = []
         for i, d in enumerate(descs):
             if i and i % VALIDATE_SLICE == 0:
                 gevent.sleep(0)  # a big submit must not hold the loop for the others
-            _check(isinstance(d, dict), f"descriptions[{i}] must be a dict")
+            require(isinstance(d, dict), f"descriptions[{i}] must be a dict")
             try:
                 out.append(cls(d).as_dict())
             except DescriptionError as exc:
@@ -341,9 +333,9 @@ class Front:
 
     def _pilot_uids(self, entry: SessionEntry, pilots: Any) -> list[str]:
         uids = _uids(pilots, "pilots")
-        _check(uids is not None, "pilots must be a list of pilot uids")
+        require(uids is not None, "pilots must be a list of pilot uids")
         for uid in uids or ():
-            _check(uid in entry.api.pilot_uids, f"no pilot {uid!r} in session {entry.api.uid}")
+            require(uid in entry.api.pilot_uids, f"no pilot {uid!r} in session {entry.api.uid}")
         return uids or []
 
     def cancel_units(self, token: str, session: str, uids: Any, umgr: Any) -> None:
@@ -359,7 +351,7 @@ class Front:
         uids = self._guard(_uids, uids, "uids")
         if mgr is not None:
             self._guard(self._manager, entry, mgr, kind)
-        self._guard(_check, uids is not None or mgr is not None,
+        self._guard(require, uids is not None or mgr is not None,
                     f"{method} needs uids or a {'umgr' if kind == 'unit' else 'pmgr'}")
         self._call(entry, method, uids, mgr)
 
@@ -367,9 +359,9 @@ class Front:
                wait: float) -> dict[str, Any]:
         """The session's events after number ``after`` (long poll up to ``wait`` s)."""
         entry = self._entry(token, session)
-        self._guard(_check, not isinstance(after, bool) and isinstance(after, int)
+        self._guard(require, not isinstance(after, bool) and isinstance(after, int)
                     and after >= 0, "after must be an integer >= 0")
-        self._guard(_check, not isinstance(limit, bool) and isinstance(limit, int)
+        self._guard(require, not isinstance(limit, bool) and isinstance(limit, int)
                     and 0 < limit <= EVENTS_MAX, f"limit must be an integer in [1, {EVENTS_MAX}]")
         wait = self._guard(_number, wait, "wait", 0, 10)
         evs, closed = entry.api.events(after, limit, wait)
@@ -398,19 +390,19 @@ class Front:
         """A chunk of upload ``tid`` of a client:// input (``name``: its sha256); returns the
         bytes held."""
         entry = self._entry(token, session)
-        self._guard(_check, isinstance(name, str), "name must be a string")
-        self._guard(_check, isinstance(tid, str), "tid must be a string")
-        self._guard(_check, not isinstance(offset, bool) and isinstance(offset, int)
+        self._guard(require, isinstance(name, str), "name must be a string")
+        self._guard(require, isinstance(tid, str), "tid must be a string")
+        self._guard(require, not isinstance(offset, bool) and isinstance(offset, int)
                     and offset >= 0, "offset must be an integer >= 0")
-        self._guard(_check, isinstance(data, bytes) and len(data) <= relay.CHUNK,
+        self._guard(require, isinstance(data, bytes) and len(data) <= relay.CHUNK,
                     f"data must be bytes, at most {relay.CHUNK}")
         return self._relay(entry, relay.write_chunk, name, tid, offset, data)
 
     def upload_done(self, token: str, session: str, name: str, tid: str) -> str:
         """Upload ``tid`` is whole: checked against its sha256; returns its path on the hub."""
         entry = self._entry(token, session)
-        self._guard(_check, isinstance(name, str), "name must be a string")
-        self._guard(_check, isinstance(tid, str), "tid must be a string")
+        self._guard(require, isinstance(name, str), "name must be a string")
+        self._guard(require, isinstance(tid, str), "tid must be a string")
         return self._relay(entry, relay.finish_upload, name, tid)
 
     def download(self, token: str, session: str, client_path: str, tid: str,
@@ -418,9 +410,9 @@ class Front:
         """Chunk ``offset`` of download ``tid`` of a unit's client:// output (in order; the
         last has ``eof`` and the sha256)."""
         entry = self._entry(token, session)
-        self._guard(_check, isinstance(client_path, str) and client_path.startswith("/")
+        self._guard(require, isinstance(client_path, str) and client_path.startswith("/")
                     and len(client_path) < 4096, "client_path must be an absolute path")
-        self._guard(_check, isinstance(tid, str), "tid must be a string")
-        self._guard(_check, not isinstance(offset, bool) and isinstance(offset, int)
+        self._guard(require, isinstance(tid, str), "tid must be a string")
+        self._guard(require, not isinstance(offset, bool) and isinstance(offset, int)
                     and offset >= 0, "offset must be an integer >= 0")
         return self._relay(entry, relay.read_chunk, client_path, tid, offset)

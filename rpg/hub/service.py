@@ -33,10 +33,10 @@ REASON_CODES = frozenset(w.value for w in Why)
 
 
 class ProtocolError(ValueError):
-    """A malformed or unauthorized call."""
+    """A malformed or unauthorized call (from an agent, or a client of the hub service)."""
 
 
-def _check(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
     if not cond:
         raise ProtocolError(msg)
 
@@ -51,14 +51,14 @@ class HubService:
 
     def _pilot(self, pilot_uid: Any, token: Any) -> "PilotRecord":
         try:
-            _check(isinstance(pilot_uid, str) and len(pilot_uid) < 256,
+            require(isinstance(pilot_uid, str) and len(pilot_uid) < 256,
                    "pilot_uid must be a string")
-            _check(isinstance(token, str) and len(token) < 1024, "token must be a string")
+            require(isinstance(token, str) and len(token) < 1024, "token must be a string")
             p = self._hub.pilots.get(pilot_uid)
             # Compare against a dummy when the pilot is unknown, so timing tells nothing.
             expected = p.token if p is not None else "x" * 43
             ok = hmac.compare_digest(expected.encode(), token.encode())
-            _check(p is not None and ok, "unknown pilot or bad token")
+            require(p is not None and ok, "unknown pilot or bad token")
             return p  # type: ignore[return-value]
         except ProtocolError as exc:
             self.counters["rejected"] += 1
@@ -161,27 +161,27 @@ class HubService:
                 "shutdown": p.stopping and p.stop_reason}
 
     def _valid_update(self, p: "PilotRecord", upd: Any) -> tuple[str, str, float, dict]:
-        _check(isinstance(upd, list) and len(upd) == 4,
+        require(isinstance(upd, list) and len(upd) == 4,
                "an update must be [uid, state, time, fields]")
         uid, state, ts, fields = upd
-        _check(isinstance(uid, str) and uid in self._hub.units, f"unknown unit {str(uid)[:64]!r}")
-        _check(uid in p.in_flight, f"unit {uid} is not running on pilot {p.uid}")
-        _check(isinstance(state, str) and state in states.UNIT_STATES,
+        require(isinstance(uid, str) and uid in self._hub.units, f"unknown unit {str(uid)[:64]!r}")
+        require(uid in p.in_flight, f"unit {uid} is not running on pilot {p.uid}")
+        require(isinstance(state, str) and state in states.UNIT_STATES,
                f"unknown unit state {str(state)[:32]!r}")
-        _check(state not in (states.NEW, states.BOUND), f"the agent cannot set {state}")
-        _check(not isinstance(ts, bool) and isinstance(ts, (int, float)) and ts > 0,
+        require(state not in (states.NEW, states.BOUND), f"the agent cannot set {state}")
+        require(not isinstance(ts, bool) and isinstance(ts, (int, float)) and ts > 0,
                "time must be a positive number")
-        _check(isinstance(fields, dict), "fields must be a dict")
+        require(isinstance(fields, dict), "fields must be a dict")
         clean = {}
         for k, v in fields.items():
-            _check(k in UNIT_FIELDS, f"unknown field {str(k)[:32]!r}")
+            require(k in UNIT_FIELDS, f"unknown field {str(k)[:32]!r}")
             want = UNIT_FIELDS[k]
-            _check(isinstance(v, want) and not isinstance(v, bool) or v is None,
+            require(isinstance(v, want) and not isinstance(v, bool) or v is None,
                    f"field {k} must be {want.__name__}")
             if isinstance(v, str):
-                _check(len(v) <= MAX_TEXT, f"field {k} is longer than {MAX_TEXT} characters")
+                require(len(v) <= MAX_TEXT, f"field {k} is longer than {MAX_TEXT} characters")
             if k == "reason_code":
-                _check(v in REASON_CODES, f"unknown reason_code {str(v)[:32]!r}")
+                require(v in REASON_CODES, f"unknown reason_code {str(v)[:32]!r}")
             clean[k] = v
         unit = self._hub.units[uid]
         states.path("unit", unit.state, state)  # raises IllegalTransition

@@ -12,18 +12,39 @@ Many small units run on a few big pilots. The public API, and only that::
         umgr.wait_units()
 """
 
-from rpg import states
-from rpg.description import DescriptionError, PilotDescription, UnitDescription
-from rpg.session import (
-    Pilot,
-    PilotManager,
-    Session,
-    SessionClosed,
-    SessionError,
-    Unit,
-    UnitManager,
-)
-from rpg.states import CANCELED, DONE, FAILED, FINAL, Why
+from typing import Any
+
+# Names are imported on first use (PEP 562): ``import rpg`` stays cheap, so a function worker
+# (``python -m rpg.agent.worker``) or the agent does not pay for the whole client.
+_WHERE = {
+    "Session": "rpg.session", "SessionClosed": "rpg.session", "SessionError": "rpg.session",
+    "PilotManager": "rpg.session", "UnitManager": "rpg.session", "Pilot": "rpg.session",
+    "Unit": "rpg.session",
+    "PilotDescription": "rpg.description", "UnitDescription": "rpg.description",
+    "DescriptionError": "rpg.description",
+    "CANCELED": "rpg.states", "DONE": "rpg.states", "FAILED": "rpg.states",
+    "FINAL": "rpg.states", "Why": "rpg.states",
+    "Executor": "rpg.executor",
+    "RemoteTraceback": "rpg.calls", "FunctionError": "rpg.calls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "states":
+        import rpg.states
+        return rpg.states
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'rpg' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 
@@ -44,4 +65,7 @@ __all__ = [
     "CANCELED",
     "FINAL",
     "Why",
+    "Executor",
+    "RemoteTraceback",
+    "FunctionError",
 ]

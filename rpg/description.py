@@ -12,6 +12,8 @@ import posixpath
 import re
 from typing import Any, Callable
 
+from rpg import calls as _calls
+
 MAX_STR = 4096
 MAX_ARGS = 10_000
 
@@ -319,11 +321,80 @@ class _Description:
         return f"{type(self).__name__}({fields})"
 
 
+def _function(where: str, field: str, v: Any) -> Any:
+    if v is None or callable(v):
+        return v
+    if isinstance(v, str):  # the wire form: the packed function's name
+        return _str(max_len=512)(where, field, v)
+    raise DescriptionError(where, field, f"must be callable, got {type(v).__name__}")
+
+
+def _args(where: str, field: str, v: Any) -> Any:
+    if not isinstance(v, (tuple, list)):
+        raise DescriptionError(where, field, f"must be a tuple or list, got {type(v).__name__}")
+    return tuple(v)
+
+
+def _kwargs(where: str, field: str, v: Any) -> Any:
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise DescriptionError(where, field, "must be a dict with string keys")
+    return v
+
+
+def _call_list(where: str, field: str, v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, int) and not isinstance(v, bool):  # the wire form: how many were packed
+        return _int(1, _calls.MAX_CALLS)(where, field, v)
+    if not isinstance(v, (list, tuple)) or not v or len(v) > _calls.MAX_CALLS:
+        raise DescriptionError(where, field, f"must be a list of 1 to {_calls.MAX_CALLS} "
+                                             f"(function, args[, kwargs]) tuples")
+    out = []
+    for i, c in enumerate(v):
+        if not isinstance(c, (tuple, list)) or not 1 <= len(c) <= 3 or not callable(c[0]):
+            raise DescriptionError(where, f"{field}[{i}]",
+                                   "must be (function, args[, kwargs]) with a callable first")
+        out.append((c[0], _args(where, f"{field}[{i}].args", c[1] if len(c) > 1 else ()),
+                    _kwargs(where, f"{field}[{i}].kwargs", c[2] if len(c) > 2 else {})))
+    return out
+
+
+def _payload(where: str, field: str, v: Any) -> Any:
+    if v is None:
+        return None
+    if not isinstance(v, bytes):
+        raise DescriptionError(where, field, f"must be bytes, got {type(v).__name__}")
+    if len(v) > _calls.MAX_PAYLOAD:
+        raise DescriptionError(where, field, f"is {len(v)} bytes (max {_calls.MAX_PAYLOAD})")
+    return v
+
+
+_PACKER = _calls.Packer()
+
+
+def function_name(fn: Any) -> str:
+    mod = getattr(fn, "__module__", None) or "?"
+    return f"{mod}.{getattr(fn, '__qualname__', type(fn).__name__)}"[:512]
+
+
 class UnitDescription(_Description):
-    """What to run, with what, and what to stage. Fields as in RADICAL-Pilot's TaskDescription."""
+    """What to run, with what, and what to stage. Fields as in RADICAL-Pilot's TaskDescription.
+
+    Either an ``executable`` (with ``arguments``), or a Python ``function`` called with
+    ``args`` and ``kwargs`` in a warm worker of the pilot (``unit.result``), or ``calls``, a
+    list of ``(function, args[, kwargs])`` run in order in one worker (``unit.result`` is then
+    the list of values, an exception object for a call that raised). Functions and arguments
+    are packed with cloudpickle at validation (``payload``, what travels); one that does not
+    pickle is refused, naming it.
+    """
 
     _fields = {
-        "executable": (None, _str(required=True)),
+        "executable": (None, _str()),
+        "function": (None, _function),
+        "args": ((), _args),
+        "kwargs": ({}, _kwargs),
+        "calls": (None, _call_list),
+        "payload": (None, _payload),
         "arguments": ([], _str_list),
         "environment": ({}, _env),
         "cores": (1, _int(1, 1_000_000)),
@@ -344,6 +415,21 @@ class UnitDescription(_Description):
     }
 
     def _validate_more(self, where: str) -> None:
+        packed = callable(self.function) or isinstance(self.calls, list)
+        wire = self.payload is not None and not packed
+        kinds = [k for k, on in (("executable", self.executable is not None),
+                                 ("function", self.function is not None),
+                                 ("calls", self.calls is not None)) if on]
+        if wire:
+            kinds = ["function" if self.function is not None else "calls"]
+            if self.executable is not None:
+                kinds.insert(0, "executable")
+        if len(kinds) != 1:
+            raise DescriptionError(where, kinds[1] if kinds else "executable",
+                                   "give exactly one of executable, function and calls"
+                                   + ("" if kinds else " (none was given)"))
+        if kinds[0] != "executable":
+            self._check_function_unit(where, packed)
         if self.stdout == self.stderr:
             raise DescriptionError(where, "stderr", "must differ from stdout")
         if self.launch not in (None, "srun"):
@@ -353,6 +439,43 @@ class UnitDescription(_Description):
         if self.cores % self.ranks:
             raise DescriptionError(
                 where, "ranks", f"must divide cores ({self.cores}), got {self.ranks}")
+
+
+    def _check_function_unit(self, where: str, packed: bool) -> None:
+        for field, bad in (("cores", self.cores != 1), ("gpus", self.gpus != 0),
+                           ("launch", self.launch is not None), ("arguments", self.arguments),
+                           ("pre_exec", self.pre_exec)):
+            if bad:
+                raise DescriptionError(where, field, "a function unit runs in one warm worker "
+                                                     "on one core: use an executable for this")
+        if not packed:
+            if self.payload is None:
+                raise DescriptionError(where, "payload", "a packed function unit needs it")
+            return
+        if callable(self.function):
+            todo = [(self.function, "call", (self.args, self.kwargs))]
+            prefix = ""
+        else:
+            if self.args or self.kwargs:
+                raise DescriptionError(where, "args", "goes with function, not calls")
+            todo = [(f, "call", (a, k)) for f, a, k in self.calls]
+            prefix = "calls"
+        try:
+            payload, _ = _PACKER.pack(todo, prefix)
+        except _calls.CallPackError as exc:
+            raise DescriptionError(where, exc.where, exc.problem) from None
+        object.__setattr__(self, "payload", payload)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The wire form: a function unit's callables travel packed in ``payload`` (the hub
+        never unpickles it); ``function`` is its name, ``calls`` how many calls it holds."""
+        d = super().as_dict()
+        if self.payload is not None:
+            fn = self.function
+            d["function"] = function_name(fn) if callable(fn) else fn
+            d["calls"] = len(self.calls) if isinstance(self.calls, list) else (self.calls or 1)
+            d["args"], d["kwargs"] = (), {}
+        return d
 
 
 RESOURCE_RE = re.compile(
@@ -392,6 +515,10 @@ class PilotDescription(_Description):
         "kill_grace": (2.0, _num(0.0, 3600.0, open_lo=False)),
         "tags": ({}, _tags),
         "keep_sandbox": (False, _bool),
+        # function units: warm workers (None: one per core) and the RSS (MiB) after a unit
+        # past which a worker is retired and replaced
+        "function_workers": (None, _optional(_int(1, 100_000))),
+        "function_worker_memory": (4096.0, _num(16.0, 1e9)),
         # ssh
         "ssh_key_file": (None, _abs_or_none),
         "ssh_known_hosts": ("~/.ssh/known_hosts", _abs_or_none),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from rpg import states
+from rpg import calls, states
 from rpg.description import PilotDescription, UnitDescription
 
 
@@ -54,7 +54,7 @@ class Unit(_Entity):
     _kind = "unit"
     _states = states.UNIT_STATES
     _fields = frozenset({"exit_code", "stdout", "stderr", "sandbox", "pilot", "reason",
-                         "reason_code", "restarts"})
+                         "reason_code", "restarts", "results"})
 
     def __init__(self, uid: str, description: UnitDescription, mgr: Any) -> None:
         super().__init__(uid, mgr)
@@ -66,11 +66,43 @@ class Unit(_Entity):
         self.sandbox: str | None = None
         self.pilot: str | None = None
         self.restarts = 0
+        # A function unit's outcomes as they came ([status, data, text, seconds] per call,
+        # rpg/calls.py); ``result`` and ``exception`` unpickle them here, on first use.
+        self.results: list[list[Any]] | None = None
+        self._decoded: dict[str, Any] = {}
 
     def _apply(self, state: str, ts: float, fields: dict[str, Any]) -> None:
         if state == states.NEW:  # a restart: its pilot died, it starts over
-            self.pilot = self.sandbox = None
+            self.pilot = self.sandbox = self.results = None
+        if "results" in fields:
+            self._decoded = {}
         super()._apply(state, ts, fields)
+
+    @property
+    def result(self) -> Any:
+        """A function unit's return value (None until DONE, or if it failed). For ``calls``,
+        the list of values, with the exception object in place of a call that raised."""
+        if self.results is None:
+            return None
+        if "result" not in self._decoded:
+            if self.description.function is not None:
+                r = self.results[0]
+                self._decoded["result"] = calls.value(r) if r[0] == calls.OK else None
+            else:
+                self._decoded["result"] = [calls.value(r) if r[0] == calls.OK
+                                           else calls.exception(r) for r in self.results]
+        return self._decoded["result"]
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The exception a function unit's function raised (rebuilt here where it can be, else
+        ``rpg.FunctionError``), with the remote traceback as its ``__cause__``; or why its
+        call did not finish (its worker died, a timeout). None if it returned."""
+        if self.results is None or self.description.function is None:
+            return None
+        if "exception" not in self._decoded:
+            self._decoded["exception"] = calls.exception(self.results[0])
+        return self._decoded["exception"]
 
     def cancel(self) -> None:
         """Ask for this unit to be canceled; returns at once."""

@@ -36,6 +36,8 @@ class AgentConfig:
     token_file: str | None = None
     token: str | None = None  # in memory (read from token_file), or inline in a test's config
     hub_pid: int | None = None  # an embedded hub's process: when it is gone, stop at once
+    function_workers: int | None = None  # warm function workers; None: one per core
+    function_worker_memory: float = 4096.0  # MiB of RSS after a unit that retires a worker
     exit_code_file: str | None = None  # for launchers that watch the agent from afar (ssh)
 
     def to_json(self) -> dict[str, Any]:
@@ -57,7 +59,7 @@ class AgentConfig:
                    and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
         if missing:
             raise AgentConfigError(f"missing key(s): {', '.join(missing)}")
-        for name in ("cores", "gpus", "hub_pid"):
+        for name in ("cores", "gpus", "hub_pid", "function_workers"):
             v = data.get(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise AgentConfigError(f"{name} must be an integer, got {v!r}")

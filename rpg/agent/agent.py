@@ -28,7 +28,8 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.socket import wait_read
 
-from rpg import states
+from rpg import calls, states
+from rpg.agent.function_workers import FunctionWorkers, WorkerGone
 from rpg.agent.resources import (
     ResourceError,
     SrunPlacer,
@@ -52,6 +53,7 @@ EXIT_OK = 0
 EXIT_HUB_LOST = 3
 EXIT_REJECTED = 4
 PUSH_BATCH = 2000  # updates a push carries: packing 10,000 held the loop for tens of ms
+PUSH_BYTES = 24 << 20  # function results a push carries (the hub takes 64 MiB messages)
 PULL_BATCH = 256  # units a pull takes: each starts a greenlet in the same loop iteration
 FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
 SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
@@ -102,6 +104,9 @@ class Agent:
         self.spawner = Batcher(self.pool.spawn, spawn_unit, max_batch=64,
                                parallel=self.pool.spawn.threads, timeout=120)
         self.collectors: dict[str, Batcher] = {}
+        self.workers = FunctionWorkers(
+            self.pool, int(self.cfg.function_workers or self.cores), self.sandbox,
+            self._worker_env(), float(self.cfg.function_worker_memory), self.log, self.counters)
         ctx = zerorpc.Context()
         timeout = max(1.0, self.hb_timeout)  # a silent hub is noticed within hb_timeout
         self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
@@ -158,6 +163,7 @@ class Agent:
         finally:
             self._stop_units(states.CANCELED, "agent exiting")
             gevent.killall(loops, timeout=5)
+            self.workers.close()
             self._write_stats(code)
             self.rpc_pull.close()
             self.rpc_push.close()
@@ -303,8 +309,14 @@ class Agent:
             self._push_once()
 
     def _push_once(self) -> bool:
-        batch = self.updates[:PUSH_BATCH]
-        del self.updates[:len(batch)]
+        n, size = 0, 0
+        for upd in self.updates[:PUSH_BATCH]:  # and results of at most PUSH_BYTES, but one
+            size += _result_bytes(upd[3])
+            if n and size > PUSH_BYTES:
+                break
+            n += 1
+        batch = self.updates[:n]
+        del self.updates[:n]
         try:
             resp = self.rpc_push.push(self.uid, self.token, batch)
         except (ValueError, TypeError, OverflowError) as exc:
@@ -391,6 +403,14 @@ class Agent:
                 slots = self.sched.allocate(cores, gpus)
             self.executing += 1
             executing = True
+            if desc.get("payload") is not None:
+                results, problem = self._call(uid, desc, sandbox, slots)
+                self.sched.free(slots)
+                slots = None
+                self.executing -= 1
+                executing = False
+                self._function_done(uid, desc, sandbox, results, problem)
+                return
             env = self._unit_env(uid, sandbox, slots, desc)
             if self.fd_slots.locked():
                 self.counters["fd_waits"] += 1
@@ -433,7 +453,7 @@ class Agent:
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
             self.report(uid, state, reason=reason, exit_code=rc)
         except (_UnitFailed, StagingError, IOPoolError, SpawnError, OSError,
-                ResourceError) as exc:
+                ResourceError, WorkerGone) as exc:
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
             self.report(uid, states.FAILED, reason=str(exc), exit_code=rc)
         finally:
@@ -447,6 +467,52 @@ class Agent:
                 self.fd_slots.release()
             self.units.pop(uid, None)
             self.cancel_reasons.pop(uid, None)
+
+    def _call(self, uid: str, desc: dict, sandbox: str, slots: Any) -> tuple[list, str | None]:
+        """A function unit's calls, in a warm worker (rpg/agent/function_workers.py)."""
+        env = {"RPG_UNIT_UID": uid, "RPG_UNIT_SANDBOX": sandbox,
+               "RPG_NODE": self.sched.node_names[slots.node],
+               "RPG_CORES": format_ids(slots.cores)}
+        env.update(desc.get("environment") or {})
+        return self.workers.run(uid, desc["payload"], int(desc.get("calls") or 1), sandbox, env,
+                                desc.get("timeout"),
+                                lambda: self.report(uid, states.EXECUTING))
+
+    def _function_done(self, uid: str, desc: dict, sandbox: str, results: list,
+                       problem: str | None) -> None:
+        """Stage out and end a function unit: DONE with its results, or FAILED with why (a
+        single call that raised: its exception and traceback; a worker that died; a timeout)."""
+        self.report(uid, states.STAGING_OUT)
+        why = [problem] if problem else []
+        fields: dict[str, Any] = {"results": results}
+        if desc.get("function") is not None and results and results[0][0] != calls.OK:
+            status, _, text = results[0][0], results[0][1], results[0][2]
+            if status == calls.RAISED:
+                last = text.strip().splitlines()[-1] if text.strip() else "an exception"
+                fields["stderr"] = text[-65536:]
+                why = [f"the function raised {last[:500]}"]
+            elif not problem:
+                why = [text[:2000]]
+        if not problem and desc["output_staging"]:
+            try:
+                self._stage(desc["output_staging"], "out", sandbox)
+            except StagingError as exc:
+                why.append(str(exc))
+        if why:
+            self.report(uid, states.FAILED, reason="; ".join(why), **fields)
+        else:
+            self.report(uid, states.DONE, **fields)
+
+    def _worker_env(self) -> dict[str, str]:
+        """A function worker's environment: the pilot's, this rpg importable first, and the
+        pilot key the sweep finds leftovers by."""
+        env = dict(self.base_env)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(calls.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        env["RPG_PILOT_UID"] = self.uid
+        env["RPG_PILOT_SANDBOX"] = self.sandbox
+        env["RPG_PILOT_KEY"] = pilot_key(self.cfg.session_uid, self.uid)
+        return env
 
     def _spawn(self, argv: list[str], sandbox: str, env: dict[str, str], desc: dict) -> Any:
         """Start the unit; "too many open files" (ours or the system's) waits and retries, it
@@ -515,6 +581,11 @@ class Agent:
 ENCODING_ERRORS = frozenset({"UnicodeError", "UnicodeEncodeError", "UnicodeDecodeError",
                              "PackException", "PackValueError", "PackOverflowError",
                              "UnpackException", "UnpackValueError", "ExtraData"})
+
+
+def _result_bytes(fields: dict[str, Any]) -> int:
+    results = fields.get("results")
+    return sum(len(r[1]) for r in results if r[1] is not None) if results else 0
 
 
 def wire_safe(value: Any) -> Any:

@@ -122,7 +122,10 @@ class Ledger:
         for st in steps:
             rec.state = st
             extra = fields if st == new else {}
-            self.profile.add(ts, rec.uid, st, component, **extra)
+            # A function unit's results are the application's data, not the profile's.
+            prof = extra if "results" not in extra else \
+                {k: v for k, v in extra.items() if k != "results"}
+            self.profile.add(ts, rec.uid, st, component, **prof)
             self.events.put((kind, rec.uid, st, ts, extra))
 
     def bind(self, unit: UnitRecord, pilot: PilotRecord) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from rpg import states
+from rpg import calls, states
 from rpg.log import SparseWarning
 from rpg.staging.directives import without_client_staging
 from rpg.states import Why
@@ -28,7 +28,8 @@ MAX_WAIT_S = 5.0
 MAX_TEXT = 1 << 20
 YIELD_EVERY = 200
 UNIT_FIELDS = {"exit_code": int, "stdout": str, "stderr": str, "reason": str, "sandbox": str,
-               "reason_code": str}
+               "reason_code": str, "results": list}
+PULL_BYTES = 24 << 20  # function payloads a pull hands out (but always one unit)
 REASON_CODES = frozenset(w.value for w in Why)
 
 
@@ -111,7 +112,8 @@ class HubService:
         # An agent on another machine cannot reach client:// paths: the hub moves those.
         strip = p.launcher is not None and p.launcher.client_staging is not None
         if not p.stopping:
-            while p.queue and len(out) < max_units:
+            size = 0
+            while p.queue and len(out) < max_units and size <= PULL_BYTES:
                 uid = p.queue.popleft()
                 unit = hub.units.get(uid)
                 if unit is None or states.is_final(unit.state):
@@ -119,6 +121,8 @@ class HubService:
                 unit.at_agent = True
                 p.in_flight.add(uid)
                 desc = without_client_staging(unit.desc) if strip else unit.desc
+                payload = desc.get("payload")
+                size += len(payload) if payload is not None else 0
                 out.append({"uid": uid, "description": desc})
         cancels, p.cancels = p.cancels, []
         cancels = [u for u in cancels if u in p.in_flight]
@@ -182,8 +186,19 @@ class HubService:
                 require(len(v) <= MAX_TEXT, f"field {k} is longer than {MAX_TEXT} characters")
             if k == "reason_code":
                 require(v in REASON_CODES, f"unknown reason_code {str(v)[:32]!r}")
+            if k == "results" and v is not None:
+                _check_results(v)
             clean[k] = v
         unit = self._hub.units[uid]
         states.path("unit", unit.state, state)  # raises IllegalTransition
         return uid, state, float(ts), clean
 
+
+def _check_results(results: list) -> None:
+    """A function unit's outcomes: ``[[status, data, text, seconds], ...]`` (rpg/calls.py)."""
+    require(len(results) <= calls.MAX_CALLS, f"results: more than {calls.MAX_CALLS}")
+    for r in results:
+        require(isinstance(r, list) and len(r) == 4 and r[0] in calls.STATUSES
+                and (r[1] is None or isinstance(r[1], bytes)) and isinstance(r[2], str)
+                and isinstance(r[3], (int, float)),
+                "results: each must be [status, bytes or None, text, seconds]")

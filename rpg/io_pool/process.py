@@ -113,6 +113,7 @@ def spawn(
     stdout_path: str | None = None,
     stderr_path: str | None = None,
     stdin_devnull: bool = True,
+    pass_fds: Sequence[int] = (),
 ) -> Child:
     """Start ``argv`` as a new session/process-group leader. Blocking: run it in a lane."""
     out = open(stdout_path, "wb") if stdout_path else open(os.devnull, "wb")
@@ -129,6 +130,7 @@ def spawn(
                     stderr=err,
                     start_new_session=True,
                     close_fds=True,
+                    pass_fds=tuple(pass_fds),
                 )
             except OSError as exc:
                 raise SpawnError(exc.errno, f"cannot start {argv[0]!r}: {exc.strerror}") from exc

@@ -153,6 +153,8 @@ class Launcher:
             staging_timeout=d["staging_timeout"],
             kill_grace=d["kill_grace"],
             environment=d["environment"],
+            function_workers=d.get("function_workers"),
+            function_worker_memory=float(d.get("function_worker_memory") or 4096.0),
         )
 
     def agent_files(self, cfg: AgentConfig) -> list[AgentFile]:

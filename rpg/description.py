@@ -389,7 +389,7 @@ class UnitDescription(_Description):
     """
 
     _fields = {
-        "executable": (None, _str()),
+        "executable": (None, _optional(_str(required=True))),
         "function": (None, _function),
         "args": ((), _args),
         "kwargs": ({}, _kwargs),

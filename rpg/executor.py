@@ -35,11 +35,12 @@ class ExecutorError(RuntimeError):
 
 
 class _Call:
-    __slots__ = ("future", "packed")
+    __slots__ = ("future", "packed", "again")
 
     def __init__(self, future: cf.Future, packed: tuple[bytes, str, bytes]) -> None:
         self.future = future
         self.packed = packed
+        self.again = False  # queued again (it never started): its future is RUNNING already
 
 
 class Executor(cf.Executor):
@@ -115,7 +116,7 @@ class Executor(cf.Executor):
             raise ValueError(f"Executor.map: chunksize must be an integer >= 1, got "
                              f"{chunksize!r}")
         end = None if timeout is None else time.monotonic() + timeout
-        items = zip(*iterables)
+        items = zip(*iterables, strict=False)  # as the stdlib: the shortest ends it
         if chunksize == 1:
             fs = [self._submit(fn, "call", (a, {}), "Executor.map: ") for a in items]
         else:
@@ -179,7 +180,7 @@ class Executor(cf.Executor):
                     batch: list[_Call] = []
                     while self._pending and len(batch) < n:
                         c = self._pending.popleft()
-                        if c.future.set_running_or_notify_cancel():
+                        if c.again or c.future.set_running_or_notify_cancel():
                             batch.append(c)
                     if not batch:
                         continue
@@ -217,6 +218,7 @@ class Executor(cf.Executor):
                         f"its unit {unit.uid} ended {state} before the call's outcome came "
                         f"back: {unit.reason}"))
                 elif rec[0] == calls.NOT_RUN:
+                    c.again = True
                     again.append(c)
                 elif rec[0] == calls.OK:
                     ok += 1

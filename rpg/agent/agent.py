@@ -28,8 +28,13 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.socket import wait_read
 
-from rpg import calls, states
-from rpg.agent.function_workers import FunctionWorkers, WorkerGone
+from rpg import states
+from rpg.agent.function_workers import (
+    FunctionWorkers,
+    WorkerGone,
+    function_outcome,
+    worker_env,
+)
 from rpg.agent.resources import (
     ResourceError,
     SrunPlacer,
@@ -106,7 +111,8 @@ class Agent:
         self.collectors: dict[str, Batcher] = {}
         self.workers = FunctionWorkers(
             self.pool, int(self.cfg.function_workers or self.cores), self.sandbox,
-            self._worker_env(), float(self.cfg.function_worker_memory), self.log, self.counters)
+            worker_env(self.base_env, self.cfg.session_uid, self.uid, self.sandbox),
+            float(self.cfg.function_worker_memory), self.log, self.counters)
         ctx = zerorpc.Context()
         timeout = max(1.0, self.hb_timeout)  # a silent hub is noticed within hb_timeout
         self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
@@ -409,7 +415,9 @@ class Agent:
                 slots = None
                 self.executing -= 1
                 executing = False
-                self._function_done(uid, desc, sandbox, results, problem)
+                self.report(uid, states.STAGING_OUT)
+                why, fields = function_outcome(desc, results, problem)
+                self._finish(uid, desc, sandbox, why, fields, stage_out=problem is None)
                 return
             env = self._unit_env(uid, sandbox, slots, desc)
             if self.fd_slots.locked():
@@ -439,15 +447,7 @@ class Agent:
             why = [f"timed out after {timeout:g} s; killed"] if timed_out else \
                 [] if rc == 0 else [f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"]
             why += unreadable  # never report DONE with output silently missing
-            if not timed_out and desc["output_staging"]:
-                try:
-                    self._stage(desc["output_staging"], "out", sandbox)
-                except StagingError as exc:
-                    why.append(str(exc))
-            if why:
-                self.report(uid, states.FAILED, reason="; ".join(why), **fields)
-            else:
-                self.report(uid, states.DONE, **fields)
+            self._finish(uid, desc, sandbox, why, fields, stage_out=not timed_out)
         except GreenletExit:
             state, reason = self.cancel_reasons.get(uid, (states.CANCELED, "canceled"))
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
@@ -478,22 +478,10 @@ class Agent:
                                 desc.get("timeout"),
                                 lambda: self.report(uid, states.EXECUTING))
 
-    def _function_done(self, uid: str, desc: dict, sandbox: str, results: list,
-                       problem: str | None) -> None:
-        """Stage out and end a function unit: DONE with its results, or FAILED with why (a
-        single call that raised: its exception and traceback; a worker that died; a timeout)."""
-        self.report(uid, states.STAGING_OUT)
-        why = [problem] if problem else []
-        fields: dict[str, Any] = {"results": results}
-        if desc.get("function") is not None and results and results[0][0] != calls.OK:
-            status, _, text = results[0][0], results[0][1], results[0][2]
-            if status == calls.RAISED:
-                last = text.strip().splitlines()[-1] if text.strip() else "an exception"
-                fields["stderr"] = text[-65536:]
-                why = [f"the function raised {last[:500]}"]
-            elif not problem:
-                why = [text[:2000]]
-        if not problem and desc["output_staging"]:
+    def _finish(self, uid: str, desc: dict, sandbox: str, why: list[str],
+                fields: dict[str, Any], stage_out: bool) -> None:
+        """Stage out (unless the unit did not finish) and report DONE, or FAILED with ``why``."""
+        if stage_out and desc["output_staging"]:
             try:
                 self._stage(desc["output_staging"], "out", sandbox)
             except StagingError as exc:
@@ -502,17 +490,6 @@ class Agent:
             self.report(uid, states.FAILED, reason="; ".join(why), **fields)
         else:
             self.report(uid, states.DONE, **fields)
-
-    def _worker_env(self) -> dict[str, str]:
-        """A function worker's environment: the pilot's, this rpg importable first, and the
-        pilot key the sweep finds leftovers by."""
-        env = dict(self.base_env)
-        here = os.path.dirname(os.path.dirname(os.path.abspath(calls.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-        env["RPG_PILOT_UID"] = self.uid
-        env["RPG_PILOT_SANDBOX"] = self.sandbox
-        env["RPG_PILOT_KEY"] = pilot_key(self.cfg.session_uid, self.uid)
-        return env
 
     def _spawn(self, argv: list[str], sandbox: str, env: dict[str, str], desc: dict) -> Any:
         """Start the unit; "too many open files" (ours or the system's) waits and retries, it

@@ -25,6 +25,7 @@ from gevent.socket import wait_read, wait_write
 from rpg import calls
 from rpg.agent.worker import HEADER, MAX_FRAME
 from rpg.io_pool import Child, IOPool, spawn
+from rpg.io_pool.sweep import pilot_key
 
 
 class WorkerGone(Exception):
@@ -255,3 +256,32 @@ class FunctionWorkers:
             if w.child.wait(timeout=2.0) is None:
                 w.kill()
 
+
+
+def function_outcome(desc: dict, results: list, problem: str | None
+                     ) -> tuple[list[str], dict[str, Any]]:
+    """What a function unit's end says: why it FAILED (nothing: DONE) and its fields. A single
+    call that raised gives its traceback as stderr; a worker death or timeout, ``problem``."""
+    why = [problem] if problem else []
+    fields: dict[str, Any] = {"results": results}
+    if desc.get("function") is not None and results and results[0][0] != calls.OK:
+        status, text = results[0][0], results[0][2]
+        if status == calls.RAISED:
+            last = text.strip().splitlines()[-1] if text.strip() else "an exception"
+            fields["stderr"] = text[-65536:]
+            why = [f"the function raised {last[:500]}"]
+        elif not problem:
+            why = [text[:2000]]
+    return why, fields
+
+
+def worker_env(base: dict[str, str], session_uid: str, pilot_uid: str,
+               sandbox: str) -> dict[str, str]:
+    """A worker's environment: the pilot's, this rpg importable first, and the pilot key the
+    sweep finds leftovers by."""
+    env = dict(base)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(calls.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    env.update(RPG_PILOT_UID=pilot_uid, RPG_PILOT_SANDBOX=sandbox,
+               RPG_PILOT_KEY=pilot_key(session_uid, pilot_uid))
+    return env

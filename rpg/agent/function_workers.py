@@ -157,6 +157,8 @@ class FunctionWorkers:
         self.memory_mb = memory_mb
         self.log = log
         self.counters = counters
+        for k in ("workers_started", "workers_recycled", "worker_kills", "worker_deaths"):
+            counters.setdefault(k, 0)
         self.slots = Semaphore(count)
         self.idle: list[Worker] = []
         self.busy: set[Worker] = set()
@@ -173,7 +175,7 @@ class FunctionWorkers:
         child, to_fd, from_fd = self.pool.spawn.run(
             _start, argv, self.sandbox, self.env, log_path, timeout=60,
             keep=lambda r: (r[0].kill_group(signal.SIGKILL), os.close(r[1]), os.close(r[2])))
-        self.counters["workers_started"] = self.counters.get("workers_started", 0) + 1
+        self.counters["workers_started"] += 1
         self.log.info("function_worker_started", worker=n, pid=child.pid)
         return Worker(n, child, to_fd, from_fd)
 
@@ -205,8 +207,7 @@ class FunctionWorkers:
                         if fr[2] > self.memory_mb:
                             self.log.info("function_worker_recycled", worker=worker.n,
                                           rss_mb=round(fr[2], 1), limit_mb=self.memory_mb)
-                            self.counters["workers_recycled"] = \
-                                self.counters.get("workers_recycled", 0) + 1
+                            self.counters["workers_recycled"] += 1
                             finished = False  # retire it below, not back to idle
                             self.busy.discard(worker)
                             worker.retire(grace=5.0)
@@ -220,12 +221,12 @@ class FunctionWorkers:
                         continue
                     results.append([status, data, text, seconds])
             except TimeoutError:  # gevent's socket.timeout is one too
-                self.counters["worker_kills"] = self.counters.get("worker_kills", 0) + 1
+                self.counters["worker_kills"] += 1
                 worker.kill()
                 problem = (f"timed out after {timeout:g} s; its function worker (pid "
                            f"{worker.child.pid}) was killed and replaced")
             except WorkerGone:
-                self.counters["worker_deaths"] = self.counters.get("worker_deaths", 0) + 1
+                self.counters["worker_deaths"] += 1
                 rc = worker.kill()
                 problem = died_reason(worker, rc)
                 self.log.warning("function_worker_died", worker=worker.n, unit=uid,

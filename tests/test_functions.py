@@ -174,3 +174,14 @@ def test_executor_on_an_ssh_pilot(tmp_path):
         with rpg.Executor(session=s, pilots=[pilot]) as ex:
             assert list(ex.map(square, range(300), chunksize=16)) == \
                 [i * i for i in range(300)]
+
+
+def test_executor_from_a_remote_client_of_the_hub_service(hub_service):
+    with rpg.Session(hub=hub_service.access_path) as s:
+        pilot = rpg.PilotManager(s).submit_pilots(rpg.PilotDescription(cores=2, runtime=5))
+        with rpg.Executor(session=s, pilots=[pilot]) as ex:
+            assert sum(ex.map(square, range(2000), chunksize=50)) == \
+                sum(i * i for i in range(2000))
+            with pytest.raises(ValueError, match="remote") as ei:
+                ex.submit(boom, "remote").result(timeout=60)
+            assert isinstance(ei.value.__cause__, rpg.RemoteTraceback)

@@ -1,7 +1,8 @@
 """Function calls as they travel: packed with cloudpickle by the client, run by a warm worker
 (``rpg/agent/worker.py``), and their outcomes back.
 
-A function unit's ``payload`` is ``pickle`` of ``(FORMAT, functions, calls)``: ``functions`` the
+A function unit's ``payload`` is ``pickle`` of ``(FORMAT, cloudpickle version, functions,
+calls)``: ``functions`` the
 cloudpickled callables, each once however many calls use it; ``calls`` a list of
 ``(function_index, mode, data)``, where ``data`` is cloudpickle of ``(args, kwargs)`` (mode
 ``call``) or of a list of argument tuples (mode ``map``: one call per tuple, a list back). The
@@ -120,7 +121,8 @@ class Packer:
                 i = index[f] = len(fns)
                 fns.append(f)
             out.append((i, mode, blob))
-        payload = pickle.dumps((FORMAT, fns, out), protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps((FORMAT, cloudpickle.__version__, fns, out),
+                               protocol=pickle.HIGHEST_PROTOCOL)
         if len(payload) > MAX_PAYLOAD:
             raise CallPackError(where, f"the pickled calls are {len(payload)} bytes, over the "
                                        f"limit of {MAX_PAYLOAD} (pass big data as a file: "
@@ -135,11 +137,21 @@ class Packer:
         return self.assemble(packed, where or "args"), len(packed)
 
 
-def unpack(payload: bytes) -> tuple[list[bytes], list[tuple[int, str, bytes]]]:
-    fmt, fns, calls = pickle.loads(payload)
+def unpack(payload: bytes) -> tuple[str, list[bytes], list[tuple[int, str, bytes]]]:
+    """(the client's cloudpickle version, functions, calls) of a payload."""
+    fmt, version, fns, calls = pickle.loads(payload)
     if fmt != FORMAT:
         raise ValueError(f"call payload format {fmt!r}, this worker reads {FORMAT}")
-    return fns, calls
+    return version, fns, calls
+
+
+def version_hint(client_version: str) -> str:
+    """Words for a call whose function or arguments did not unpickle in the worker: the usual
+    cause is another cloudpickle on the pilot's python than the client's."""
+    if client_version == cloudpickle.__version__:
+        return ""
+    return (f" (the client packed this with cloudpickle {client_version}, the pilot's python "
+            f"has {cloudpickle.__version__}: install the client's version there)")
 
 
 def value(record: Sequence[Any]) -> Any:

@@ -92,10 +92,10 @@ class Worker:
         try:
             os.makedirs(sandbox, exist_ok=True)
             os.chdir(sandbox)
-            fns, todo = calls.unpack(payload)
+            version, fns, todo = calls.unpack(payload)
             sent = 0
             for index, (fi, mode, data) in enumerate(todo):
-                sent += self.call(uid, index, sandbox, fns[fi], mode, data, sent)
+                sent += self.call(uid, index, sandbox, fns[fi], mode, data, sent, version)
         except BaseException as exc:  # the payload itself: cannot start any call
             write_frame(self.out, ("r", uid, -1, calls.ERROR, None, None,
                                    f"the worker could not read the unit's calls: "
@@ -112,16 +112,24 @@ class Worker:
         write_frame(self.out, ("e", uid, rss_mb()))
 
     def call(self, uid: str, index: int, sandbox: str, blob: bytes, mode: str, data: bytes,
-             sent: int) -> int:
+             sent: int, version: str) -> int:
         """Run one call and report it; returns the bytes of its value sent."""
         t0 = time.perf_counter()
         status, value, text = calls.OK, None, ""
         try:
-            fn = self.function(blob)
+            try:
+                fn = self.function(blob)
+                todo = cloudpickle.loads(data)
+            except Exception as exc:  # not the function's fault: say what usually is
+                hint = calls.version_hint(version)
+                if hint:
+                    raise RuntimeError(f"cannot unpickle the call: {type(exc).__name__}: "
+                                       f"{exc}{hint}") from exc
+                raise
             if mode == "map":
-                value = [fn(*a) for a in cloudpickle.loads(data)]
+                value = [fn(*a) for a in todo]
             else:
-                args, kwargs = cloudpickle.loads(data)
+                args, kwargs = todo
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too: it ends the call, not the worker
             status, text = calls.RAISED, traceback.format_exc()

@@ -25,6 +25,7 @@ _WHERE = {
     "CANCELED": "rpg.states", "DONE": "rpg.states", "FAILED": "rpg.states",
     "FINAL": "rpg.states", "Why": "rpg.states",
     "Executor": "rpg.executor",
+    "MapReduce": "rpg.mapreduce.jobs", "MapReduceError": "rpg.mapreduce.jobs",
     "RemoteTraceback": "rpg.calls", "FunctionError": "rpg.calls",
 }
 
@@ -49,6 +50,8 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "MapReduce",
+    "MapReduceError",
     "Session",
     "SessionClosed",
     "SessionError",

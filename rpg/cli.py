@@ -1,5 +1,5 @@
 """The ``rpg`` command: ``rpg run`` (a real workload on a local pilot), ``rpg report``,
-``rpg stress`` (the slow-disk harness)."""
+``rpg hist`` (rpg.MapReduce), ``rpg stress`` (the slow-disk harness), ``rpg hub``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 from rpg import states
+from rpg.mapreduce import command as hist_command
 
 STATE_ORDER = [*states.UNIT_PATH, states.FAILED, states.CANCELED]
 SHORT = {"NEW": "new", "BOUND": "bound", "STAGING_IN": "stage-in", "SCHEDULING": "sched",
@@ -396,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="overheads, throughput, concurrency from a profile")
     rep.add_argument("profile", help="profile.jsonl, or a session sandbox holding one")
     sub.add_parser("stress", help="the slow-disk stress harness (see --help of it)")
+    hist_command.add_parser(sub)
     hub = sub.add_parser("hub", help="the hub as a service: serve, token, status, stop")
     hsub = hub.add_subparsers(dest="hub_cmd", required=True)
     serve = hsub.add_parser("serve", help="run the hub service in the foreground")
@@ -419,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.cmd == "hub":
         return cmd_hub(args)
+    if args.cmd == "hist":
+        return hist_command.run(args)
     return cmd_report(args)
 
 

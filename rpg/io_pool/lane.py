@@ -41,6 +41,9 @@ class IOTimeout(IOPoolError, TimeoutError):
         self.what = what
         self.timeout = timeout
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable: it crosses from function workers
+        return (type(self), (self.lane, self.what, self.timeout))
+
 
 class LaneFull(IOPoolError):
     """The lane's bounded queue is full; the call was not queued."""

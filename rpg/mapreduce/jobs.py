@@ -28,7 +28,7 @@ from rpg.log import get_logger
 from rpg.mapreduce import chunks
 from rpg.mapreduce.cache import ChunkCache
 from rpg.mapreduce.kinds import BUILTIN, Kind, make_kind
-from rpg.session import Pilot, Session, UnitManager
+from rpg.session import Pilot, Session, SessionClosed, UnitManager
 from rpg.threads import Condition, Thread
 
 RUNNING, DONE, CANCELED, FAILED = "RUNNING", "DONE", "CANCELED", "FAILED"
@@ -320,10 +320,14 @@ class MapReduce:
                     self._collect(unit)
                 self._dispatch()
         except Exception as exc:
-            self._log.error("mapreduce_coordinator_failed", error=repr(exc)[:500])
+            closed = isinstance(exc, SessionClosed)
+            why = "its session was closed" if closed else \
+                f"the MapReduce coordinator failed: {exc!r}"
+            if not closed:
+                self._log.error("mapreduce_coordinator_failed", error=repr(exc)[:500])
             with self._cond:
                 for job in list(self._jobs.values()):
-                    self._end(job, FAILED, f"the MapReduce coordinator failed: {exc!r}")
+                    self._end(job, FAILED, why)
                 self._closed = True
 
     def _start(self, job: Job) -> None:
@@ -464,6 +468,7 @@ class MapReduce:
                                  (k.map, k.reduce, job.paths, idents, p.start, p.end, step,
                                   self.read_timeout), (ckey, p.start, p.end, p.level))
                     self._tasks[key] = task
+                if task.uid is None:  # in every waiting job's queue: whichever comes first
                     q.append(task)
                 task.jobs.add(job)
             if not q:

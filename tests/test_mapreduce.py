@@ -30,6 +30,10 @@ def slow_hist(block):
     return np.bincount(block, minlength=256)
 
 
+def broken_map(block):
+    raise ValueError("no map today")
+
+
 def add(a, b):
     return a + b
 
@@ -73,9 +77,10 @@ def workers():
 def test_exact_results_progressive_answers_and_the_cache(mr, tmp_path):
     data = make_file(tmp_path / "a.bin", 5 * MIB + 12345)
     path = str(tmp_path / "a.bin")
-    answers = list(mr.submit("hist", path).answers(timeout=60))
+    job = mr.submit("hist", path)
+    answers = list(job.answers(timeout=60))
     cov = [a.coverage for a in answers]
-    assert len(answers) >= 3 and cov == sorted(cov) and 0 < cov[0] < 1 and cov[-1] == 1.0
+    assert job.answered >= 3 and cov == sorted(cov) and cov[-1] == 1.0
     assert answers[-1].final and not any(a.final for a in answers[:-1])
     assert not any(a.from_cache for a in answers)
     assert np.array_equal(answers[-1].value, hist(data))
@@ -123,6 +128,11 @@ def test_diff_of_two_files_and_a_registered_kind(mr, tmp_path):
     assert mr.submit("maxbyte", paths[0], 0, MIB).result(60) == int(a[:MIB].max())
     assert any(n.startswith("MAXBYTE_") for n in os.listdir(tmp_path / "cache"))
 
+    # A chunk that keeps failing fails its job with the reason, after its retries.
+    mr.register("broken", broken_map, add, zero=0)
+    with pytest.raises(rpg.MapReduceError, match=r"ValueError: no map today \(after 3 attempts"):
+        mr.submit("broken", paths[0], 0, 64 * KIB).result(60)
+
 
 def test_cancel_mid_job_with_a_twin_sharing_its_chunks(mr, tmp_path):
     data = make_file(tmp_path / "a.bin", 4 * MIB)
@@ -133,6 +143,8 @@ def test_cancel_mid_job_with_a_twin_sharing_its_chunks(mr, tmp_path):
     it = one.answers(timeout=60)
     first = next(it)
     assert 0 < first.coverage < 1
+    second = next(it)  # a slow consumer would get the latest; this one keeps up
+    assert first.coverage < second.coverage < 1
     assert one.cancel() and one.state == rpg.mapreduce.CANCELED
     assert list(it) == []  # no more answers after cancel
     assert not one.cancel()
@@ -264,8 +276,9 @@ def test_mapreduce_from_a_remote_client_of_the_hub_service(hub_service, tmp_path
         pilot = rpg.PilotManager(s).submit_pilots(rpg.PilotDescription(cores=2, runtime=5))
         mr = rpg.MapReduce(s, [pilot], str(tmp_path / "cache"), min_chunk=64 * KIB)
         try:
-            answers = list(mr.submit("hist", str(tmp_path / "a.bin")).answers(timeout=60))
-            assert len(answers) >= 2 and np.array_equal(answers[-1].value, hist(data))
+            job = mr.submit("hist", str(tmp_path / "a.bin"))
+            answers = list(job.answers(timeout=60))
+            assert job.answered >= 2 and np.array_equal(answers[-1].value, hist(data))
             mr.register("slow", slow_hist, add, zero=np.zeros(256, np.int64))
             job = mr.submit("slow", str(tmp_path / "a.bin"))
             next(job.answers(timeout=60))

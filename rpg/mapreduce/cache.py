@@ -20,7 +20,9 @@ import bisect
 import collections
 import os
 import re
+import stat
 import tempfile
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -63,10 +65,16 @@ class ChunkCache:
         self.evicted = 0
         self._log = get_logger("mapreduce.cache", dir=self.dir)
         found = []
+        old_tmp = time.time() - 3600
         for entry in os.scandir(self.dir):
-            m = _NAME.match(entry.name)
-            if m and entry.is_file(follow_symlinks=False):
-                found.append((entry.stat().st_mtime_ns, entry.name, entry.stat().st_size))
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if entry.name.startswith(".tmp-") and st.st_mtime < old_tmp:
+                    os.unlink(entry.path)  # left by a writer that was killed
+                elif _NAME.match(entry.name) and stat.S_ISREG(st.st_mode):
+                    found.append((st.st_mtime_ns, entry.name, st.st_size))
+            except FileNotFoundError:
+                pass  # another process evicted it meanwhile
         for _, name, size in sorted(found):  # oldest first: the LRU order survives a restart
             self._add(name, size)
 
@@ -124,7 +132,7 @@ class ChunkCache:
         path = os.path.join(self.dir, name)
         try:
             value = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # missing, torn (EOFError), not an array: recompute it
             self.misses += 1
             self._drop(name)
             self._log.info("cache_unreadable", file=name, error=str(exc)[:200])

@@ -4,7 +4,7 @@ per worker process), with a timeout: a read stuck on a dying disk costs the call
 ``read_timeout`` and leaves one lane thread stuck, never the worker, which goes on serving
 chunks of other disks.
 
-A file's identity is ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``, taken at the
+A file's identity is ``(st_ino, st_size, st_mtime_ns, st_ctime_ns)``, taken at the
 probe and checked again before and after each chunk's reads: a write changes the ctime (which no
 user can set back), so a file that changes under a job fails it (``FileChanged``) instead of
 mixing two versions. The risk: a file system with coarse timestamps (FAT: 2 s, some NFS
@@ -42,8 +42,9 @@ def _lane(path: str, read_timeout: float) -> Any:
     return _pool.for_path(path)
 
 
-def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+def identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    # Not st_dev: NFS and Lustre clients number one mount differently on each host.
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def file_hash(ident: Sequence[int]) -> str:
@@ -61,6 +62,18 @@ def _open(path: str) -> tuple[int, tuple[int, ...]]:
         os.close(fd)
         raise
     return fd, identity(st)
+
+
+def _pread_full(fd: int, view: memoryview, pos: int) -> int:
+    """Fill ``view`` from offset ``pos``; fewer bytes only at the end of the file (a short
+    read in the middle, as FUSE or NFS may give, is read on)."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], pos + got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 def _fstat_identity(fd: int) -> tuple[int, ...]:
@@ -102,7 +115,7 @@ def map_chunk(fn: Callable[..., Any], reduce: Callable[[Any, Any], Any], paths: 
                 arrays = []
                 for fd, buf, lane in zip(fds, bufs, lanes, strict=True):
                     view = memoryview(buf)[:n]
-                    got = lane.run(os.preadv, fd, [view], pos, timeout=read_timeout)
+                    got = lane.run(_pread_full, fd, view, pos, timeout=read_timeout)
                     arrays.append(np.frombuffer(buf, np.uint8, got))
                 part = fn(*arrays)
                 acc = part if acc is None else reduce(acc, part)
@@ -119,6 +132,6 @@ def map_chunk(fn: Callable[..., Any], reduce: Callable[[Any, Any], Any], paths: 
 def _check(path: str, want: Sequence[int], now: Sequence[int]) -> None:
     if tuple(want) != tuple(now):
         raise FileChanged(
-            f"{path} changed during the job (size {want[2]} -> {now[2]}, mtime_ns "
-            f"{want[3]} -> {now[3]}, inode {want[1]} -> {now[1]}): its results would mix "
+            f"{path} changed during the job (size {want[1]} -> {now[1]}, mtime_ns "
+            f"{want[2]} -> {now[2]}, inode {want[0]} -> {now[0]}): its results would mix "
             f"two versions")

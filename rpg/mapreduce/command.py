@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     if args.cores < 1:
         print(f"rpg hist: --cores must be >= 1, got {args.cores}", file=sys.stderr)
         return 2
+    if args.start < 0 or (args.end is not None and args.end <= args.start):
+        print(f"rpg hist: need 0 <= --start < --end, got --start {args.start} --end "
+              f"{args.end}", file=sys.stderr)
+        return 2
     paths = [os.path.abspath(f) for f in args.files]
     for f in paths:
         if not os.path.isfile(f):
@@ -108,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = {"kind": args.kind, "files": paths, "start": args.start, "end": job.end,
                "value": value.tolist() if isinstance(value, np.ndarray) else value,
-               "answers": n, "first_answer_s": round(first or 0.0, 4),
+               "answers": job.answered, "shown": n, "first_answer_s": round(first or 0.0, 4),
                "seconds": round(time.monotonic() - t0, 4), "job": job.id}
         print(json.dumps(out))
     else:

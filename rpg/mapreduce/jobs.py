@@ -80,7 +80,8 @@ class Job:
         self._cond = mr._cond
         self._state = RUNNING
         self.reason: str | None = None
-        self._answers: list[Answer] = []
+        self._latest: Answer | None = None
+        self.answered = 0  # answers made so far
         self._acc: Any = None
         self._covered = 0
         self._waiting = 0  # pieces still to come
@@ -91,25 +92,27 @@ class Job:
         return self._state
 
     def answers(self, timeout: float | None = None) -> Iterator[Answer]:
-        """Yield the answers as they come, the last one final; nothing after a cancel. Raises
+        """Yield answers as they come, the last one final; nothing after a cancel. A consumer
+        that falls behind gets the latest answer (coverage only rises), not every one. Raises
         MapReduceError if the job fails, TimeoutError if it has not ended within ``timeout``."""
         end = None if timeout is None else time.monotonic() + timeout
-        i = 0
+        seen = 0
         while True:
             with self._cond:
-                while i >= len(self._answers) and self._state == RUNNING:
+                while seen >= self.answered and self._state == RUNNING:
                     left = None if end is None else end - time.monotonic()
                     if left is not None and left <= 0:
                         raise TimeoutError(f"job {self.id}: no final answer within {timeout} s")
                     self._cond.wait(left)
                 if self._state == CANCELED:
                     return
-                if i >= len(self._answers):
+                if seen >= self.answered:
                     if self._state == FAILED:
                         raise MapReduceError(f"job {self.id} failed: {self.reason}")
                     return
-                a = self._answers[i]
-                i += 1
+                a = self._latest
+                seen = self.answered
+            assert a is not None
             yield a
             if a.final:
                 return
@@ -162,6 +165,9 @@ class MapReduce:
         self.retries, self.read_timeout = retries, float(read_timeout)
         self.kinds: dict[str, Kind] = dict(BUILTIN)
         slots = sum(int(p.description.function_workers or p.description.cores) for p in pilots)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or
+                                   window < 1):
+            raise ValueError(f"MapReduce: window must be an integer >= 1, got {window!r}")
         self.window = window if window is not None else 2 * slots
         self._session = session
         self._umgr = UnitManager(session)
@@ -196,7 +202,8 @@ class MapReduce:
             if name in self.kinds:
                 raise ValueError(f"register: kind {name!r} exists already")
             for k in self.kinds.values():
-                if k.prefix == kind.prefix and k.map is not kind.map:
+                if k.prefix == kind.prefix and (k.map is not kind.map or
+                                                k.reduce is not kind.reduce):
                     raise ValueError(f"register: prefix {kind.prefix!r} is kind {k.name!r}'s")
             self.kinds[name] = kind
 
@@ -240,10 +247,10 @@ class MapReduce:
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel the running jobs and stop the coordinator (the session stays open)."""
-        for job in self.jobs():
-            job.cancel()
         with self._cond:
-            self._closed = True
+            self._closed = True  # first: a submit racing this close is refused, not lost
+            for job in list(self._jobs.values()):
+                self._end(job, CANCELED, "canceled: the MapReduce was closed")
             self._cond.notify_all()
         self._thread.join(timeout)
 
@@ -282,12 +289,18 @@ class MapReduce:
 
     def _answer(self, job: Job, value: Any, span: int, from_cache: bool) -> None:
         k = job._kind
-        job._acc = value if job._acc is None else k.reduce(job._acc, value)
+        try:  # the kind's own code: what it raises fails this job only
+            acc = value if job._acc is None else k.reduce(job._acc, value)
+            shown = k.finish(acc)
+        except Exception as exc:
+            self._end(job, FAILED, f"kind {k.name!r}: its reduce or finish raised {exc!r}"[:2000])
+            return
+        job._acc = acc
         job._covered += span
         total = job.end - job.start  # type: ignore[operator]
         final = job._waiting == 0
-        job._answers.append(Answer(k.finish(job._acc), 1.0 if final else job._covered / total,
-                                   from_cache, final))
+        job._latest = Answer(shown, 1.0 if final else job._covered / total, from_cache, final)
+        job.answered += 1
         if final:
             self._end(job, DONE)
         self._cond.notify_all()
@@ -295,7 +308,7 @@ class MapReduce:
     # -- the coordinator thread ------------------------------------------------------------------
 
     def _on_state(self, unit: Any, state: str) -> None:
-        if state in states.FINAL:
+        if state in states.FINAL and self._thread.is_alive():
             with self._cond:
                 self._finished.append(unit)
                 self._cond.notify_all()
@@ -306,6 +319,8 @@ class MapReduce:
                 with self._cond:
                     while not (self._new or self._finished or self._withdraw or
                                (self._queues and len(self._by_uid) < self.window)):
+                        if self._session._closed:
+                            raise SessionClosed(f"session {self._session.uid} is closed")
                         if self._closed:
                             return
                         self._cond.wait(1.0)
@@ -326,9 +341,15 @@ class MapReduce:
             if not closed:
                 self._log.error("mapreduce_coordinator_failed", error=repr(exc)[:500])
             with self._cond:
+                self._closed = True
                 for job in list(self._jobs.values()):
                     self._end(job, FAILED, why)
-                self._closed = True
+                running = [uid for uid in self._withdraw if uid]
+            if running and not closed:
+                try:
+                    self._umgr.cancel_units(running)
+                except Exception as exc2:
+                    self._log.error("mapreduce_withdraw_failed", error=repr(exc2)[:300])
 
     def _start(self, job: Job) -> None:
         task = _Task(("probe", job.id), chunks.probe, (job.paths, self.read_timeout), None)
@@ -422,14 +443,20 @@ class MapReduce:
             except MapReduceError as exc:
                 with self._cond:
                     self._end(job, FAILED, str(exc))
+            except Exception as exc:  # the kind's reduce over cached chunks
+                with self._cond:
+                    self._end(job, FAILED, f"kind {job.kind!r}: planning raised {exc!r}"[:2000])
 
     def _plan(self, job: Job, idents: list[tuple[int, ...]]) -> None:
         k = job._kind
-        size = max(ident[2] for ident in idents)
+        size = max(ident[1] for ident in idents)
         if job.end is None:
             job.end = size
         if job.end > size:
             raise MapReduceError(f"end {job.end} is past the end of the file ({size} bytes)")
+        if job.start >= size and job.start > 0:
+            raise MapReduceError(f"start {job.start} is at or past the end of the file "
+                                 f"({size} bytes)")
         if job.end <= job.start:
             if k.zero is None:
                 raise MapReduceError(f"the range {job.start}-{job.end} is empty and kind "
@@ -482,8 +509,11 @@ class MapReduce:
             self._tasks.pop(task.key, None)
             jobs = [j for j in task.jobs if j._state == RUNNING]
         value = subs[0]
-        for v in subs[1:]:
-            value = reduce(value, v)
+        try:
+            for v in subs[1:]:
+                value = reduce(value, v)
+        except Exception as exc:
+            return self._failed(task, f"its reduce raised {exc!r}", True)
         if level:
             try:
                 self.cache.put(ckey, start, end, value)

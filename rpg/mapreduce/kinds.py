@@ -2,7 +2,8 @@
 
 ``map(*blocks)`` gets one ``numpy.uint8`` array per file (the same byte range of each; a file
 that ends early gives a shorter array) and returns a partial result; ``reduce(a, b)`` combines
-two partials (it must be associative and commutative: chunks finish in any order); ``finish``
+two partials into a new one (associative and commutative, as chunks finish in any order; it
+must not change its arguments, which other jobs may share); ``finish``
 turns the reduced partial of a range into the answer. Partials are cached as ``.npy`` files, so
 they must be numbers or numpy arrays (no objects: a cache never unpickles). Kinds with the same
 ``prefix`` and ``map`` share chunk files and in-flight chunk work: ``entropy`` is computed from
@@ -44,7 +45,7 @@ def hist_reduce(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def hist_finish(h: np.ndarray) -> np.ndarray:
-    return np.asarray(h, dtype=np.int64)
+    return np.array(h, dtype=np.int64)  # a copy: the answer is the caller's to change
 
 
 def entropy_finish(h: np.ndarray) -> float:

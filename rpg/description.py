@@ -499,6 +499,15 @@ def _abs_or_none(where: str, field: str, v: Any) -> Any:
     return v
 
 
+def _one_of(*choices: str) -> Check:
+    def check(where: str, field: str, v: Any) -> Any:
+        if v not in choices:
+            raise DescriptionError(where, field, f"must be one of {', '.join(choices)}, "
+                                                 f"got {v!r}")
+        return v
+    return check
+
+
 class PilotDescription(_Description):
     """A resource request: where (``resource``), how big (cores/gpus), how long (runtime)."""
 
@@ -524,6 +533,10 @@ class PilotDescription(_Description):
         "ssh_known_hosts": ("~/.ssh/known_hosts", _abs_or_none),
         "ssh_trust_unknown_host": (False, _bool),
         "remote_python": ("python3", _str(required=True)),
+        # the agent's environment there (rpg/hub/launchers/ssh/environment.py)
+        "remote_env": ("create", _one_of("create", "use", "none")),
+        "remote_env_cache": ("~/.cache/rpg", _abs_or_none),
+        "remote_env_wheels": (None, _abs_or_none),
         # batch systems
         "queue": (None, _str(max_len=256)),
         "project": (None, _str(max_len=256)),

@@ -314,8 +314,10 @@ def test_remote_python_without_the_agent_dependencies(tmp_path):
     check = remote_sh(f"{python} -c 'import gevent, zerorpc'")
     if check.returncode == 0 or "No module named" not in check.stderr:
         pytest.skip(f"{python} on the test host has gevent/zerorpc (or is missing)")
-    session, pilot = _fails_fast(tmp_path, pilot_desc(remote_python=python),
-                                 "agent ended before calling in", "No module named")
+    session, pilot = _fails_fast(tmp_path, pilot_desc(remote_python=python, remote_env="none"),
+                                 "agent ended before calling in", "No module named",
+                                 "exit code 1")
+    assert "killed" not in pilot.reason, pilot.reason
     assert_nothing_left(session, pilot)
     assert not remote_exists(pilot.sandbox)
 

@@ -1,7 +1,8 @@
 """The SSH launcher: starts a pilot's agent on another machine, watches it, and stops it.
 
-One SSH connection per pilot carries everything: the bootstrap (a remote sandbox, the rpg
-package unpacked there, the agent started detached in its own session), a reverse port forward
+One SSH connection per pilot carries everything: the bootstrap (a remote sandbox, the python
+the agent needs, checked or built once into an environment (environment.py), the rpg package
+unpacked in the sandbox, the agent started detached in its own session), a reverse port forward
 through which the agent calls the hub (the hub keeps binding 127.0.0.1), the watch on the agent
 (a short remote status script every few seconds), the SFTP sessions the hub's ``client://``
 staging uses (``rpg.staging.ClientStaging``; the launcher gives it the remote sandbox and the
@@ -18,6 +19,7 @@ and asks for the same remote forward port again; the agent keeps its units runni
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import threading
 import time
@@ -29,7 +31,7 @@ import gevent
 from gevent.event import Event
 
 from rpg.hub.launchers.base import Launcher, LaunchError
-from rpg.hub.launchers.ssh import scripts
+from rpg.hub.launchers.ssh import environment, scripts
 from rpg.hub.launchers.ssh.connection import (
     CONNECT_TIMEOUT,
     EXEC_TIMEOUT,
@@ -94,7 +96,8 @@ class SSHLauncher(Launcher):
 
     def launch(self) -> None:
         try:
-            self.ctl.run(self._b_bootstrap, timeout=BOOTSTRAP_OP_TIMEOUT)
+            self.ctl.run(self._b_bootstrap,
+                         timeout=BOOTSTRAP_OP_TIMEOUT + environment.BUILD_TIMEOUT + 60)
         except LaunchError:
             raise
         except (ConnectionLost, TimeoutError) as exc:
@@ -166,7 +169,8 @@ class SSHLauncher(Launcher):
         elif state == "nosandbox":
             why = f"the remote pilot sandbox {self.sandbox} is gone"
         else:
-            why = f"agent process {self.agent_pid} is gone without an exit code (killed?)"
+            why = (f"agent process {self.agent_pid} is gone without an exit code: a signal "
+                   f"ended it (a kill -9, the OOM killer)")
         self._ended = why + (f"; stderr: {tail}" if tail else "")
 
     def ended_cleanly(self) -> bool:
@@ -257,6 +261,8 @@ class SSHLauncher(Launcher):
             self._abort_if_closing()
             self._b_prepare(conn)
             self._abort_if_closing()
+            self._b_environment(conn)
+            self._abort_if_closing()
             host, _, port = self.hub.address[len("tcp://"):].rpartition(":")
             self._pump = TunnelPump(host, int(port), f"rpg-ssh-tunnel-{self.pilot.uid}",
                                     self.log)
@@ -277,11 +283,51 @@ class SSHLauncher(Launcher):
                               f"sandbox (exit {rc}): {tail_lines(err) or out.strip()}")
         self.sandbox = out.strip().splitlines()[-1]
 
+    def _b_environment(self, conn: SSHConnection) -> None:
+        """The python the agent runs on: ``remote_python``, or an environment built for it."""
+        d = self.pilot.desc
+        mode = d.get("remote_env") or "create"
+        if mode == "none":
+            return
+        assert self.sandbox is not None
+        local_wheels = d.get("remote_env_wheels")
+        wheels = posixpath.join(self.sandbox, "wheels") if local_wheels else None
+        cache = d.get("remote_env_cache") or "~/.cache/rpg"
+        t0 = time.monotonic()
+        for _ in range(2):
+            script = environment.bootstrap_script(self.python, mode, cache, wheels)
+            rc, out, err = conn.run(script, timeout=environment.BUILD_TIMEOUT + 60)
+            if rc != environment.NEED_WHEELS:
+                break
+            self._b_upload_wheels(conn, str(local_wheels), str(wheels))
+        python, what = environment.parse(out)
+        if rc == environment.ENV_FAILED:
+            raise LaunchError(f"ssh {self.target.label}: {err.strip()[-3000:]}")
+        if rc != 0 or not python:
+            raise LaunchError(f"ssh {self.target.label}: the environment bootstrap on "
+                              f"{self.python} failed (exit {rc}): {tail_lines(err, 12)}")
+        self.log.info("remote_env_ready", python=python, how=what,
+                      seconds=round(time.monotonic() - t0, 3))
+        self.python = python
+
+    def _b_upload_wheels(self, conn: SSHConnection, local: str, remote: str) -> None:
+        try:
+            names = sorted(n for n in os.listdir(local) if n.endswith(".whl"))
+        except OSError as exc:
+            raise LaunchError(f"remote_env_wheels {local}: {exc.strerror}") from None
+        if not names:
+            raise LaunchError(f"remote_env_wheels {local}: no .whl files there")
+        with conn.sftp() as sftp:
+            sftp.mkdir(remote, 0o700)
+            for n in names:
+                sftp.put(os.path.join(local, n), posixpath.join(remote, n))
+        self.log.info("remote_env_wheels_uploaded", count=len(names), to=remote)
+
     def _b_upload(self, conn: SSHConnection) -> None:
         assert self.sandbox is not None
         sb = self.sandbox
         cfg = self.agent_config(f"tcp://127.0.0.1:{self.fwd_port}", sb)
-        cfg.exit_code_file = posixpath.join(sb, "exit_code")
+        cfg.exit_code_file = posixpath.join(sb, scripts.EXIT_CODE)
         tarball = scripts.rpg_tarball()
         with conn.sftp() as sftp:
             sftp.putfo(io.BytesIO(tarball), posixpath.join(sb, "rpg.tar.gz"),
@@ -360,8 +406,9 @@ class SSHLauncher(Launcher):
         conn = self._b_live(closing_ok=True, need_forward=False)
         _rc, out, _err = conn.run(script, timeout=grace + TERM_GRACE + EXEC_TIMEOUT)
         words = out.split()
-        swept = words[words.index("swept") + 1] if "swept" in words and \
-            words.index("swept") + 1 < len(words) else "?"
+        i = words.index("swept") + 1 if "swept" in words else len(words)
+        # no number: the sweep could not run there (a python without rpg's packages)
+        swept = words[i] if i < len(words) and words[i].isdigit() else "?"
         self.log.info("ssh_pilot_stopped", terminated="agent_terminated" in words,
                       killed="agent_killed" in words, swept=swept,
                       sandbox_removed="removed" in words, reconnects=self.reconnects)

@@ -18,9 +18,29 @@ NO_PYTHON = 91  # exit status of sandbox_script: the remote python is not there
 BAD_SANDBOX = 93  # ... the sandbox is a link, not ours, or writable by others
 CANNOT_UNPACK = 92  # exit status of start_script: rpg could not be unpacked
 
-# Start the agent as a session leader (os.setsid, then exec: the pid stays the agent's).
-_DETACH = ("import os, sys; os.setsid(); "
-           "os.execv(sys.executable, [sys.executable, '-m', 'rpg.agent'] + sys.argv[1:])")
+EXIT_CODE = "exit_code"  # in the pilot sandbox: the agent's exit status, once it has one
+
+# Start the agent as a session leader (os.setsid) and run it in this process (the pid stays
+# the agent's), so that whatever ends it at the Python level, an import error before its main
+# included, leaves its exit status and traceback: only a signal leaves no exit code.
+_DETACH = (
+    "import os, runpy, sys, traceback\n"
+    "os.setsid()\n"
+    "code = 1\n"
+    "try:\n"
+    "    sys.argv = ['rpg.agent'] + sys.argv[1:]\n"
+    "    runpy.run_module('rpg.agent', run_name='__main__', alter_sys=True)\n"
+    "    code = 0\n"
+    "except SystemExit as e:\n"
+    "    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)\n"
+    "except BaseException:\n"
+    "    traceback.print_exc()\n"
+    "finally:\n"
+    "    p = os.environ.get('RPG_EXIT_CODE_FILE')\n"
+    "    if p and not (os.path.exists(p) and os.path.getsize(p)):\n"
+    "        with open(p, 'w') as fh:\n"
+    "            fh.write(str(code))\n"
+    "sys.exit(code)\n")
 
 
 def sandbox_script(python: str, root: str | None, session_uid: str, pilot_uid: str) -> str:
@@ -66,7 +86,8 @@ def start_script(sandbox: str, python: str, pilot_key: str) -> str:
         f"PYTHONPATH={q(sandbox + '/lib')}${{PYTHONPATH:+:$PYTHONPATH}}\n"
         # the agent carries its units' marker too: the final sweep finds it if all else fails
         f"RPG_PILOT_KEY={q(pilot_key)}\n"
-        "export PYTHONPATH RPG_PILOT_KEY\n"
+        f"RPG_EXIT_CODE_FILE={q(posixpath.join(sandbox, EXIT_CODE))}\n"
+        "export PYTHONPATH RPG_PILOT_KEY RPG_EXIT_CODE_FILE\n"
         f"{q(python)} -c {q(_DETACH)} --config {q(cfg_path)} "
         "> agent.out 2> agent.err < /dev/null &\n"
         "echo $!\n")

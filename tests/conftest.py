@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy  # noqa: F401  (its OpenBLAS threads start at import: before any test's count)
 import psutil
 import pytest
 

@@ -356,6 +356,61 @@ def test_connection_killed_mid_run(tmp_path):
     assert not remote_exists(sandbox)
 
 
+def _ssh_connections(port: int) -> int:
+    """This process's established TCP connections to the sshd."""
+    import psutil
+
+    return sum(1 for c in psutil.Process().net_connections(kind="tcp")
+               if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def test_pilots_on_one_host_share_one_connection_through_a_reconnect_and_a_cancel(tmp_path):
+    port = int(ssh_env()["RPG_SSH_PORT"])
+    base = _ssh_connections(port)
+    with rpg.Session(sandbox=str(tmp_path / "session")) as session:
+        pmgr = rpg.PilotManager(session)
+        pilots = pmgr.submit_pilots([pilot_desc(cores=2, heartbeat_timeout=30.0)
+                                     for _ in range(3)])
+        umgrs = []
+        for p in pilots:
+            umgr = rpg.UnitManager(session)
+            umgr.add_pilots(p)
+            umgrs.append(umgr)
+        for p in pilots:
+            assert p.wait(state=states.ACTIVE, timeout=60) == states.ACTIVE, p.reason
+        assert _ssh_connections(port) - base == 1  # three pilots, one connection
+        hosts = list(session.hub.shared["ssh_hosts"].values())
+        assert len(hosts) == 1 and hosts[0].users == 3 and hosts[0].connects == 1
+        units = [um.submit_units([rpg.UnitDescription(executable="/bin/sh",
+                                                      arguments=["-c", "sleep 3; echo ok"])
+                                  for _ in range(2)]) for um in umgrs]
+        for um, us in zip(umgrs, units, strict=True):
+            um.wait_units([u.uid for u in us], state=states.EXECUTING, timeout=60)
+        assert kill_ssh_sessions_of_this_process(port)  # one kill drops all three pilots' way
+        for um in umgrs:
+            assert um.wait_units(timeout=90) == [states.DONE] * 2
+        assert hosts[0].connects == 2, hosts[0].connects  # one reconnect served them all
+        assert all(p.state == states.ACTIVE for p in pilots), [p.reason for p in pilots]
+        pilots[0].cancel()  # its forward goes; the others keep theirs and the connection
+        assert pilots[0].wait(timeout=30) == states.CANCELED
+        assert hosts[0].users == 2
+        more = [um.submit_units([rpg.UnitDescription(executable="/bin/echo", arguments=["x"])
+                                 for _ in range(3)]) for um in umgrs[1:]]
+        for um in umgrs[1:]:
+            assert um.wait_units(timeout=60) == [states.DONE] * 5
+        assert all(u.stdout.strip() == "x" for us in more for u in us)
+        assert _ssh_connections(port) - base == 1
+        sandboxes = [p.sandbox for p in pilots]
+    assert hosts[0].users == 0 and hosts[0].conn is None
+    deadline = time.monotonic() + 10
+    while _ssh_connections(port) > base and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ssh_connections(port) == base
+    for p, sb in zip(pilots, sandboxes, strict=True):
+        assert_nothing_left(session, p)
+        assert not remote_exists(sb)
+
+
 def test_connection_frozen_ends_the_pilot_with_a_reason(tmp_path):
     # The sshd serving the pilot stops answering (SIGSTOP): the TCP connection stays up and the
     # old session keeps the forwarded port. The launcher notices (status check times out),

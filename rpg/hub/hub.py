@@ -60,6 +60,9 @@ class Hub:
         self.pilots = self.ledger.pilots
         self.binding = Binding(self.pilots)
         self.managers: dict[str, str] = {}  # uid -> "pilot" | "unit"
+        # What launchers share between the pilots of this hub, by kind: SSH connections per
+        # user@host (launchers/ssh/hosts.py), SLURM clusters (launchers/slurm.py). Hub loop only.
+        self.shared: dict[str, Any] = {}
         self._uids = itertools.count()  # next() is atomic: uids are taken from any thread
         # Accepted, not yet made into records (a big submit is taken in slices): uid -> [umgr,
         # cancel reason or None], so a cancel that arrives meanwhile reaches them too.

@@ -1,6 +1,7 @@
 """The SSH launcher: starts a pilot's agent on another machine, watches it, and stops it.
 
-One SSH connection per pilot carries everything: the bootstrap (a remote sandbox, the python
+One SSH connection per user@host (hosts.py), shared by the hub's pilots there, carries
+everything: the bootstrap (a remote sandbox, the python
 the agent needs, checked or built once into an environment (environment.py), the rpg package
 unpacked in the sandbox, the agent started detached in its own session), a reverse port forward
 through which the agent calls the hub (the hub keeps binding 127.0.0.1), the watch on the agent
@@ -13,7 +14,7 @@ Every paramiko call blocks, so all of them run on real threads: a control lane a
 lane per host (``ssh:`` and ``sftp:`` + user@host:port), one paramiko transport thread per
 connection and one tunnel thread per pilot. If the connection drops, the launcher reconnects
 and asks for the same remote forward port again; the agent keeps its units running meanwhile
-(up to its heartbeat timeout).
+(up to its heartbeat timeout). The last pilot on a host to stop closes its connection.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import gevent
 from gevent.event import Event
 
+from rpg import threads
 from rpg.hub.launchers.base import Launcher, LaunchError
 from rpg.hub.launchers.ssh import environment, scripts
 from rpg.hub.launchers.ssh.connection import (
@@ -40,13 +41,11 @@ from rpg.hub.launchers.ssh.connection import (
     import_paramiko,
     net_errors,
 )
+from rpg.hub.launchers.ssh.hosts import host_for
 from rpg.hub.launchers.ssh.scripts import tail_lines
 from rpg.hub.launchers.ssh.target import SSHTarget
 from rpg.hub.launchers.ssh.tunnel import TunnelPump
 from rpg.staging import ClientStaging
-
-if TYPE_CHECKING:
-    import paramiko
 
 T = TypeVar("T")
 
@@ -76,11 +75,10 @@ class SSHLauncher(Launcher):
         self.agent_pid: int | None = None
         self.fwd_port = 0
         self.reconnects = 0
-        self._conn: SSHConnection | None = None
-        self._pinned_key: paramiko.PKey | None = None
+        self.host = host_for(hub, self.target, d, hub.log)
+        self._acquired = False  # we are one of self.host's users
         self._pump: TunnelPump | None = None
-        self._op_lock = threading.Lock()  # bootstrap, teardown: one at a time
-        self._conn_lock = threading.Lock()  # swapping the connection
+        self._op_lock = threads.Lock()  # bootstrap, teardown: one at a time
         self._closing = False
         self._closed = False
         self._ended: str | None = None
@@ -210,54 +208,25 @@ class SSHLauncher(Launcher):
         if self._closing:
             raise LaunchError("pilot canceled during the ssh bootstrap")
 
-    def _b_connect(self) -> SSHConnection:
-        d = self.pilot.desc
-        self.target = self.target.with_user()
-        conn = SSHConnection(self.target, d["ssh_key_file"], d["ssh_known_hosts"],
-                             bool(d["ssh_trust_unknown_host"]), self._pinned_key, self.log)
-        conn.open()
-        self._pinned_key = conn.pinned_key
-        return conn
-
     def _b_live(self, closing_ok: bool = False, need_forward: bool = True) -> SSHConnection:
-        """The connection, reconnected (same remote forward port) if it dropped. Without
-        ``need_forward`` (the final cleanup), a reconnect that cannot get the port back will do."""
-        conn = self._conn
-        if conn is not None and conn.active():
-            return conn
-        with self._conn_lock:
-            if self._closed or (self._closing and not closing_ok):
-                raise ConnectionLost("the launcher is closing")
-            conn = self._conn
-            if conn is not None and conn.active():
-                return conn
-            if conn is not None:
-                self._conn = None
-                conn.close()
-            try:
-                conn = self._b_connect()
-            except LaunchError as exc:
-                raise ConnectionLost(f"reconnect failed: {exc}") from None
-            if self.fwd_port and self._pump is not None:
-                try:
-                    conn.forward(self.fwd_port, self._pump.accept)
-                except ConnectionLost as exc:
-                    self.log.error("ssh_forward_port_lost", port=self.fwd_port, error=str(exc))
-                    if need_forward:
-                        conn.close()
-                        raise ConnectionLost(
-                            f"reconnected, but the remote port {self.fwd_port} the agent calls "
-                            f"the hub on cannot be forwarded again: {exc}") from None
-            self._conn = conn
+        """The host's connection, reconnected if it dropped. Without ``need_forward`` (the final
+        cleanup), a reconnect that could not get our remote forward port back will do."""
+        if self._closed or (self._closing and not closing_ok) or not self._acquired:
+            raise ConnectionLost("the launcher is closing")
+        before = self.host.connects
+        conn = self.host.live()
+        if self.host.connects != before:
             self.reconnects += 1
-            self.log.warning("ssh_reconnected", reconnects=self.reconnects)
-            return conn
+        if need_forward and self.fwd_port and self.fwd_port in self.host.lost_ports:
+            raise ConnectionLost(f"reconnected, but the remote port {self.fwd_port} the agent "
+                                 f"calls the hub on cannot be forwarded again")
+        return conn
 
     def _b_bootstrap(self) -> None:
         with self._op_lock:
             self._abort_if_closing()
-            conn = self._b_connect()
-            self._conn = conn
+            conn = self.host.acquire()
+            self._acquired = True
             self._abort_if_closing()
             self._b_prepare(conn)
             self._abort_if_closing()
@@ -267,7 +236,7 @@ class SSHLauncher(Launcher):
             self._pump = TunnelPump(host, int(port), f"rpg-ssh-tunnel-{self.pilot.uid}",
                                     self.log)
             self._pump.start()
-            self.fwd_port = conn.forward(0, self._pump.accept)
+            self.fwd_port = self.host.forward(self._pump.accept)
             self._b_upload(conn)
             self._abort_if_closing()
             self._b_start(conn)
@@ -365,7 +334,7 @@ class SSHLauncher(Launcher):
             # A connection that cannot open a channel and run `test` and `tail` in that time is
             # as good as dead (a silent network drop keeps the transport "active" for many
             # minutes): drop it, and the next call reconnects.
-            conn.close()
+            self.host.drop(conn)
             raise ConnectionLost(f"status check failed, connection dropped: {exc}") from None
         words = out.split()
         if rc != 0 or not words:
@@ -385,9 +354,9 @@ class SSHLauncher(Launcher):
                     except (ConnectionLost, TimeoutError) as exc:
                         # The connection died or froze: once more on a fresh one.
                         self.log.warning("ssh_stop_retry", error=str(exc))
-                        conn = self._conn
+                        conn = self.host.conn
                         if conn is not None:
-                            conn.close()
+                            self.host.drop(conn)
                         self._b_stop_remote(grace)
                 except Exception as exc:
                     self.log.error("ssh_remote_cleanup_failed", sandbox=self.sandbox,
@@ -416,13 +385,12 @@ class SSHLauncher(Launcher):
             self.log.warning("orphan_unit_processes_killed", count=swept)
 
     def _b_close(self) -> None:
-        with self._conn_lock:
-            self._closed = True
-            conn, self._conn = self._conn, None
-        # No cancel_port_forward: it waits for the server's answer for as long as the transport
-        # looks alive (forever, if the server froze). Closing the session ends the forward.
-        if conn is not None:
-            conn.close()  # first: its transport thread is the one that hands channels to the pump
+        self._closed = True
+        if self._acquired:
+            self._acquired = False
+            if self.fwd_port:
+                self.host.unforward(self.fwd_port)  # its channels are refused from now on
+            self.host.release()  # the last user closes the connection
         if self._pump is not None:
             self._pump.close()
 

@@ -30,7 +30,7 @@ from rpg.agent.scheduler import Scheduler
 from rpg.hub.launchers import slurm as slurm_launcher
 from rpg.hub.launchers.slurm import (
     describe_end,
-    parse_job_record,
+    parse_squeue,
     walltime_minutes,
 )
 from rpg.hub.lifecycle import PilotLifecycle
@@ -391,13 +391,6 @@ def test_start_latency_against_a_local_pilot(session, record_property):
 
 # -- no cluster needed ----------------------------------------------------------------------------
 
-def test_slurm_over_ssh_fails_the_pilot_as_not_supported(session):
-    pmgr = rpg.PilotManager(session)
-    p = pmgr.submit_pilots(rpg.PilotDescription(resource="slurm+ssh://me@login", cores=1))
-    assert p.wait(timeout=20) == "FAILED"
-    assert "not supported yet" in p.reason
-
-
 def test_srun_unit_on_a_local_pilot_fails_with_a_reason(session):
     pmgr = rpg.PilotManager(session)
     p = pmgr.submit_pilots(rpg.PilotDescription(resource="local", cores=2, runtime=5))
@@ -475,10 +468,13 @@ def test_srun_placer_spreads_a_big_unit_over_distinct_nodes():
 
 
 def test_job_records_and_how_jobs_end():
-    line = ("JobId=7 JobName=x UserId=root(0) JobState=TIMEOUT Reason=TimeLimit Dependency=(null) "
-            "ExitCode=0:15 RunTime=00:02:01 TimeLimit=00:02:00 NodeList=localhost "
-            "Command=/a b/c WorkDir=/tmp")
-    rec = parse_job_record(line)
+    # squeue -O JobID:|,State:|,Reason:|,exit_code:|,TimeLimit:|,NodeList:| (raw wait status)
+    recs = parse_squeue("7|TIMEOUT|TimeLimit|15|00:02:00|localhost|\n"
+                        "8|FAILED|NonZeroExitCode|768|1:00|node[1-2]|\n"
+                        "garbage line\n")
+    assert set(recs) == {"7", "8"} and recs["8"]["ExitCode"] == "3:0"
+    assert recs["8"]["NodeList"] == "node[1-2]"
+    rec = recs["7"]
     assert rec["JobState"] == "TIMEOUT" and rec["ExitCode"] == "0:15"
     assert rec["NodeList"] == "localhost" and rec["TimeLimit"] == "00:02:00"
     text = describe_end("7", rec)

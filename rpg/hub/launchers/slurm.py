@@ -1,10 +1,12 @@
 """The SLURM launcher: a pilot is a batch job, and its agent runs on the job's first node.
 
 ``launch`` writes the agent's config and a batch script into the pilot sandbox (which must be
-on a filesystem the nodes share) and submits the script with ``sbatch --parsable``. A follower
-greenlet asks ``scontrol show job`` about the job every second; ``queued`` says whether it still
-waits in the queue (the bootstrap timeout does not run meanwhile), ``poll`` whether it ended and
-how. ``stop`` lets the agent leave on its own for ``grace`` seconds, then ``scancel``s the job,
+on a filesystem the nodes share) and submits the script with ``sbatch --parsable``. The
+cluster's follower greenlet asks one ``squeue`` about all the hub's jobs there every second
+(``SlurmCluster``); ``queued`` says whether a job still waits in the queue (the bootstrap
+timeout does not run meanwhile), ``poll`` whether it ended and how. ``SlurmCluster`` and
+``SlurmJob`` serve ``slurm+ssh://`` too (slurm_ssh.py), with the commands run over SSH.
+``stop`` lets the agent leave on its own for ``grace`` seconds, then ``scancel``s the job,
 waits for it to end, and kills unit processes that outlived it (units run in sessions of their
 own, which SLURM's process tracking does not always catch). Every SLURM command runs in the
 ``slurm`` io_pool lane, so a slow slurmctld holds only that lane.
@@ -20,10 +22,10 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -38,7 +40,7 @@ from rpg.io_pool.tails import read_tail
 
 SLURM_LANE = "slurm"
 FOLLOW_INTERVAL = 1.0  # s between two looks at the job
-COMMAND_TIMEOUT = 30.0  # s for one sbatch / scontrol / scancel / squeue
+COMMAND_TIMEOUT = 30.0  # s for one sbatch / scancel / squeue
 CANCEL_WAIT = 15.0  # s, after scancel, for the job to leave the running states
 STOP_LIMIT = 45.0  # s a killed pilot greenlet still waits for the job to be stopped
 WALLTIME_MARGIN_MIN = 1.0  # SLURM's limit is this much longer than the agent's own runtime
@@ -50,7 +52,7 @@ QUEUED_STATES = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
 FINAL_STATES = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL",
                           "PREEMPTED", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "SPECIAL_EXIT",
                           "REVOKED"})
-GONE = "GONE"  # scontrol no longer knows the job (purged after MinJobAge)
+GONE = "GONE"  # squeue no longer knows the job (purged after MinJobAge)
 
 
 class SlurmCommandError(RuntimeError):
@@ -84,15 +86,6 @@ def run_command(argv: list[str], timeout: float = COMMAND_TIMEOUT) -> tuple[int,
 
 # -- pure helpers ----------------------------------------------------------------------------------
 
-_FIELD = re.compile(r"(?:^|\s)(JobId|JobState|Reason|ExitCode|NodeList|BatchHost|TimeLimit|"
-                    r"RunTime)=(\S*)")
-
-
-def parse_job_record(text: str) -> dict[str, str]:
-    """The fields rpg needs from one line of ``scontrol show job -o``."""
-    return {m.group(1): m.group(2) for m in _FIELD.finditer(text)}
-
-
 def walltime_minutes(runtime_min: float) -> int:
     """SLURM's ``--time`` for a pilot: its runtime plus a margin, in whole minutes."""
     return max(1, math.ceil(float(runtime_min) + WALLTIME_MARGIN_MIN))
@@ -122,167 +115,319 @@ def _tail_lines(text: str, n: int = 5, width: int = 300) -> list[str]:
     return [ln if len(ln) <= width else ln[:width] + "..." for ln in lines[-n:]]
 
 
+# squeue's own fields (-O), '|' after each: every job of a cluster in one call.
+SQUEUE_FIELDS = (("JobId", "JobID"), ("JobState", "State"), ("Reason", "Reason"),
+                 ("ExitCode", "exit_code"), ("TimeLimit", "TimeLimit"), ("NodeList", "NodeList"))
+
+
+def squeue_argv(job_ids: list[str]) -> list[str]:
+    """One squeue for all these jobs, finished ones too (while slurmctld remembers them)."""
+    return ["squeue", "--noheader", "--states=all", "--jobs=" + ",".join(job_ids),
+            "--Format=" + ",".join(f"{f}:|" for _, f in SQUEUE_FIELDS)]
+
+
+def parse_squeue(text: str) -> dict[str, dict[str, str]]:
+    """squeue_argv's output: {job id: record (JobId, JobState, Reason, ExitCode, ...)}.
+    squeue's exit_code is the raw wait status (768 is exit 3, 15 is signal 15): made
+    ``code:signal`` as scontrol says it."""
+    jobs: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        values = line.strip().split("|")
+        if len(values) < len(SQUEUE_FIELDS) or not values[0].strip().isdigit():
+            continue
+        rec = {key: v.strip() for (key, _), v in zip(SQUEUE_FIELDS, values, strict=False)}
+        raw = rec.get("ExitCode", "")
+        if raw.isdigit():
+            status = int(raw)
+            rec["ExitCode"] = f"{(status >> 8) & 0xFF}:{status & 0x7F}"
+        jobs[rec["JobId"]] = rec
+    return jobs
+
+
+Runner = Callable[..., tuple[int, str, str]]
+
+
+class SlurmCluster:
+    """The SLURM jobs of one hub's pilots on one cluster (this machine's, or one behind a login
+    node), followed by one greenlet with one ``squeue`` for all of them every FOLLOW_INTERVAL,
+    not one query per pilot. ``run(argv, keep=None)`` runs a SLURM command (hub loop; it puts
+    the blocking call in a lane): raises SlurmCommandError or IOPoolError."""
+
+    def __init__(self, name: str, run: Runner, user: str, log: Any) -> None:
+        self.name = name
+        self.run = run
+        self.user = user  # whose jobs: for finding one whose sbatch answer was lost
+        self.log = log.bind(cluster=name)
+        self.jobs: dict[str, SlurmJob] = {}
+        self.polls = 0  # squeue calls made (for the tests and the benchmark)
+        self._poke = Event()
+        self._follower: Any = None
+
+    def follow(self, job: SlurmJob) -> None:
+        assert job.job_id is not None
+        self.jobs[job.job_id] = job
+        if self._follower is None or self._follower.dead:
+            self._follower = gevent.spawn(self._follow)
+        self.poke()
+
+    def forget(self, job: SlurmJob) -> None:
+        if job.job_id is not None:
+            self.jobs.pop(job.job_id, None)
+        if not self.jobs and self._follower is not None:
+            self._follower.kill(block=False)
+            self._follower = None
+
+    def poke(self) -> None:
+        """Look now (a job was submitted or canceled)."""
+        self._poke.set()
+
+    def _follow(self) -> None:
+        failures = 0
+        while self.jobs:
+            ids = sorted(self.jobs, key=int)
+            self.polls += 1
+            try:
+                rc, out, err = self.run(squeue_argv(ids))
+            except (SlurmCommandError, IOPoolError) as exc:
+                rc, out, err = -1, "", str(exc)
+            if rc == 0 or "Invalid job id" in err:
+                failures = 0
+                recs = parse_squeue(out) if rc == 0 else {}
+                for job_id in ids:
+                    job = self.jobs.get(job_id)
+                    if job is not None:
+                        job.update(recs.get(job_id))
+                        if job.ended.is_set():
+                            self.jobs.pop(job_id, None)
+            else:  # slurmctld busy or away: keep the last states, try again, log now and then
+                failures += 1
+                if failures % 60 == 1:
+                    self.log.warning("slurm_query_failed", jobs=len(ids), failures=failures,
+                                     error=" | ".join(_tail_lines(err, 3)))
+            self._poke.wait(FOLLOW_INTERVAL)
+            self._poke.clear()
+
+
+def local_cluster(hub: Any) -> SlurmCluster:
+    """This machine's SLURM (sbatch & co. in the ``slurm`` lane), one per hub."""
+    clusters = hub.shared.setdefault("slurm_clusters", {})
+    cluster = clusters.get("local")
+    if cluster is None:
+        lane = hub.pool.lane(SLURM_LANE)
+
+        def run(argv: list[str], keep: Any = None) -> tuple[int, str, str]:
+            return lane.run(run_command, argv, COMMAND_TIMEOUT, timeout=COMMAND_TIMEOUT + 10,
+                            keep=keep)
+
+        cluster = clusters["local"] = SlurmCluster("local", run, str(os.getuid()), hub.log)
+    return cluster
+
+
+class SlurmJob:
+    """One pilot's batch job on a cluster: submit, what SLURM says of it, cancel, and how it
+    ended. Hub loop only."""
+
+    def __init__(self, cluster: SlurmCluster, pilot_uid: str, comment: str) -> None:
+        self.cluster = cluster
+        self.pilot_uid = pilot_uid
+        self.comment = comment
+        self.log = cluster.log.bind(pilot=pilot_uid)
+        self.job_id: str | None = None
+        self.rec: dict[str, str] = {}  # what squeue said last
+        self.ended = Event()
+        self.submit_lost = False  # sbatch timed out: the job may exist without its id
+
+    def submit(self, argv: list[str], script: str) -> None:
+        """sbatch ``argv``; raises LaunchError in SLURM's words."""
+        # sbatch runs in a thread: if this greenlet is killed meanwhile the job may still be
+        # submitted, so the lane keeps sbatch's answer for us (the job id; stop() then cancels
+        # the job). Until sbatch has answered, a job may exist that we know no id of.
+        self.submit_lost = True
+        try:
+            rc, out, err = self.cluster.run(argv, keep=lambda a: self._keep_sbatch(a, script))
+        except IOPoolError as exc:
+            raise LaunchError(f"sbatch: {exc}") from None
+        except SlurmCommandError as exc:
+            self.submit_lost = exc.timed_out
+            raise LaunchError(f"sbatch: {exc}") from None
+        self.submit_lost = False
+        job_id = out.strip().split(";")[0]
+        if rc != 0 or not job_id.isdigit():
+            text = " | ".join(_tail_lines(err + "\n" + out, 5)) or "no output"
+            raise LaunchError(f"sbatch refused the pilot job (exit code {rc}): {text}")
+        self._submitted(job_id, script)
+
+    def _keep_sbatch(self, answer: tuple[int, str, str], script: str) -> None:
+        """sbatch answered after the pilot's greenlet was killed: keep the job to cancel it."""
+        rc, out, _ = answer
+        self.submit_lost = False
+        job_id = out.strip().split(";")[0]
+        if rc == 0 and job_id.isdigit():
+            self._submitted(job_id, script)
+
+    def _submitted(self, job_id: str, script: str) -> None:
+        self.job_id = job_id
+        self.log.info("slurm_job_submitted", job=job_id, script=script)
+        self.cluster.follow(self)
+
+    def update(self, rec: dict[str, str] | None) -> None:
+        """The cluster's latest look: the job's record, or None if SLURM no longer knows it."""
+        before = self.rec.get("JobState")
+        if rec is not None and rec.get("JobState"):
+            self.rec = rec
+        elif before not in FINAL_STATES:
+            self.rec = dict(self.rec, JobState=GONE)
+        state = self.rec.get("JobState")
+        if state != before:
+            self.log.info("slurm_job_state", job=self.job_id, state=state,
+                          reason=self.rec.get("Reason"), nodes=self.rec.get("NodeList"))
+        if state in FINAL_STATES or state == GONE:
+            self.ended.set()
+
+    def queued(self) -> bool:
+        if self.job_id is None or self.ended.is_set():
+            return False
+        state = self.rec.get("JobState")
+        return state is None or state in QUEUED_STATES
+
+    def describe_end(self) -> str:
+        return describe_end(str(self.job_id), self.rec)
+
+    def ended_cleanly(self) -> bool:
+        return (self.ended.is_set() and self.rec.get("JobState") == "COMPLETED"
+                and self.rec.get("ExitCode") == "0:0")
+
+    def stop(self, grace: float, registered: bool) -> None:
+        """Let a started agent leave on its own for ``grace`` s, then scancel and wait."""
+        try:
+            if self.job_id is None:
+                if self.submit_lost:
+                    self._cancel_lost_submit()
+                return
+            if not self.ended.is_set() and not (self.queued() and not registered):
+                self.ended.wait(grace)  # the agent heard "shutdown" and may leave on its own
+            if not self.ended.is_set():
+                self.scancel()
+                if not self.ended.wait(CANCEL_WAIT):
+                    self.log.warning("slurm_job_still_running", job=self.job_id,
+                                     state=self.rec.get("JobState"), waited_s=CANCEL_WAIT)
+        finally:
+            self.cluster.forget(self)
+
+    def scancel(self) -> None:
+        self.log.info("slurm_job_cancel", job=self.job_id, state=self.rec.get("JobState"))
+        try:
+            rc, _out, err = self.cluster.run(["scancel", str(self.job_id)])
+            if rc != 0:
+                self.log.error("slurm_scancel_failed", job=self.job_id,
+                               error=" | ".join(_tail_lines(err, 3)))
+        except (SlurmCommandError, IOPoolError) as exc:
+            self.log.error("slurm_scancel_failed", job=self.job_id, error=str(exc))
+        self.cluster.poke()
+
+    def _cancel_lost_submit(self) -> None:
+        """sbatch timed out: find a job of ours by its comment and cancel it."""
+        argv = ["squeue", "--noheader", f"--user={self.cluster.user}", "--format=%i %k"]
+        try:
+            rc, out, _err = self.cluster.run(argv)
+        except (SlurmCommandError, IOPoolError) as exc:
+            self.log.error("slurm_lost_job_unknown", error=str(exc))
+            return
+        for line in out.splitlines() if rc == 0 else []:
+            job_id, _, comment = line.strip().partition(" ")
+            if comment.strip() == self.comment and job_id.isdigit():
+                self.job_id = job_id
+                self.scancel()
+
+
+def sbatch_options(desc: dict[str, Any], uid: str, sandbox: str, comment: str) -> list[str]:
+    """sbatch's options for a pilot's job (the script's path goes after them)."""
+    out_path = os.path.join(sandbox, "agent.out")
+    err_path = os.path.join(sandbox, "agent.err")
+    argv = ["sbatch", "--parsable",
+            f"--job-name={desc.get('job_name') or 'rpg.' + uid}",
+            f"--chdir={sandbox}",
+            # sbatch expands %j and friends in file names; %% is a plain %
+            f"--output={out_path.replace('%', '%%')}",
+            f"--error={err_path.replace('%', '%%')}",
+            f"--time={walltime_minutes(desc['runtime'])}",
+            "--no-requeue",  # a requeued job would start a second agent with the same token
+            f"--comment={comment}"]
+    cores = int(desc["cores"])
+    if desc.get("nodes"):
+        nodes = int(desc["nodes"])
+        argv += [f"--nodes={nodes}", "--exclusive", f"--ntasks={max(cores, nodes)}"]
+    else:
+        argv.append(f"--ntasks={cores}")
+    if int(desc.get("gpus") or 0):
+        argv.append(f"--gpus={int(desc['gpus'])}")
+    if desc.get("queue"):
+        argv.append(f"--partition={desc['queue']}")
+    if desc.get("project"):
+        argv.append(f"--account={desc['project']}")
+    return argv
+
+
+def batch_script(pilot_uid: str, session_uid: str, sandbox: str, rpg_root: str,
+                 python: str) -> str:
+    """The job's script: the agent on the first node of its allocation, which reads the
+    allocation's nodes and cores from SLURM's environment."""
+    q = shlex.quote
+    cfg_path = os.path.join(sandbox, AGENT_CONFIG)
+    return (
+        "#!/bin/sh\n"
+        f"# rpg pilot {pilot_uid} of session {session_uid}: the batch job\n"
+        "# starts the agent on the first node of its allocation; the agent reads the\n"
+        "# allocation's nodes and cores from SLURM's environment.\n"
+        f"PYTHONPATH={q(rpg_root)}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+        "export PYTHONPATH\n"
+        f"cd {q(sandbox)} || exit 1\n"
+        f"exec {q(python)} -m rpg.agent --config {q(cfg_path)}\n")
+
+
 class SlurmLauncher(Launcher):
     def __init__(self, hub: Any, pilot: Any) -> None:
         super().__init__(hub, pilot)
         self._paths(pilot.sandbox)  # again in launch, once ~ is expanded
         self._made = False  # the sandbox is ours (made or checked, agent files written)
-        self.comment = f"rpg:{hub.session_uid}:{pilot.uid}"
-        self.job_id: str | None = None
-        self.job: dict[str, str] = {}  # last scontrol record
-        self._submit_lost = False  # sbatch timed out: the job may exist without its id
-        self._ended = Event()
-        self._poke = Event()
-        self._follower: Any = None
+        self.job = SlurmJob(local_cluster(hub), pilot.uid, f"rpg:{hub.session_uid}:{pilot.uid}")
         self._end_reason: str | None = None
 
     def _paths(self, sandbox: str) -> None:
         self.sandbox = sandbox
         self.err_path = os.path.join(sandbox, "agent.err")
-        self.out_path = os.path.join(sandbox, "agent.out")
         self.script_path = os.path.join(sandbox, "agent.slurm")
-        self.cfg_path = os.path.join(sandbox, AGENT_CONFIG)
 
     @property
-    def lane(self) -> Any:
-        return self.hub.pool.lane(SLURM_LANE)
-
-    # -- launch ----------------------------------------------------------------------------------
+    def job_id(self) -> str | None:
+        return self.job.job_id
 
     def sbatch_argv(self) -> list[str]:
-        d = self.pilot.desc
-        argv = ["sbatch", "--parsable",
-                f"--job-name={d.get('job_name') or 'rpg.' + self.pilot.uid}",
-                f"--chdir={self.sandbox}",
-                # sbatch expands %j and friends in file names; %% is a plain %
-                f"--output={self.out_path.replace('%', '%%')}",
-                f"--error={self.err_path.replace('%', '%%')}",
-                f"--time={walltime_minutes(d['runtime'])}",
-                "--no-requeue",  # a requeued job would start a second agent with the same token
-                f"--comment={self.comment}"]
-        cores = int(d["cores"])
-        if d.get("nodes"):
-            nodes = int(d["nodes"])
-            argv += [f"--nodes={nodes}", "--exclusive", f"--ntasks={max(cores, nodes)}"]
-        else:
-            argv.append(f"--ntasks={cores}")
-        if int(d.get("gpus") or 0):
-            argv.append(f"--gpus={int(d['gpus'])}")
-        if d.get("queue"):
-            argv.append(f"--partition={d['queue']}")
-        if d.get("project"):
-            argv.append(f"--account={d['project']}")
-        return argv + [self.script_path]
-
-    def batch_script(self) -> str:
-        q = shlex.quote
-        return (
-            "#!/bin/sh\n"
-            f"# rpg pilot {self.pilot.uid} of session {self.hub.session_uid}: the batch job\n"
-            "# starts the agent on the first node of its allocation; the agent reads the\n"
-            "# allocation's nodes and cores from SLURM's environment.\n"
-            f"PYTHONPATH={q(_RPG_ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}\n"
-            "export PYTHONPATH\n"
-            f"cd {q(self.sandbox)} || exit 1\n"
-            f"exec {q(sys.executable)} -m rpg.agent --config {q(self.cfg_path)}\n")
+        return sbatch_options(self.pilot.desc, self.pilot.uid, self.sandbox,
+                              self.job.comment) + [self.script_path]
 
     def launch(self) -> None:
         hub, p = self.hub, self.pilot
-        if p.desc["resource"].startswith("slurm+ssh://"):
-            raise LaunchError(f"resource {p.desc['resource']!r}: submitting through an SSH login "
-                              f"node is not supported yet; use resource='slurm' where sbatch "
-                              f"runs on this machine")
         self._paths(local_sandbox_path(self))
         cfg = self.agent_config(hub.address, self.sandbox)
         cfg.resource_manager = "slurm"
-        script = AgentFile("agent.slurm", self.batch_script().encode(), 0o700)
-        make_local_sandbox(self, self.sandbox, cfg, [script])
+        text = batch_script(p.uid, hub.session_uid, self.sandbox, _RPG_ROOT, sys.executable)
+        make_local_sandbox(self, self.sandbox, cfg, [AgentFile("agent.slurm", text.encode(),
+                                                               0o700)])
         self._made = True
-        argv = self.sbatch_argv()
-        # sbatch runs in a thread: if this greenlet is killed meanwhile the job may still be
-        # submitted, so the lane keeps sbatch's answer for us (the job id; stop() then cancels
-        # the job). Until sbatch has answered, a job may exist that we know no id of.
-        self._submit_lost = True
-        try:
-            rc, out, err = self.lane.run(run_command, argv, COMMAND_TIMEOUT,
-                                         timeout=COMMAND_TIMEOUT + 10, keep=self._keep_sbatch)
-        except IOPoolError as exc:
-            raise LaunchError(f"sbatch: {exc}") from None
-        except SlurmCommandError as exc:
-            self._submit_lost = exc.timed_out
-            raise LaunchError(f"sbatch: {exc}") from None
-        self._submit_lost = False
-        job_id = out.strip().split(";")[0]
-        if rc != 0 or not job_id.isdigit():
-            text = " | ".join(_tail_lines(err + "\n" + out, 5)) or "no output"
-            raise LaunchError(f"sbatch refused the pilot job (exit code {rc}): {text}")
-        self._submitted(job_id)
-
-    def _keep_sbatch(self, answer: tuple[int, str, str]) -> None:
-        """sbatch answered after the pilot's greenlet was killed: keep the job to cancel it."""
-        rc, out, _ = answer
-        self._submit_lost = False
-        job_id = out.strip().split(";")[0]
-        if rc == 0 and job_id.isdigit():
-            self._submitted(job_id)
-
-    def _submitted(self, job_id: str) -> None:
-        self.job_id = job_id
-        self.hub.log.info("slurm_job_submitted", pilot=self.pilot.uid, job=job_id,
-                          script=self.script_path)
-        self._follower = gevent.spawn(self._follow)
-
-    # -- following the job -------------------------------------------------------------------------
-
-    def _follow(self) -> None:
-        """Ask scontrol about the job every FOLLOW_INTERVAL s until it is over."""
-        log = self.hub.log
-        argv = ["scontrol", "show", "job", "-o", str(self.job_id)]
-        last = None
-        failures = 0
-        while True:
-            try:
-                rc, out, err = self.lane.run(run_command, argv, COMMAND_TIMEOUT,
-                                             timeout=COMMAND_TIMEOUT + 10)
-            except (SlurmCommandError, IOPoolError) as exc:
-                rc, out, err = -1, "", str(exc)
-            rec = parse_job_record(out) if rc == 0 else {}
-            if rec.get("JobState"):
-                self.job = rec
-                failures = 0
-            elif "Invalid job id" in err:
-                if self.job.get("JobState") not in FINAL_STATES:
-                    self.job = dict(self.job, JobState=GONE)
-            else:  # slurmctld busy or away: keep the last state, try again, log now and then
-                failures += 1
-                if failures % 60 == 1:
-                    log.warning("slurm_query_failed", pilot=self.pilot.uid, job=self.job_id,
-                                failures=failures, error=" | ".join(_tail_lines(err, 3)))
-            state = self.job.get("JobState")
-            if state != last:
-                log.info("slurm_job_state", pilot=self.pilot.uid, job=self.job_id, state=state,
-                         reason=self.job.get("Reason"), nodes=self.job.get("NodeList"))
-                last = state
-            if state in FINAL_STATES or state == GONE:
-                self._ended.set()
-                return
-            self._poke.wait(FOLLOW_INTERVAL)
-            self._poke.clear()
+        self.job.submit(self.sbatch_argv(), self.script_path)
 
     def queued(self) -> bool:
         # The agent calling in beats a follower that has not seen the job start yet.
-        if self.job_id is None or self._ended.is_set() or self.pilot.registered.is_set():
-            return False
-        state = self.job.get("JobState")
-        return state is None or state in QUEUED_STATES
+        return not self.pilot.registered.is_set() and self.job.queued()
 
     def poll(self, timeout: float) -> str | None:
-        if self.job_id is None:
+        if self.job.job_id is None:
             return "the SLURM job was never submitted"
-        if not self._ended.wait(timeout):
+        if not self.job.ended.wait(timeout):
             return None
         if self._end_reason is None:
-            text = describe_end(self.job_id, self.job)
+            text = self.job.describe_end()
             try:
                 tail = self.hub.pool.for_path(self.err_path).run(read_tail, self.err_path, 4000,
                                                                  timeout=10)
@@ -293,8 +438,7 @@ class SlurmLauncher(Launcher):
         return self._end_reason
 
     def ended_cleanly(self) -> bool:
-        return (self._ended.is_set() and self.job.get("JobState") == "COMPLETED"
-                and self.job.get("ExitCode") == "0:0")
+        return self.job.ended_cleanly()
 
     # -- stop --------------------------------------------------------------------------------------
 
@@ -311,21 +455,9 @@ class SlurmLauncher(Launcher):
     def _stop(self, grace: float) -> None:
         log, uid = self.hub.log, self.pilot.uid
         try:
-            if self.job_id is None:
-                if self._submit_lost:
-                    self._cancel_lost_submit()
-                return
-            if not self._ended.is_set() and not self.queued():
-                self._ended.wait(grace)  # the agent heard "shutdown" and may leave on its own
-            if not self._ended.is_set():
-                self._scancel()
-                if not self._ended.wait(CANCEL_WAIT):
-                    log.warning("slurm_job_still_running", pilot=uid, job=self.job_id,
-                                state=self.job.get("JobState"), waited_s=CANCEL_WAIT)
+            self.job.stop(grace, self.pilot.registered.is_set())
         finally:
-            if self._follower is not None:
-                self._follower.kill(block=False)
-            if self.job_id is not None:
+            if self.job.job_id is not None:
                 # Units run in sessions of their own and SLURM does not kill those that outlive
                 # the job. This scans the hub's machine only (see the module docstring).
                 killed = self.hub.pool.spawn.run(kill_pilot_processes, self.key, self.sandbox,
@@ -334,33 +466,3 @@ class SlurmLauncher(Launcher):
                     log.warning("orphan_unit_processes_killed", pilot=uid, count=killed)
             if self._made:  # a job canceled while queued never read its token
                 self.forget_token(self.sandbox)
-
-    def _scancel(self) -> None:
-        log = self.hub.log
-        log.info("slurm_job_cancel", pilot=self.pilot.uid, job=self.job_id,
-                 state=self.job.get("JobState"))
-        try:
-            rc, _out, err = self.lane.run(run_command, ["scancel", str(self.job_id)],
-                                          COMMAND_TIMEOUT, timeout=COMMAND_TIMEOUT + 10)
-            if rc != 0:
-                log.error("slurm_scancel_failed", pilot=self.pilot.uid, job=self.job_id,
-                          error=" | ".join(_tail_lines(err, 3)))
-        except (SlurmCommandError, IOPoolError) as exc:
-            log.error("slurm_scancel_failed", pilot=self.pilot.uid, job=self.job_id,
-                      error=str(exc))
-        self._poke.set()
-
-    def _cancel_lost_submit(self) -> None:
-        """sbatch timed out: find a job of ours by its comment and cancel it."""
-        argv = ["squeue", "--noheader", f"--user={os.getuid()}", "--format=%i %k"]
-        try:
-            rc, out, _err = self.lane.run(run_command, argv, COMMAND_TIMEOUT,
-                                          timeout=COMMAND_TIMEOUT + 10)
-        except (SlurmCommandError, IOPoolError) as exc:
-            self.hub.log.error("slurm_lost_job_unknown", pilot=self.pilot.uid, error=str(exc))
-            return
-        for line in out.splitlines() if rc == 0 else []:
-            job_id, _, comment = line.strip().partition(" ")
-            if comment.strip() == self.comment and job_id.isdigit():
-                self.job_id = job_id
-                self._scancel()

@@ -190,6 +190,8 @@ MaxStartups 100:30:200
 MaxSessions 100
 LogLevel INFO
 PrintMotd no
+# As on a login node, SLURM's commands find the cluster (.ci/slurm.sh's, if it runs)
+SetEnv SLURM_CONF=${RPG_SLURM_DIR:-$CI_DIR/slurm}/slurm.conf
 EOF
     chmod 644 "$CONFIG"
 

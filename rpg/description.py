@@ -499,6 +499,17 @@ def _abs_or_none(where: str, field: str, v: Any) -> Any:
     return v
 
 
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _listen_host(where: str, field: str, v: Any) -> Any:
+    """``auto``, or a host name or IPv4 address to listen on."""
+    if not isinstance(v, str) or not _HOST.match(v):
+        raise DescriptionError(where, field, f"must be 'auto', a host name or an IPv4 address, "
+                                             f"got {v!r}")
+    return v
+
+
 def _one_of(*choices: str) -> Check:
     def check(where: str, field: str, v: Any) -> Any:
         if v not in choices:
@@ -537,6 +548,8 @@ class PilotDescription(_Description):
         "remote_env": ("create", _one_of("create", "use", "none")),
         "remote_env_cache": ("~/.cache/rpg", _abs_or_none),
         "remote_env_wheels": (None, _abs_or_none),
+        # slurm+ssh://: where the login node's relay listens for the compute nodes' agents
+        "relay_address": ("auto", _listen_host),
         # batch systems
         "queue": (None, _str(max_len=256)),
         "project": (None, _str(max_len=256)),

@@ -1,7 +1,8 @@
 """Launchers start a pilot's agent on its resource, watch it, and stop it.
 
 ``launcher_for`` picks one by the description's resource: ``local`` (a child process here),
-``ssh://`` (paramiko) and ``slurm`` (a batch job) as they are built.
+``ssh://`` (paramiko), ``slurm`` (a batch job) and ``slurm+ssh://`` (a batch job submitted on
+a login node over SSH).
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ def launcher_for(hub: "Hub", pilot: "PilotRecord") -> Launcher:
         from rpg.hub.launchers.ssh import SSHLauncher
 
         return SSHLauncher(hub, pilot)
-    if resource == "slurm" or resource.startswith("slurm+ssh://"):
+    if resource == "slurm":
         from rpg.hub.launchers.slurm import SlurmLauncher
 
         return SlurmLauncher(hub, pilot)
+    if resource.startswith("slurm+ssh://"):
+        from rpg.hub.launchers.slurm_ssh import SlurmSSHLauncher
+
+        return SlurmSSHLauncher(hub, pilot)
     raise LaunchError(f"resource {resource!r}: no launcher for it in this version of rpg")
 
 

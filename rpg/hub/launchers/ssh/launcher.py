@@ -87,12 +87,20 @@ class SSHLauncher(Launcher):
         self._last_check = 0.0
         self._lost_since: float | None = None
         self._launched = Event()  # set when launch() is over, whatever the outcome
+        self._started = False  # the bootstrap went through (the agent started or was submitted)
         # The agent cannot reach the application's machine: the hub moves client:// files.
         self.client_staging = ClientStaging(self, hub.profile, self.log)
 
     # -- hub-loop side ---------------------------------------------------------------------------
 
     def launch(self) -> None:
+        self._bootstrap()
+        self._next_check = time.monotonic() + CHECK_EARLY_S
+        self.log.info("agent_started", pid=self.agent_pid, sandbox=self.sandbox,
+                      forward_port=self.fwd_port)
+
+    def _bootstrap(self) -> None:
+        """The whole bootstrap, in the host's control lane; LaunchError says what failed."""
         try:
             self.ctl.run(self._b_bootstrap,
                          timeout=BOOTSTRAP_OP_TIMEOUT + environment.BUILD_TIMEOUT + 60)
@@ -106,9 +114,6 @@ class SSHLauncher(Launcher):
         finally:
             self._launched.set()
         self.pilot.sandbox = self.sandbox
-        self._next_check = time.monotonic() + CHECK_EARLY_S
-        self.log.info("agent_started", pid=self.agent_pid, sandbox=self.sandbox,
-                      forward_port=self.fwd_port)
 
     def poll(self, timeout: float) -> str | None:
         deadline = time.monotonic() + timeout
@@ -184,7 +189,7 @@ class SSHLauncher(Launcher):
     def pilot_sandbox(self) -> str:
         """The remote pilot sandbox once the launch is over (waits for it)."""
         self._launched.wait()
-        if self.sandbox is None or self.agent_pid is None or self._closing:
+        if self.sandbox is None or not self._started or self._closing:
             raise ConnectionLost(f"pilot {self.pilot.uid} did not start or is stopping")
         return self.sandbox
 
@@ -237,9 +242,19 @@ class SSHLauncher(Launcher):
                                     self.log)
             self._pump.start()
             self.fwd_port = self.host.forward(self._pump.accept)
-            self._b_upload(conn)
+            self._b_upload(conn, self._b_hub_address(conn))
             self._abort_if_closing()
             self._b_start(conn)
+            self._started = True
+
+    def _b_hub_address(self, conn: SSHConnection) -> str:
+        """Where the agent calls the hub: the remote forward, on the remote's loopback."""
+        return f"tcp://127.0.0.1:{self.fwd_port}"
+
+    def _b_agent_files(self, cfg: Any) -> list[Any]:
+        """What goes into the remote sandbox next to the rpg tarball."""
+        cfg.exit_code_file = posixpath.join(cfg.sandbox, scripts.EXIT_CODE)
+        return self.agent_files(cfg)
 
     def _b_prepare(self, conn: SSHConnection) -> None:
         script = scripts.sandbox_script(self.python, self.pilot.desc.get("sandbox"),
@@ -292,18 +307,17 @@ class SSHLauncher(Launcher):
                 sftp.put(os.path.join(local, n), posixpath.join(remote, n))
         self.log.info("remote_env_wheels_uploaded", count=len(names), to=remote)
 
-    def _b_upload(self, conn: SSHConnection) -> None:
+    def _b_upload(self, conn: SSHConnection, hub_address: str) -> None:
         assert self.sandbox is not None
         sb = self.sandbox
-        cfg = self.agent_config(f"tcp://127.0.0.1:{self.fwd_port}", sb)
-        cfg.exit_code_file = posixpath.join(sb, scripts.EXIT_CODE)
+        files = self._b_agent_files(self.agent_config(hub_address, sb))
         tarball = scripts.rpg_tarball()
         with conn.sftp() as sftp:
             sftp.putfo(io.BytesIO(tarball), posixpath.join(sb, "rpg.tar.gz"),
                        file_size=len(tarball))
             # Each agent file (the token in its own) created exclusively (O_CREAT|O_EXCL: never
             # through a planted link), owner-only before anything is written to it.
-            for f in self.agent_files(cfg):
+            for f in files:
                 path = posixpath.join(sb, f.name)
                 with suppress(FileNotFoundError):
                     sftp.lstat(path)

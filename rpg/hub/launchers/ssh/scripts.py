@@ -17,6 +17,7 @@ RPG_PACKAGE = os.path.dirname(os.path.abspath(__import__("rpg").__file__))
 NO_PYTHON = 91  # exit status of sandbox_script: the remote python is not there
 BAD_SANDBOX = 93  # ... the sandbox is a link, not ours, or writable by others
 CANNOT_UNPACK = 92  # exit status of start_script: rpg could not be unpacked
+RELAY_FAILED = 96  # exit status of relay_start_script: the relay did not come up
 
 EXIT_CODE = "exit_code"  # in the pilot sandbox: the agent's exit status, once it has one
 
@@ -75,15 +76,21 @@ def sandbox_script(python: str, root: str | None, session_uid: str, pilot_uid: s
         "pwd -P\n")
 
 
+def unpack_script(sandbox: str) -> str:
+    """Unpack rpg.tar.gz into <sandbox>/lib (the agent's rpg)."""
+    return (
+        f"cd -- {shlex.quote(sandbox)} || exit 90\n"
+        "mkdir -p lib && tar -xzf rpg.tar.gz -C lib && rm -f rpg.tar.gz || "
+        f"{{ echo 'cannot unpack rpg in the pilot sandbox' >&2; exit {CANNOT_UNPACK}; }}\n")
+
+
 def start_script(sandbox: str, python: str, pilot_key: str) -> str:
     """Unpack rpg.tar.gz into <sandbox>/lib and start the agent detached; prints its pid."""
     q = shlex.quote
     cfg_path = posixpath.join(sandbox, AGENT_CONFIG)
     return (
-        f"cd -- {q(sandbox)} || exit 90\n"
-        "mkdir -p lib && tar -xzf rpg.tar.gz -C lib && rm -f rpg.tar.gz || "
-        f"{{ echo 'cannot unpack rpg in the pilot sandbox' >&2; exit {CANNOT_UNPACK}; }}\n"
-        f"PYTHONPATH={q(sandbox + '/lib')}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+        unpack_script(sandbox)
+        + f"PYTHONPATH={q(sandbox + '/lib')}${{PYTHONPATH:+:$PYTHONPATH}}\n"
         # the agent carries its units' marker too: the final sweep finds it if all else fails
         f"RPG_PILOT_KEY={q(pilot_key)}\n"
         f"RPG_EXIT_CODE_FILE={q(posixpath.join(sandbox, EXIT_CODE))}\n"
@@ -91,6 +98,39 @@ def start_script(sandbox: str, python: str, pilot_key: str) -> str:
         f"{q(python)} -c {q(_DETACH)} --config {q(cfg_path)} "
         "> agent.out 2> agent.err < /dev/null &\n"
         "echo $!\n")
+
+
+_RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.py")
+
+
+def relay_start_script(sandbox: str, python: str, listen_host: str, forward_port: int) -> str:
+    """Write relay.py into the sandbox and start it detached (its own session); prints
+    ``RELAY host port`` once it listens, or exits RELAY_FAILED with its stderr."""
+    q = shlex.quote
+    with open(_RELAY_PATH, encoding="utf-8") as fh:
+        relay = fh.read()
+    return (
+        f"cd -- {q(sandbox)} || exit 90\n"
+        f"cat > relay.py <<'__RPG_RELAY__'\n{relay}\n__RPG_RELAY__\n"
+        f"{q(python)} -c 'import os, sys; os.setsid(); os.execv(sys.executable, "
+        f"[sys.executable] + sys.argv[1:])' relay.py {q(listen_host)} {int(forward_port)} "
+        f"{q(sandbox)} > relay.out 2> relay.err < /dev/null &\n"
+        "echo $! > relay.pid\n"
+        "n=0; while [ ! -s relay.port ] && [ $n -lt 100 ]; do\n"
+        "  kill -0 $(cat relay.pid) 2>/dev/null || break; sleep 0.1; n=$((n+1)); done\n"
+        "if [ -s relay.port ]; then echo RELAY $(cat relay.port); exit 0; fi\n"
+        "echo 'the relay did not start:' >&2; tail -c 2000 relay.err >&2\n"
+        f"exit {RELAY_FAILED}\n")
+
+
+def relay_stop_script(sandbox: str) -> str:
+    """SIGTERM the relay of this sandbox (by its pid file, if that pid still runs relay.py)."""
+    q = shlex.quote
+    pid_file = posixpath.join(sandbox, "relay.pid")
+    return (
+        f"if [ -s {q(pid_file)} ]; then p=$(cat {q(pid_file)})\n"
+        "  if tr '\\000' '\\n' < /proc/$p/cmdline 2>/dev/null | grep -qx relay.py; then\n"
+        "    kill -TERM $p 2>/dev/null && echo relay_stopped; fi\nfi\n")
 
 
 def status_script(sandbox: str, agent_pid: int) -> str:

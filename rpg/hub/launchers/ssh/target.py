@@ -25,10 +25,10 @@ class SSHTarget:
 
     @classmethod
     def parse(cls, resource: str) -> SSHTarget:
-        """``ssh://[user@]host[:port]`` (the description validated its shape). Without a user,
-        the local one, from the environment: a password-database lookup could block the loop,
-        so that fallback is left to ``with_user`` on a lane thread."""
-        rest = resource[len("ssh://"):]
+        """``ssh://[user@]host[:port]`` or ``slurm+ssh://...`` (the description validated its
+        shape). Without a user, the local one, from the environment: a password-database lookup
+        could block the loop, so that fallback is left to ``with_user`` on a lane thread."""
+        rest = resource.split("://", 1)[1]  # ssh:// or slurm+ssh://
         user, _, hostport = rest.rpartition("@")
         host, _, port = hostport.partition(":")
         user = user or os.environ.get("LOGNAME") or os.environ.get("USER") or ""

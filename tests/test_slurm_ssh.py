@@ -10,7 +10,13 @@ import subprocess
 import time
 
 import pytest
-from sshd_fixture import pilot_leftovers, remote_sh, requires_sshd, ssh_env
+from sshd_fixture import (
+    kill_ssh_sessions_of_this_process,
+    pilot_leftovers,
+    remote_sh,
+    requires_sshd,
+    ssh_env,
+)
 from test_slurm import (
     PARTITION,
     jobs_named,
@@ -126,6 +132,28 @@ def test_a_bare_login_python_gets_its_environment_and_runs_units(tmp_path):
         sandbox = pilot.sandbox
     envs = [n for n in os.listdir(cache) if n.startswith("env-") and n[-1].isdigit()]
     assert len(envs) == 1 and (cache / envs[0] / ".rpg-ready").exists()
+    nothing_left(session, pilot, sandbox)
+
+
+def test_the_login_connection_dropped_mid_run(tmp_path):
+    port = int(ssh_env()["RPG_SSH_PORT"])
+    with rpg.Session(sandbox=str(tmp_path / "s")) as session:
+        pmgr = rpg.PilotManager(session)
+        pilot = pmgr.submit_pilots(desc(heartbeat_timeout=30.0))
+        umgr = rpg.UnitManager(session)
+        umgr.add_pilots(pilot)
+        units = umgr.submit_units([rpg.UnitDescription(executable="/bin/sh",
+                                                       arguments=["-c", "sleep 3; echo ok"])
+                                   for _ in range(4)])
+        umgr.wait_units([u.uid for u in units[:2]], state=states.EXECUTING, timeout=60)
+        assert kill_ssh_sessions_of_this_process(port)  # the tunnel, squeue's way: all of it
+        assert umgr.wait_units(timeout=90) == [states.DONE] * 4, [u.reason for u in units]
+        assert all(u.stdout.strip() == "ok" for u in units)
+        launcher = session.hub.pilots[pilot.uid].launcher
+        assert launcher.host.connects >= 2 and pilot.state == states.ACTIVE, pilot.reason
+        more = umgr.submit_units([rpg.UnitDescription(executable="/bin/true")])
+        assert umgr.wait_units([u.uid for u in more], timeout=30) == [states.DONE]
+        sandbox = pilot.sandbox
     nothing_left(session, pilot, sandbox)
 
 

@@ -10,6 +10,10 @@ must be real locks. This module is their one owner: it builds everything from th
 
 from __future__ import annotations
 
+import builtins
+import importlib.util
+import sys
+import types
 from time import monotonic
 from typing import Any, Callable
 
@@ -76,6 +80,56 @@ class Thread:
             self._running.release()
             return True
         return False
+
+
+_originals: dict[str, types.ModuleType] = {}
+_originals_lock = allocate_lock()
+
+
+def original_module(name: str) -> types.ModuleType:
+    """The stdlib module ``name`` as it was before any monkey-patching, for code that must use
+    real threads, locks and sockets (paramiko on rpg's threads). ``threading`` and ``socket``
+    are private copies run from their source over the original ``_thread`` and ``_socket``:
+    restoring a few attributes would not do, their classes (Thread, Condition, Timer, socket)
+    look up the patched names in their own module at every call. Other modules (``select``,
+    ``time``): a copy with every patched attribute set back. Nothing patched: the module
+    itself (not kept: the application may patch it later)."""
+    if not is_anything_patched():
+        return sys.modules.get(name) or importlib.import_module(name)
+    with _originals_lock:
+        mod = _originals.get(name)
+        if mod is None:
+            mod = _originals[name] = (_private_copy(name) if name in ("threading", "socket")
+                                      else _restored(name))
+        return mod
+
+
+def _restored(name: str) -> types.ModuleType:
+    real = sys.modules.get(name) or importlib.import_module(name)
+    mod = types.ModuleType(name, real.__doc__)
+    for attr, value in vars(real).items():
+        mod.__dict__[attr] = get_original(name, attr) if not attr.startswith("__") else value
+    return mod
+
+
+def _private_copy(name: str) -> types.ModuleType:
+    """Run stdlib ``name``'s source into a new module whose ``import _thread`` gets the
+    original ``_thread``; what else they use (``_socket``, ``os``, ``time.monotonic``) gevent
+    does not patch (socket's ``selectors``, patched, serves only ``sendfile``)."""
+    deps = {"_thread": _restored("_thread")}
+
+    def imp(mod_name: str, *args: Any, **kw: Any) -> Any:
+        return deps.get(mod_name) or builtins.__import__(mod_name, *args, **kw)
+
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None and spec.origin is not None
+    mod = types.ModuleType(f"_rpg_original_{name}")
+    mod.__dict__.update(__file__=spec.origin,
+                        __builtins__={**vars(builtins), "__import__": imp})
+    code = spec.loader.get_code(name)  # type: ignore[attr-defined]
+    sys.modules[mod.__name__] = mod  # socket's enums look their module up there
+    exec(code, mod.__dict__)
+    return mod
 
 
 def _set_os_name(name: str) -> None:

@@ -121,6 +121,73 @@ def test_100_units_with_sftp_staging_in_and_out(tmp_path):
     print(f"100 units with SFTP staging in {elapsed:.1f} s")
 
 
+PATCHED_APP = r"""
+from gevent import monkey
+monkey.patch_all()
+
+import hashlib, json, os, sys
+import gevent
+import rpg
+from rpg import states
+
+desc, tmp = rpg.PilotDescription(**json.loads(sys.argv[1])), sys.argv[2]
+ticks = [0]
+
+def ticker():  # the application's own greenlet: its loop must keep running
+    while True:
+        ticks[0] += 1
+        gevent.sleep(0.05)
+
+t = gevent.spawn(ticker)
+big = os.path.join(tmp, "big.bin")
+with open(big, "wb") as fh:
+    fh.write(os.urandom(6 * 1024 * 1024 + 7))
+with rpg.Session(sandbox=os.path.join(tmp, "session")) as session:
+    pmgr = rpg.PilotManager(session)
+    pilot = pmgr.submit_pilots(desc)
+    umgr = rpg.UnitManager(session)
+    umgr.add_pilots(pilot)
+    units = umgr.submit_units([rpg.UnitDescription(
+        executable="/bin/sh", arguments=["-c", "cp in.bin copy.bin && sha256sum in.bin"],
+        input_staging=[{"source": "client://" + big, "target": "in.bin"}],
+        output_staging=[{"source": "copy.bin", "target": "client://%s/out_%d.bin" % (tmp, i)}])
+        for i in range(20)])
+    slow = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["60"])])
+    final = umgr.wait_units([u.uid for u in units], timeout=120)
+    umgr.wait_units([slow[0].uid], state=states.EXECUTING, timeout=60)
+    slow[0].cancel()
+    slow_final = slow[0].wait(timeout=30)
+    sandbox = pilot.sandbox
+digest = hashlib.sha256(open(big, "rb").read()).hexdigest()
+outs = [hashlib.sha256(open(os.path.join(tmp, "out_%d.bin" % i), "rb").read()).hexdigest()
+        for i in range(20)]
+t.kill()
+print(json.dumps({"final": final, "slow": slow_final, "pilot": pilot.state,
+                  "reason": pilot.reason, "same": outs == [digest] * 20, "ticks": ticks[0],
+                  "stdout": units[0].stdout.split()[0] == digest, "sandbox": sandbox}))
+"""
+
+
+def test_the_core_case_in_a_monkey_patched_application(tmp_path):
+    """patch_all() first, then an SSH pilot with client:// staging both ways, a cancel and the
+    close: paramiko must stay on real threads (patched, its transport would be a greenlet of
+    one lane thread's hub, and the others would cross hubs: InvalidThreadUseError)."""
+    import json
+    import sys
+
+    fields = {k: v for k, v in pilot_desc(cores=2).as_dict().items() if v is not None}
+    env = dict(os.environ, RPG_LOG_LEVEL="warning")
+    r = subprocess.run([sys.executable, "-c", PATCHED_APP, json.dumps(fields), str(tmp_path)],
+                       capture_output=True, text=True, timeout=150, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "InvalidThreadUseError" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["final"] == [states.DONE] * 20 and out["same"] and out["stdout"], out
+    assert out["slow"] == states.CANCELED and out["pilot"] == states.DONE, out
+    assert out["ticks"] > 20, out  # the application's loop ran meanwhile
+    assert not remote_exists(out["sandbox"])
+
+
 def test_staging_errors_fail_the_unit_with_a_reason(tmp_path):
     secret = tmp_path / "secret.txt"  # stands for a file outside the sandbox on the remote
     secret.write_text("not yours\n")

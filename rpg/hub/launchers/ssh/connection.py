@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
+from rpg import threads
 from rpg.hub.launchers.base import LaunchError
 from rpg.hub.launchers.ssh.target import (
     RejectUnknown,
@@ -39,7 +42,59 @@ def import_paramiko() -> Any:
     block the hub loop (launcher_for imports this package on the loop)."""
     import paramiko
 
+    if not _rebound and threads.application_patched():
+        _paramiko_on_real_threads()
     return paramiko
+
+
+_PARAMIKO_STDLIB = ("threading", "socket", "select", "time")
+_rebound_lock = threads.Lock()
+_rebound = False
+
+
+def _paramiko_on_real_threads() -> None:
+    """Make paramiko use real threads, locks, events, sockets and sleeps on rpg's threads,
+    whatever the application monkey-patched.
+
+    Patched, paramiko's transport thread becomes a greenlet on the hub of the lane thread that
+    connected, and its Events, Conditions and sockets bind to that hub; the other lane threads,
+    the tunnel pump and the transport's own sftp prefetch threads then use them across hubs
+    (gevent's InvalidThreadUseError) or wait on a hub that never runs (a hang). paramiko looks
+    ``threading.Lock``, ``socket.socket``... up in its modules at every call, so each module's
+    ``threading``, ``socket``, ``select`` and ``time`` becomes a view that gives the originals
+    (rpg.threads.original_module) off the main thread, and the patched ones on it: the
+    application's own paramiko, in its greenlets on the main thread, stays cooperative."""
+    global _rebound
+    with _rebound_lock:
+        if _rebound:
+            return
+        views = {name: _OriginalsOffTheMainThread(sys.modules[name]) for name in
+                 _PARAMIKO_STDLIB if name in sys.modules}
+        for mod_name, mod in list(sys.modules.items()):
+            if mod is None or not (mod_name == "paramiko" or mod_name.startswith("paramiko.")):
+                continue
+            for name, view in views.items():
+                if mod.__dict__.get(name) is view.patched:
+                    setattr(mod, name, view)
+        _rebound = True
+
+
+def on_application_thread() -> bool:
+    """True on the main thread, where a patched application's greenlets (and its gevent
+    objects) live; rpg's paramiko runs on other threads only."""
+    return threading.get_native_id() == threading.main_thread().native_id  # never patched
+
+
+class _OriginalsOffTheMainThread(types.ModuleType):
+    """Stdlib module ``patched`` on the application's thread, its original elsewhere."""
+
+    def __init__(self, patched: types.ModuleType) -> None:
+        super().__init__(patched.__name__, patched.__doc__)
+        self.patched = patched
+        self.original = threads.original_module(patched.__name__)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.patched if on_application_thread() else self.original, name)
 
 
 def net_errors() -> tuple[type[BaseException], ...]:
@@ -65,7 +120,7 @@ class SSHConnection:
         self.client: paramiko.SSHClient | None = None
         self.transport: paramiko.Transport | None = None
         self._sftp_idle: list[paramiko.SFTPClient] = []
-        self._sftp_lock = threading.Lock()
+        self._sftp_lock = threads.Lock()
         self._closed = False
         # Remote directories known to exist, for staging (rpg.staging.sftp.makedirs); a new
         # connection starts knowing none.
@@ -239,9 +294,31 @@ class SSHConnection:
 
 
 def _transport_preferring_fast_ciphers(sock: Any, **kw: Any) -> paramiko.Transport:
-    transport = import_paramiko().Transport(sock, **kw)
+    pm = import_paramiko()
+    real = threads.application_patched() and not on_application_thread()
+    transport = (_real_thread_transport() if real else pm.Transport)(sock, **kw)
     opts = transport.get_security_options()
     offered = tuple(opts.ciphers)
     opts.ciphers = tuple(c for c in FAST_CIPHERS if c in offered) + tuple(
         c for c in offered if c not in FAST_CIPHERS)
     return transport
+
+
+_real_transport: type | None = None
+
+
+def _real_thread_transport() -> type:
+    """paramiko.Transport on a real OS thread. Transport *is* a threading.Thread, and its base
+    class is whatever ``threading.Thread`` was when paramiko was imported (a patched one starts
+    a greenlet); its ``__init__`` calls ``threading.Thread.__init__``, the original one on
+    rpg's threads (_paramiko_on_real_threads). The original Thread's other methods (start,
+    join, is_alive...) go with it, ahead of the patched base class; Transport's own (run,
+    __repr__...) stay."""
+    global _real_transport
+    if _real_transport is None:
+        base = import_paramiko().Transport
+        original = threads.original_module("threading").Thread
+        skip = {"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__"}
+        _real_transport = type("Transport", (base,), {
+            k: v for k, v in vars(original).items() if k not in skip and k not in vars(base)})
+    return _real_transport

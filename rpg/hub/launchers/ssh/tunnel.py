@@ -5,8 +5,6 @@ is bridged to a new connection to the hub's socket, and one real thread pumps by
 from __future__ import annotations
 
 import os
-import queue
-import select
 import socket
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
@@ -29,7 +27,7 @@ class TunnelPump:
         self.log = log
         self.bridged = 0
         self.error: str | None = None  # why the pump thread died, if it did
-        self._incoming: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._incoming: threads.SimpleQueue[Any] = threads.SimpleQueue()  # real, as the pump
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stop = False
@@ -53,13 +51,16 @@ class TunnelPump:
             pass
 
     def _run(self) -> None:
+        # A real thread: its select must be the real one too (patched, it would wait on a
+        # gevent hub of this thread's own, and the channels' events are on no hub).
+        select = threads.original_module("select").select
         bridges: list[tuple[paramiko.Channel, socket.socket]] = []
         try:
             while not self._stop:
                 while True:
                     try:
                         chan = self._incoming.get_nowait()
-                    except queue.Empty:
+                    except threads.Empty:
                         break
                     sock = self._connect_hub(chan)
                     if sock is not None:
@@ -67,7 +68,7 @@ class TunnelPump:
                 rlist: list[Any] = [self._wake_r]
                 for chan, sock in bridges:
                     rlist += [chan, sock]
-                ready, _, _ = select.select(rlist, [], [], 1.0)
+                ready, _, _ = select(rlist, [], [], 1.0)
                 if self._wake_r in ready:
                     os.read(self._wake_r, 4096)
                 for pair in list(bridges):
@@ -84,12 +85,14 @@ class TunnelPump:
             while True:
                 try:
                     self._incoming.get_nowait().close()
-                except queue.Empty:
+                except threads.Empty:
                     break
 
     def _connect_hub(self, chan: paramiko.Channel) -> socket.socket | None:
         try:
-            sock = socket.create_connection((self.hub_host, self.hub_port), timeout=5.0)
+            # real, as this thread (a patched one would be bound to a gevent hub of its own)
+            sock = threads.original_module("socket").create_connection(
+                (self.hub_host, self.hub_port), timeout=5.0)
         except OSError as exc:
             self.log.warning("ssh_tunnel_hub_unreachable", error=str(exc))
             chan.close()

@@ -50,7 +50,7 @@ def desc(**kw) -> rpg.PilotDescription:
 
 def relays_of(sandbox: str) -> list[int]:
     """Relay processes serving this sandbox (by their command line)."""
-    out = subprocess.run(["pgrep", "-f", f"relay.py .* {sandbox}$"], capture_output=True,
+    out = subprocess.run(["pgrep", "-f", f"relay.py .* {sandbox} [0-9]+$"], capture_output=True,
                          text=True).stdout
     return [int(p) for p in out.split()]
 
@@ -153,6 +153,33 @@ def test_the_login_connection_dropped_mid_run(tmp_path):
         assert launcher.host.connects >= 2 and pilot.state == states.ACTIVE, pilot.reason
         more = umgr.submit_units([rpg.UnitDescription(executable="/bin/true")])
         assert umgr.wait_units([u.uid for u in more], timeout=30) == [states.DONE]
+        sandbox = pilot.sandbox
+    nothing_left(session, pilot, sandbox)
+
+
+def test_a_relay_killed_on_the_login_node_is_started_again(tmp_path):
+    import signal
+
+    with rpg.Session(sandbox=str(tmp_path / "s")) as session:
+        pmgr = rpg.PilotManager(session)
+        pilot = pmgr.submit_pilots(desc(heartbeat_timeout=30.0))
+        umgr = rpg.UnitManager(session)
+        umgr.add_pilots(pilot)
+        assert pilot.wait(state=states.ACTIVE, timeout=60) == states.ACTIVE, pilot.reason
+        launcher = session.hub.pilots[pilot.uid].launcher
+        units = umgr.submit_units([rpg.UnitDescription(executable="/bin/sh",
+                                                       arguments=["-c", "sleep 4; echo ok"])
+                                   for _ in range(4)])
+        umgr.wait_units([u.uid for u in units[:2]], state=states.EXECUTING, timeout=60)
+        [old] = relays_of(pilot.sandbox)
+        os.kill(old, signal.SIGKILL)  # what a login node's process reaper does
+        assert umgr.wait_units(timeout=90) == [states.DONE] * 4, [u.reason for u in units]
+        assert launcher.relay_restarts >= 1
+        [new] = relays_of(pilot.sandbox)
+        assert new != old
+        more = umgr.submit_units([rpg.UnitDescription(executable="/bin/true")])
+        assert umgr.wait_units([u.uid for u in more], timeout=30) == [states.DONE]
+        assert pilot.state == states.ACTIVE, pilot.reason
         sandbox = pilot.sandbox
     nothing_left(session, pilot, sandbox)
 

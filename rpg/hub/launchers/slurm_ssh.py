@@ -13,7 +13,9 @@ node's 127.0.0.1, which the compute nodes cannot reach, so a small relay (ssh/re
 login node's python, detached) listens on ``PilotDescription.relay_address`` and passes each
 connection on to the forward. ``auto`` (the default) is the address the login node's own name
 resolves to; on the one-node CI cluster it is 127.0.0.1. Anything that reaches the relay reaches
-the hub's agent port, which answers only calls carrying this pilot's token.
+the hub's agent port, which answers only calls carrying this pilot's token. Login nodes often
+kill long-running user processes: while the job runs and the agent goes quiet, the launcher
+checks the relay and starts it again on the same port (the agent's zerorpc reconnects).
 
 Stop: the agent is let go for ``grace``, the job is scancel'ed and waited for, the relay is
 stopped, unit processes left on the login node are swept (not those on other nodes: SLURM ends
@@ -49,6 +51,7 @@ from rpg.hub.launchers.ssh.launcher import SSHLauncher
 from rpg.io_pool import IOPoolError
 
 SCRIPT = "agent.slurm"
+RELAY_CHECK_S = 2.0  # at most this often, and only while the agent is quiet
 # A login shell's PATH is what finds sbatch on most clusters: /etc/profile only if it is not
 # on the plain one.
 _FIND_SLURM = "command -v sbatch >/dev/null 2>&1 || . /etc/profile >/dev/null 2>&1\n"
@@ -96,6 +99,8 @@ class SlurmSSHLauncher(SSHLauncher):
         self.job = SlurmJob(ssh_cluster(hub, self.host, self.ctl), pilot.uid,
                             f"rpg:{hub.session_uid}:{pilot.uid}")
         self._end_reason: str | None = None
+        self._next_relay_check = 0.0
+        self.relay_restarts = 0
 
     @property
     def job_id(self) -> str | None:
@@ -157,6 +162,7 @@ class SlurmSSHLauncher(SSHLauncher):
         while not self.job.ended.is_set():
             if self._pump is not None and self._pump.error:
                 return f"the ssh tunnel to the hub failed: {self._pump.error}"
+            self._watch_relay()
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -170,6 +176,40 @@ class SlurmSSHLauncher(SSHLauncher):
             self._end_reason = self.job.describe_end() + (
                 f"; agent.err: {' | '.join(lines)}" if lines else "")
         return self._end_reason
+
+    def _watch_relay(self) -> None:
+        """Login nodes kill long-running user processes: while the job runs and the agent is
+        quiet, make sure the relay still runs, and start it again on its port if not."""
+        now = time.monotonic()
+        if now < self._next_relay_check or self.job.rec.get("JobState") != "RUNNING" or \
+                self._heard_recently():
+            return
+        self._next_relay_check = now + RELAY_CHECK_S
+        try:
+            restarted = self.ctl.run(self._b_relay_again, timeout=2 * EXEC_TIMEOUT
+                                     + 2 * CONNECT_TIMEOUT)
+        except (ConnectionLost, TimeoutError, IOPoolError, LaunchError) as exc:
+            self.log.warning("slurm_relay_check_failed", relay=self.relay, error=str(exc))
+            return
+        if restarted:
+            self.relay_restarts += 1
+            self.log.warning("slurm_relay_restarted", relay=self.relay,
+                             restarts=self.relay_restarts)
+
+    def _b_relay_again(self) -> bool:
+        """True if the relay was gone and runs again, on its port."""
+        assert self.sandbox is not None and self.relay is not None
+        conn = self._b_live()
+        _rc, out, _err = conn.run(scripts.relay_alive_script(self.sandbox))
+        if "relay alive" in out:
+            return False
+        host, _, port = self.relay.rpartition(":")
+        rc, out, err = conn.run(scripts.relay_start_script(self.sandbox, self.python, host,
+                                                           self.fwd_port, int(port)))
+        if rc != 0 or f"RELAY {host} {port}" not in out:
+            raise LaunchError(f"the relay could not be started again on {self.relay} "
+                              f"(exit {rc}): {tail_of(err, out)}")
+        return True
 
     def _b_err_tail(self) -> str:
         assert self.sandbox is not None

@@ -5,10 +5,11 @@ address they can reach and passes every connection on to that forward.
 Standard library only (Python 3.8+): the SLURM launcher uploads this file into the pilot
 sandbox and runs it detached with the login node's python::
 
-    python relay.py LISTEN_HOST FORWARD_PORT SANDBOX
+    python relay.py LISTEN_HOST FORWARD_PORT SANDBOX [LISTEN_PORT]
 
 LISTEN_HOST ``auto`` is the address the login node's own name resolves to (what compute nodes
-usually reach it by).
+usually reach it by). LISTEN_PORT (default 0: any) is for a restart: the agent's config names
+the first relay's port.
 It writes the port it listens on to ``SANDBOX/relay.port`` (through a rename: whole or not at
 all) and ends when its sandbox is removed (the pilot stopped), on SIGTERM, or when it has had
 no connection for ``IDLE_S`` after having had one (the agent is gone). One thread per
@@ -49,6 +50,7 @@ def pump(a, b, done):
 
 def main(argv):
     listen_host, forward_port, sandbox = argv[1], int(argv[2]), argv[3]
+    listen_port = int(argv[4]) if len(argv) > 4 else 0
     if listen_host == "auto":  # the address this node's own name resolves to
         try:
             listen_host = socket.gethostbyname(socket.getfqdn())
@@ -57,7 +59,7 @@ def main(argv):
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((listen_host, 0))
+    srv.bind((listen_host, listen_port))
     srv.listen(64)
     port_file = os.path.join(sandbox, "relay.port")
     with open(port_file + ".tmp", "w") as fh:

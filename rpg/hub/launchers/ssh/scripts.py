@@ -103,24 +103,37 @@ def start_script(sandbox: str, python: str, pilot_key: str) -> str:
 _RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.py")
 
 
-def relay_start_script(sandbox: str, python: str, listen_host: str, forward_port: int) -> str:
+def relay_start_script(sandbox: str, python: str, listen_host: str, forward_port: int,
+                       listen_port: int = 0) -> str:
     """Write relay.py into the sandbox and start it detached (its own session); prints
-    ``RELAY host port`` once it listens, or exits RELAY_FAILED with its stderr."""
+    ``RELAY host port`` once it listens, or exits RELAY_FAILED with its stderr. A restart
+    asks for the port the agent knows (``listen_port``)."""
     q = shlex.quote
     with open(_RELAY_PATH, encoding="utf-8") as fh:
         relay = fh.read()
     return (
         f"cd -- {q(sandbox)} || exit 90\n"
+        "rm -f relay.port\n"  # a restart's: the new relay writes its own
         f"cat > relay.py <<'__RPG_RELAY__'\n{relay}\n__RPG_RELAY__\n"
         f"{q(python)} -c 'import os, sys; os.setsid(); os.execv(sys.executable, "
         f"[sys.executable] + sys.argv[1:])' relay.py {q(listen_host)} {int(forward_port)} "
-        f"{q(sandbox)} > relay.out 2> relay.err < /dev/null &\n"
+        f"{q(sandbox)} {int(listen_port)} > relay.out 2> relay.err < /dev/null &\n"
         "echo $! > relay.pid\n"
         "n=0; while [ ! -s relay.port ] && [ $n -lt 100 ]; do\n"
         "  kill -0 $(cat relay.pid) 2>/dev/null || break; sleep 0.1; n=$((n+1)); done\n"
         "if [ -s relay.port ]; then echo RELAY $(cat relay.port); exit 0; fi\n"
         "echo 'the relay did not start:' >&2; tail -c 2000 relay.err >&2\n"
         f"exit {RELAY_FAILED}\n")
+
+
+def relay_alive_script(sandbox: str) -> str:
+    """Prints ``relay alive`` or ``relay dead`` (by its pid file and command line)."""
+    q = shlex.quote
+    pid_file = posixpath.join(sandbox, "relay.pid")
+    return (
+        f"p=$(cat {q(pid_file)} 2>/dev/null)\n"
+        "if [ -n \"$p\" ] && tr '\\000' '\\n' < /proc/$p/cmdline 2>/dev/null | grep -qx relay.py"
+        "; then echo relay alive; else echo relay dead; fi\n")
 
 
 def relay_stop_script(sandbox: str) -> str:

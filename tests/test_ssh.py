@@ -188,6 +188,27 @@ def test_the_core_case_in_a_monkey_patched_application(tmp_path):
     assert not remote_exists(out["sandbox"])
 
 
+@pytest.mark.parametrize("where", ["absolute", "home"])
+def test_the_remote_sandbox_honours_the_description(tmp_path, where):
+    import uuid
+
+    name = f"rpg-test-sandbox-{uuid.uuid4().hex[:8]}"
+    home = remote_sh("cd && pwd -P").stdout.strip()
+    root, wanted = ((str(tmp_path / name), str(tmp_path / name)) if where == "absolute"
+                    else (f"~/{name}", f"{home}/{name}"))
+    session, pilot, umgr = start(tmp_path, pilot_desc(sandbox=root))
+    with session:
+        [u] = umgr.submit_units([rpg.UnitDescription(executable="/bin/pwd")])
+        assert umgr.wait_units(timeout=60) == [states.DONE], u.reason
+        assert pilot.sandbox == f"{wanted}/{session.uid}/{pilot.uid}"
+        assert u.stdout.strip() == f"{pilot.sandbox}/{u.uid}"
+        mode = remote_sh(f"stat -c %a '{pilot.sandbox}'").stdout.strip()
+        assert mode == "700", mode
+    assert not remote_exists(pilot.sandbox)
+    assert not remote_exists(f"{wanted}/{session.uid}")  # the session's level too, once empty
+    remote_sh(f"rmdir '{wanted}'")
+
+
 def test_staging_errors_fail_the_unit_with_a_reason(tmp_path):
     secret = tmp_path / "secret.txt"  # stands for a file outside the sandbox on the remote
     secret.write_text("not yours\n")

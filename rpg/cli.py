@@ -293,9 +293,13 @@ def cmd_hub(args: argparse.Namespace) -> int:
         def ready(address: str, access: str) -> None:
             print(f"rpg hub serve: listening on {address}; access file {access}",
                   file=sys.stderr, flush=True)
+            if server.dashboard is not None:
+                print(f"rpg hub serve: dashboard at {server.dashboard.url()} (give it a "
+                      f"user's token)", file=sys.stderr, flush=True)
 
         try:
-            server = HubServer(args.sandbox, args.address, args.max_units_per_user)
+            server = HubServer(args.sandbox, args.address, args.max_units_per_user,
+                               args.dashboard)
             return server.serve(ready)
         except (ServeError, SandboxError, OSError) as exc:
             print(f"rpg hub serve: {exc}", file=sys.stderr)
@@ -404,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--sandbox", required=True, help="its directory (access.json, sessions)")
     serve.add_argument("--address", help="tcp://127.0.0.1:PORT (default: the last run's, or "
                                          "a free port); loopback only")
+    serve.add_argument("--dashboard", metavar="HOST:PORT",
+                       help="serve the live dashboard there (127.0.0.1:0: any free port; the "
+                            "page asks for a user's token)")
     serve.add_argument("--max-units-per-user", type=int, default=200000,
                        help="units not final yet one user may have (200000)")
     tok = hsub.add_parser("token", help="add a user and print their access JSON")

@@ -343,4 +343,5 @@ def connect(hub: str, reconnect_timeout: float = RECONNECT_TIMEOUT,
         t.close()
         raise SessionError(f"hub {access['address']} speaks protocol {hello.get('protocol')}, "
                            f"this client 1")
+    t.dashboard = hello.get("dashboard")  # the service's dashboard page, if it has one
     return t

@@ -15,6 +15,7 @@ import secrets
 import time
 import weakref
 from typing import Any, Callable, Iterable, Sequence, Union
+from urllib.parse import quote
 
 import gevent
 import gevent.event
@@ -81,7 +82,8 @@ class Session:
                  hub_address: str = "tcp://127.0.0.1:0", uid: str | None = None,
                  hub: str | None = None, attach: str | None = None,
                  reconnect_timeout: float = client.RECONNECT_TIMEOUT,
-                 ssh_key: str | None = None, known_hosts: str | None = None) -> None:
+                 ssh_key: str | None = None, known_hosts: str | None = None,
+                 dashboard: str | None = None) -> None:
         self._cond = threads.Condition()
         self._coop_waiters: list[tuple[Any, Any]] = []  # (gevent loop, gevent Event)
         self._objects: dict[str, _Entity] = {}
@@ -98,16 +100,21 @@ class Session:
         self._close_lock = threads.Lock()
         self._close_done = threads.Event()
         self.hub: Hub | None = None
+        self._remote_dashboard_url: str | None = None
         if hub is None:
             if attach is not None:
                 raise SessionError("attach: an embedded session lives and dies with its "
                                    "application; attach to a session of a hub service "
                                    "(Session(hub=..., attach=...))")
-            self._start_embedded(sandbox, hub_address, uid)
+            self._start_embedded(sandbox, hub_address, uid, dashboard)
         else:
             if sandbox is not None:
                 raise SessionError("sandbox: a session on a hub service has its sandbox on "
                                    "the hub (under its --sandbox)")
+            if dashboard is not None:
+                raise SessionError("dashboard: a hub service serves one dashboard for all its "
+                                   "sessions (rpg hub serve --dashboard HOST:PORT); "
+                                   "session.dashboard_url gives its address")
             self._t = client.connect(hub, reconnect_timeout, ssh_key, known_hosts)
             self._start_remote(attach, uid)
         self.log = get_logger("session", session=self.uid)
@@ -120,12 +127,20 @@ class Session:
         self.log.info("session_started", sandbox=self.sandbox, hub=self.hub_address,
                       attached=attach is not None)
 
-    def _start_embedded(self, sandbox: str | None, hub_address: str, uid: str | None) -> None:
+    def _start_embedded(self, sandbox: str | None, hub_address: str, uid: str | None,
+                        dashboard: str | None) -> None:
         self.uid = uid or "rpg.session.{}.{}.{:04d}".format(
             time.strftime("%Y%m%d-%H%M%S"), os.getpid(), next(_session_ids))
         self.sandbox = os.path.abspath(os.path.expanduser(
             sandbox or os.path.join(os.getcwd(), self.uid)))
-        self.hub = Hub(self.uid, self.sandbox, hub_address, EventLog())
+        if dashboard is not None:
+            from rpg.dashboard import DashboardError, parse_address
+
+            try:
+                parse_address(dashboard)
+            except DashboardError as exc:
+                raise SessionError(str(exc)) from None
+        self.hub = Hub(self.uid, self.sandbox, hub_address, EventLog(), dashboard=dashboard)
         try:
             self.hub.start()
         except HubError as exc:
@@ -146,6 +161,9 @@ class Session:
             t.sandbox = self.sandbox = opened["sandbox"]
             self._profile = opened["profile"]
             self._address = t.address
+            board = getattr(t, "dashboard", None)
+            self._remote_dashboard_url = (
+                f"{board}?token={quote(t.token)}&session={quote(self.uid)}" if board else None)
             self.user = opened["user"]
             if attach is not None:
                 self._rebuild(t.call("snapshot"))
@@ -195,6 +213,15 @@ class Session:
     @property
     def hub_address(self) -> str | None:
         return self._address
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The live dashboard's page, with the token it needs (None: no dashboard). Embedded:
+        ``Session(dashboard="127.0.0.1:0")``; on a hub service: its ``--dashboard``, with
+        this user's token and this session picked."""
+        if self.hub is not None:
+            return self.hub.dashboard_url
+        return self._remote_dashboard_url
 
     @property
     def reconnects(self) -> int:

@@ -177,8 +177,10 @@ class Front:
 
     def hello(self, token: str) -> dict[str, Any]:
         """Who the token is, and the protocol version."""
+        board = self._server.dashboard
         return {"user": self._user(token), "protocol": PROTOCOL,
-                "address": self._server.address}
+                "address": self._server.address,
+                "dashboard": board.url() if board is not None else None}
 
     def open_session(self, token: str, options: dict, request_id: str) -> dict[str, Any]:
         user = self._user(token)
@@ -230,7 +232,7 @@ class Front:
         for e in list(self._server.sessions.values()):
             if everyone or e.owner == user:
                 d = self._describe(e)
-                d["units"] = dict(Counter(u.state for u in list(e.hub.units.values())))
+                d["units"] = {st: n for st, n in e.hub.ledger.unit_counts.items() if n}
                 d["pilots"] = [{"uid": p.uid, "state": p.state, "cores": p.cores,
                                 "cores_in_use": p.load_cores} for p in
                                list(e.hub.pilots.values())]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import time
 from typing import Any, Callable
 
@@ -46,7 +47,7 @@ class Hub:
     """Owns the hub thread. Public methods are called from application threads."""
 
     def __init__(self, session_uid: str, sandbox: str, address: str, events: EventLog,
-                 host: Any = None) -> None:
+                 host: Any = None, dashboard: str | None = None) -> None:
         if not address.startswith("tcp://"):
             raise HubError(f"hub_address must be tcp://host:port, got {address!r}")
         self.session_uid = session_uid
@@ -88,6 +89,11 @@ class Hub:
         # when its process is gone, instead of waiting out heartbeat_timeout.
         self.agents_follow_hub_process = True
         self.log = get_logger("hub", session=session_uid)
+        # The live dashboard of an embedded session (rpg/dashboard): its address, then the
+        # server, and the URL with the session's own random token.
+        self._dashboard_address = dashboard
+        self.dashboard: Any = None
+        self.dashboard_url: str | None = None
 
     def next_uid(self, prefix: str) -> str:
         """A new uid of this session (``unit.000042``); safe from any thread."""
@@ -133,6 +139,8 @@ class Hub:
             self.address = bound_address(server)
             server_g = gevent.spawn(server.run)
             flusher = gevent.spawn(self._flush_loop)
+            if self._dashboard_address is not None:
+                self._start_dashboard(self._dashboard_address)
             self.log.info("hub_started", address=self.address, sandbox=self.sandbox)
         except BaseException as exc:  # report to start(), then clean up below
             self._start_error = exc
@@ -145,6 +153,8 @@ class Hub:
                 self._stop.wait()
                 self._shutdown()
         finally:
+            if self.dashboard is not None:
+                self.dashboard.stop()
             for g in (flusher, server_g):
                 if g is not None:
                     g.kill(block=True, timeout=2)
@@ -171,6 +181,20 @@ class Hub:
                     self.watch.stop()
                 self.events.close()  # the stream's end: every final state is in it
                 self._done.set()
+
+    def _start_dashboard(self, address: str) -> None:
+        from rpg.dashboard import Dashboard, token_matches
+
+        token = secrets.token_urlsafe(24)
+        board = Dashboard(address, lambda t: [self] if token_matches(t, token) else None,
+                          lambda: [self], self.session_uid)
+        try:
+            board.start()
+        except OSError as exc:
+            raise HubError(f"dashboard {address}: cannot listen there: "
+                           f"{exc.strerror or exc}") from None
+        self.dashboard = board
+        self.dashboard_url = board.url(token)
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in a greenlet of the hub loop, soon (so the loop watch sees it if

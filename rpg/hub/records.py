@@ -10,7 +10,7 @@ state once, in order: skipped ones are filled in), and keeps the pilot bookkeepi
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from gevent.event import Event
@@ -96,12 +96,17 @@ class Ledger:
         self.units: dict[str, UnitRecord] = {}
         self.pilots: dict[str, PilotRecord] = {}
         self.units_final = 0  # units that reached a final state (a service's in-flight limit)
+        # Units by state, kept as they move (O(1) a step): what the dashboard shows, never
+        # counted over all units. And the latest failures with their reasons.
+        self.unit_counts: Counter[str] = Counter()
+        self.failures: deque[tuple[float, str, str | None, str | None]] = deque(maxlen=50)
 
     # -- records ---------------------------------------------------------------------------------
 
     def new_unit(self, uid: str, umgr: str, desc: dict[str, Any], ts: float) -> UnitRecord:
         rec = self.units[uid] = UnitRecord(uid, umgr, desc)
         rec.created = ts
+        self.unit_counts[states.NEW] += 1
         self.profile.add(ts, uid, states.NEW, "hub")
         return rec
 
@@ -119,7 +124,11 @@ class Ledger:
         delivered once. Raises IllegalTransition for a step the table does not allow."""
         steps = states.path(kind, rec.state, new)
         ts = ts or time.time()
+        counts = self.unit_counts if kind == "unit" else None
         for st in steps:
+            if counts is not None:
+                counts[rec.state] -= 1
+                counts[st] += 1
             rec.state = st
             extra = fields if st == new else {}
             # A function unit's results are the application's data, not the profile's.
@@ -155,6 +164,8 @@ class Ledger:
                 setattr(unit, k, fields[k])
         self.move("unit", unit, state, component, ts=ts, **fields)
         self.units_final += 1
+        if state == states.FAILED:
+            self.failures.append((ts or time.time(), unit.uid, unit.pilot, unit.reason))
         self._release(unit)
         unit.wake.set()
         return True
@@ -168,6 +179,8 @@ class Ledger:
         unit.at_agent = False
         unit.done_at_agent = None
         unit.restarts += 1
+        self.unit_counts[unit.state] -= 1
+        self.unit_counts[states.NEW] += 1
         unit.state = states.NEW
         ts = time.time()
         fields = {"reason": f"restarting: {reason}", "reason_code": Why.RESTART.value,

@@ -73,7 +73,17 @@ def check_address(address: str) -> str:
 
 class HubServer:
     def __init__(self, sandbox: str, address: str | None = None,
-                 max_units_per_user: int = MAX_UNITS_PER_USER) -> None:
+                 max_units_per_user: int = MAX_UNITS_PER_USER,
+                 dashboard: str | None = None) -> None:
+        if dashboard is not None:
+            from rpg.dashboard import DashboardError, parse_address
+
+            try:
+                parse_address(dashboard)
+            except DashboardError as exc:
+                raise ServeError(f"--{exc}") from None
+        self.dashboard_address = dashboard
+        self.dashboard: Any = None
         if max_units_per_user < 1:
             raise ServeError(f"--max-units-per-user must be at least 1, got "
                              f"{max_units_per_user}")
@@ -191,6 +201,8 @@ class HubServer:
             write_private_json(access_path, access(self.address, token, self.owner))
             g = gevent.spawn(server.run)
             reload_g = gevent.spawn(self._reload_users)
+            if self.dashboard_address is not None:
+                self._start_dashboard(self.dashboard_address)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 handlers.append(gevent.signal_handler(sig, self.stop))
             # What is loaded by now lives as long as the process: out of the collector's
@@ -211,12 +223,37 @@ class HubServer:
         finally:
             for h in handlers:
                 h.cancel()
+            if self.dashboard is not None:
+                self.dashboard.stop()
             server.close()
             ctx.destroy(linger=0)
             self.pool.close(wait=2.0)
             self.watch.stop()
         self.log.info("hub_service_stopped")
         return 0
+
+    def _start_dashboard(self, address: str) -> None:
+        """One page for every session: a user's token shows that user's sessions, the
+        owner's all of them."""
+        from rpg.dashboard import Dashboard
+
+        def resolve(token: str) -> list[Any] | None:
+            user = self.users.who(token) if len(token) <= 256 else None
+            if user is None and self.reload_users_now():
+                user = self.users.who(token)
+            if user is None:
+                return None
+            return [e.hub for e in list(self.sessions.values())
+                    if user == self.owner or e.owner == user]
+
+        board = Dashboard(address, resolve, lambda: [e.hub for e in
+                                                     list(self.sessions.values())], "service")
+        try:
+            board.start()
+        except OSError as exc:
+            raise ServeError(f"--dashboard {address}: cannot listen there: "
+                             f"{exc.strerror or exc}") from None
+        self.dashboard = board
 
     def reload_users_now(self) -> bool:
         """On a token not known: read users.json again now (at most every 0.1 s), so a token

@@ -23,40 +23,27 @@ SHORT = {"NEW": "new", "BOUND": "bound", "STAGING_IN": "stage-in", "SCHEDULING":
 
 
 class Progress:
-    """A one-line progress bar of units by state (redrawn on a TTY, a line a second otherwise)."""
+    """``rpg run``'s bar of units by state (rpg.progress: rich on a terminal, plain lines
+    otherwise)."""
 
-    def __init__(self, total: int, stream: Any = sys.stderr, width: int = 30) -> None:
+    def __init__(self, total: int, stream: Any = None) -> None:
+        from rpg.progress import ProgressBar
+
         self.total = total
-        self.stream = stream
-        self.width = width
-        self.tty = stream.isatty()
-        self.t0 = time.monotonic()
-        self._last_line = 0.0
+        self.bar = ProgressBar(total, "units", stream)
 
-    def line(self, counts: Counter, todo: int = 0) -> str:
+    @staticmethod
+    def text(counts: Counter, todo: int = 0) -> str:
         """``todo``: units not submitted yet (their inputs are made as others finish)."""
-        final = sum(counts[s] for s in states.FINAL)
-        filled = int(self.width * final / max(1, self.total))
-        bar = "#" * filled + "." * (self.width - filled)
         parts = " ".join(f"{SHORT[s]}={counts[s]}" for s in STATE_ORDER if counts[s])
-        if todo:
-            parts = f"{parts} todo={todo}".strip()
-        return f"[{bar}] {final}/{self.total} {time.monotonic() - self.t0:6.1f}s  {parts}"
+        return f"{parts} todo={todo}".strip() if todo else parts
 
     def update(self, counts: Counter, force: bool = False, todo: int = 0) -> None:
-        text = self.line(counts, todo)
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + text)
-            self.stream.flush()
-        elif force or time.monotonic() - self._last_line >= 1.0:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-            self._last_line = time.monotonic()
+        final = sum(counts[s] for s in states.FINAL)
+        self.bar.update(final, self.text(counts, todo), force=force)
 
     def done(self, counts: Counter, todo: int = 0) -> None:
-        self.update(counts, force=True, todo=todo)
-        if self.tty:
-            self.stream.write("\n")
+        self.bar.done(sum(counts[s] for s in states.FINAL), self.text(counts, todo))
 
 
 MAX_INPUT_KB = 1024 * 1024  # one chunk is read into memory: at most 1 GiB
@@ -253,11 +240,14 @@ def _run(args: argparse.Namespace, sandbox: str, inputs: str, results: str,
 
 def cmd_report(args: argparse.Namespace) -> int:
     from rpg.log import read_profile
-    from rpg.report import analyze, format_summary
+    from rpg.report import Timeline, analyze, format_summary
 
-    path = args.profile
-    if os.path.isdir(path):
-        path = os.path.join(path, "profile.jsonl")
+    path = find_profile(args.profile)
+    if path is None:
+        print(f"rpg report: {args.profile}: no profile.jsonl there, nor in a session "
+              f"directory below it (give the profile, a session sandbox, or the sandbox "
+              f"`rpg run` printed)", file=sys.stderr)
+        return 2
     try:
         events = read_profile(path)
     except OSError as exc:
@@ -266,9 +256,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"rpg report: {path} is not a profile (JSON lines): {exc}", file=sys.stderr)
         return 2
-    print(format_summary(analyze(events), title=f"rpg report: {path}"))
+    tl = Timeline(events)
+    print(format_summary(analyze(tl), title=f"rpg report: {path}"))
     print_profile_damage(events)
+    for out, write in ((args.plot, "write_png"), (args.html, "write_html")):
+        if not out:
+            continue
+        from rpg import plots
+
+        try:
+            if write == "write_png":
+                plots.write_png(tl, out)
+            else:
+                plots.write_html(tl, out, f"rpg report: {path}")
+        except OSError as exc:
+            print(f"rpg report: cannot write {out}: {exc.strerror}", file=sys.stderr)
+            return 2
+        print(f"{'wrote':<22}  {out}")
     return 0
+
+
+def find_profile(path: str) -> str | None:
+    """The profile at ``path``: the file itself, a session sandbox's profile.jsonl, or, in a
+    directory of sessions (what `rpg run --sandbox` makes: session, session.2, ...), the
+    newest session's."""
+    if not os.path.isdir(path):
+        return path
+    own = os.path.join(path, "profile.jsonl")
+    if os.path.exists(own):
+        return own
+    found = []
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return None
+    for name in names:
+        candidate = os.path.join(path, name, "profile.jsonl")
+        try:
+            found.append((os.stat(candidate).st_mtime, candidate))
+        except OSError:
+            continue
+    return max(found)[1] if found else None
 
 
 def print_profile_damage(events: Any) -> None:
@@ -399,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--runtime", type=float, default=30, help="pilot runtime, minutes (30)")
     run.add_argument("--sandbox", help="where inputs, results and the session go")
     rep = sub.add_parser("report", help="overheads, throughput, concurrency from a profile")
-    rep.add_argument("profile", help="profile.jsonl, or a session sandbox holding one")
+    rep.add_argument("profile", help="profile.jsonl, a session sandbox holding one, or the "
+                                     "sandbox `rpg run` printed (its newest session)")
+    rep.add_argument("--plot", metavar="FILE.png",
+                     help="draw units by state, core utilization, concurrency and overhead")
+    rep.add_argument("--html", metavar="FILE", help="a self-contained page: summary and plots")
     sub.add_parser("stress", help="the slow-disk stress harness (see --help of it)")
     hist_command.add_parser(sub)
     hub = sub.add_parser("hub", help="the hub as a service: serve, token, status, stop")

@@ -15,22 +15,45 @@ import numpy as np
 from rpg import states
 from rpg.log import record_problem
 
+TRANSFER = "TRANSFER"  # a client:// file moved by the hub (not a state)
+
+
+class Timeline:
+    """Per unit and per pilot, the time of each state (the last, if one came twice), what
+    rpg report plots needs besides (a unit's pilot and cores, a pilot's cores), and the
+    TRANSFER records (direction, bytes, seconds)."""
+
+    def __init__(self, events: Iterable[Any]) -> None:
+        self.units: dict[str, dict[str, float]] = {}
+        self.pilots: dict[str, dict[str, float]] = {}
+        self.unit_pilot: dict[str, str] = {}
+        self.unit_cores: dict[str, int] = {}
+        self.pilot_cores: dict[str, int] = {}
+        self.transfers: list[dict[str, Any]] = []
+        self.skipped = 0
+        for ev in events:
+            if record_problem(ev) is not None:
+                self.skipped += 1
+                continue
+            uid, st, t = ev["uid"], ev["state"], float(ev["time"])
+            if st == TRANSFER:
+                self.transfers.append(ev)
+            elif uid.startswith("unit."):
+                self.units.setdefault(uid, {})[st] = t
+                if st == states.BOUND and isinstance(ev.get("pilot"), str):
+                    self.unit_pilot[uid] = ev["pilot"]
+                    if isinstance(ev.get("cores"), int):
+                        self.unit_cores[uid] = ev["cores"]
+            elif uid.startswith("pilot."):
+                self.pilots.setdefault(uid, {})[st] = t
+                if st == states.NEW and isinstance(ev.get("cores"), int):
+                    self.pilot_cores[uid] = ev["cores"]
+
 
 def analyze(events: Iterable[Any]) -> dict[str, Any]:
-    units: dict[str, dict[str, float]] = {}
-    pilots: dict[str, dict[str, float]] = {}
-    skipped = 0
-    for ev in events:
-        if record_problem(ev) is not None:
-            skipped += 1
-            continue
-        uid, st, t = ev["uid"], ev["state"], float(ev["time"])
-        if uid.startswith("unit."):
-            units.setdefault(uid, {})[st] = t
-        elif uid.startswith("pilot."):
-            pilots.setdefault(uid, {})[st] = t
-    active = [p[states.ACTIVE] for p in pilots.values() if states.ACTIVE in p]
-    first_active = min(active) if active else None
+    tl = events if isinstance(events, Timeline) else Timeline(events)
+    units, pilots, skipped = tl.units, tl.pilots, tl.skipped
+    t_active = first_active_time(tl)
     counts = {s: 0 for s in (states.DONE, states.FAILED, states.CANCELED)}
     counts["unfinished"] = 0
     execs, overheads, waits, spans = [], [], [], []
@@ -44,15 +67,13 @@ def analyze(events: Iterable[Any]) -> dict[str, Any]:
         t_new = times.get(states.NEW, times[final])
         first_new = t_new if first_new is None else min(first_new, t_new)
         last_final = times[final] if last_final is None else max(last_final, times[final])
-        if states.EXECUTING in times:
-            end = times.get(states.STAGING_OUT, times[final])
-            spans.append((times[states.EXECUTING], end))
-            execs.append(end - times[states.EXECUTING])
-            waits.append(times[states.EXECUTING] - times.get(states.SCHEDULING,
-                                                             times[states.EXECUTING]))
-            # Time before any pilot was ACTIVE is the pilot's start-up, not per-unit overhead.
-            start = max(t_new, first_active) if first_active is not None else t_new
-            overheads.append((times[final] - start) - execs[-1] - waits[-1])
+        nums = unit_numbers(times, t_active)
+        if nums is not None:
+            span, ex, wait, over = nums
+            spans.append(span)
+            execs.append(ex)
+            waits.append(wait)
+            overheads.append(over)
     out: dict[str, Any] = {"units": len(units), "counts": counts, "skipped_records": skipped}
     if first_new is not None and last_final is not None and last_final > first_new:
         out["makespan_s"] = last_final - first_new
@@ -66,11 +87,40 @@ def analyze(events: Iterable[Any]) -> dict[str, Any]:
         out["core_wait_s_mean"] = float(np.mean(waits))
     if spans:
         out["peak_concurrency"] = _peak(spans)
+    if tl.transfers:
+        t_in = [e for e in tl.transfers if e.get("direction") == "in"]
+        t_out = [e for e in tl.transfers if e.get("direction") == "out"]
+        out["transfers"] = {
+            "in": len(t_in), "out": len(t_out),
+            "bytes_in": sum(int(e.get("bytes") or 0) for e in t_in),
+            "bytes_out": sum(int(e.get("bytes") or 0) for e in t_out)}
     startup = [p[states.ACTIVE] - p[states.NEW] for p in pilots.values()
                if states.ACTIVE in p and states.NEW in p]
     if startup:
         out["pilot_startup_s"] = float(np.mean(startup))
     return out
+
+
+def first_active_time(tl: Timeline) -> float | None:
+    """When the first pilot became ACTIVE (None: none did)."""
+    active = [p[states.ACTIVE] for p in tl.pilots.values() if states.ACTIVE in p]
+    return min(active) if active else None
+
+
+def unit_numbers(times: dict[str, float], first_active: float | None
+                 ) -> tuple[tuple[float, float], float, float, float] | None:
+    """A finished unit's (execution span, execution s, waiting for cores s, rpg overhead s),
+    or None if it never executed."""
+    final = next((s for s in states.FINAL if s in times), None)
+    if final is None or states.EXECUTING not in times:
+        return None
+    t_new = times.get(states.NEW, times[final])
+    end = times.get(states.STAGING_OUT, times[final])
+    ex = end - times[states.EXECUTING]
+    wait = times[states.EXECUTING] - times.get(states.SCHEDULING, times[states.EXECUTING])
+    # Time before any pilot was ACTIVE is the pilot's start-up, not per-unit overhead.
+    start = max(t_new, first_active) if first_active is not None else t_new
+    return (times[states.EXECUTING], end), ex, wait, (times[final] - start) - ex - wait
 
 
 def _peak(spans: list[tuple[float, float]]) -> int:
@@ -99,9 +149,13 @@ def format_summary(a: dict[str, Any], title: str = "rpg summary") -> str:
         rows.append(("waiting for cores", f"mean {a['core_wait_s_mean'] * 1e3:.1f} ms"))
     if "peak_concurrency" in a:
         rows.append(("peak concurrent units", str(a["peak_concurrency"])))
+    if "transfers" in a:
+        tr = a["transfers"]
+        rows.append(("client:// transfers", f"{tr['in']} in ({tr['bytes_in'] / 1e6:.2f} MB), "
+                                           f"{tr['out']} out ({tr['bytes_out'] / 1e6:.2f} MB)"))
     if a.get("skipped_records"):
         rows.append(("records skipped", f"{a['skipped_records']} (not usable profile records)"))
-    width = max(len(r[0]) for r in rows)
+    width = max(len(r[0]) for r in rows[1:]) if len(rows) > 1 else 10
     lines = [rows[0][0], "-" * (width + 40)]
     lines += [f"{k:<{width}}  {v}" for k, v in rows[1:]]
     if "overhead_ms" in a:

@@ -28,6 +28,21 @@ def test_rpg_run_small_workload_and_report(tmp_path):
     rep = run(["report", str(tmp_path / "work" / "session")], cwd=tmp_path)
     assert rep.returncode == 0, rep.stderr
     assert re.search(r"units DONE\s+30\n", rep.stdout)
+    # the directory `rpg run` printed (its newest session), with plots and a page
+    png, page = tmp_path / "report.png", tmp_path / "report.html"
+    rep = run(["report", str(tmp_path / "work"), "--plot", str(png), "--html", str(page)],
+              cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr
+    assert re.search(r"units DONE\s+30\n", rep.stdout) and "session/profile.jsonl" in rep.stdout
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(png))
+    assert img.shape[:2] == (800, 1200), img.shape  # 12 x 8 in at 100 dpi
+    assert 20_000 < png.stat().st_size < 2_000_000
+    assert img[..., :3].std() > 0.05, "a blank picture"  # lines and areas, not one colour
+    text = page.read_text()
+    assert "data:image/png;base64," in text and "units DONE" in text and "<script" not in text
+    assert "http" not in text.replace("http-equiv", "")  # self-contained: nothing fetched
 
 
 def test_rpg_bad_arguments_say_what_is_wrong(tmp_path):
@@ -37,6 +52,10 @@ def test_rpg_bad_arguments_say_what_is_wrong(tmp_path):
     assert out.returncode == 2 and "--cores" in out.stderr
     out = run(["report", str(tmp_path / "nope")], cwd=tmp_path)
     assert out.returncode == 2 and "cannot read" in out.stderr
+    (tmp_path / "empty").mkdir()
+    out = run(["report", str(tmp_path / "empty")], cwd=tmp_path)
+    assert out.returncode == 2 and "no profile.jsonl there" in out.stderr
+    (tmp_path / "empty").rmdir()
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     out = run(["report", str(bad)], cwd=tmp_path)
@@ -130,7 +149,7 @@ def test_rpg_run_ctrl_c_exits_130_with_a_summary_and_leaves_no_process(tmp_path)
     assert done >= 10 and canceled >= 1
     assert re.search(rf"interrupted\s+Ctrl-C after {done} units done; {canceled} canceled by "
                      r"the session close, \d+ never submitted", stdout), stdout
-    assert len(re.findall(r"^\[[#.]+\] \d+/5000", stderr, re.M)) >= 2  # the bar kept going
+    assert len(re.findall(r"^units \d+/5000 ", stderr, re.M)) >= 2  # the bar kept going
     assert wait_gone(work) == []
 
 

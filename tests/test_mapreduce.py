@@ -296,7 +296,7 @@ def test_rpg_hist_command(tmp_path):
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["value"] == hist(data[10:]).tolist() and got["answers"] >= 2
-    assert "100.0% covered" in out.stderr
+    assert "rpg hist: % covered 100/100" in out.stderr, out.stderr
     text = subprocess.run(cmd + ["--kind", "entropy"], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert text.returncode == 0 and "from cache" in text.stderr

@@ -111,6 +111,11 @@ def test_100_units_with_sftp_staging_in_and_out(tmp_path):
         assert sha256(path) == digest, path
     transfers = [e for e in read_profile(session.profile_path) if e.get("state") == "TRANSFER"]
     assert len(transfers) == 202, len(transfers)  # 100 + 1 in, 100 + 1 out
+    from rpg.report import analyze
+
+    counted = analyze(read_profile(session.profile_path))["transfers"]  # what rpg report says
+    assert (counted["in"], counted["out"]) == (101, 101), counted
+    assert counted["bytes_out"] == sum(os.path.getsize(p) for p in expect)
     big_in = [e for e in transfers if e["direction"] == "in" and e["bytes"] == big.stat().st_size]
     assert big_in and big_in[0]["seconds"] > 0
     assert sum(e["bytes"] for e in transfers if e["direction"] == "out") == \

@@ -113,7 +113,8 @@ class Ledger:
     def new_pilot(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
                   sandbox: str) -> PilotRecord:
         rec = self.pilots[uid] = PilotRecord(uid, pmgr, desc, token, sandbox)
-        self.profile.add(rec.created, uid, states.NEW, "hub", resource=desc["resource"])
+        self.profile.add(rec.created, uid, states.NEW, "hub", resource=desc["resource"],
+                         cores=desc["cores"])
         return rec
 
     # -- state changes ---------------------------------------------------------------------------
@@ -139,8 +140,11 @@ class Ledger:
 
     def bind(self, unit: UnitRecord, pilot: PilotRecord) -> None:
         unit.pilot = pilot.uid
-        pilot.load_cores += int(unit.desc["cores"])
-        self.move("unit", unit, states.BOUND, "hub", pilot=pilot.uid)
+        cores = int(unit.desc["cores"])
+        pilot.load_cores += cores
+        # rpg report's utilization: a unit's cores, when not the default 1
+        extra = {"cores": cores} if cores != 1 else {}
+        self.move("unit", unit, states.BOUND, "hub", pilot=pilot.uid, **extra)
 
     def _release(self, unit: UnitRecord) -> None:
         """The unit no longer counts on its pilot (it ended, or starts over)."""

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from rpg.progress import ProgressBar
+
 KINDS = ("hist", "entropy", "diff")
 
 
@@ -73,7 +75,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"rpg hist: {f}: not a regular file", file=sys.stderr)
             return 2
     sandbox = tempfile.mkdtemp(prefix="rpg-hist-")
-    tty = sys.stderr.isatty()
     t0 = time.monotonic()
     first = None
     n = 0
@@ -85,24 +86,23 @@ def run(args: argparse.Namespace) -> int:
             try:
                 job = mr.submit(args.kind, paths, args.start, args.end)
                 last = None
+                bar = ProgressBar(100, "rpg hist: % covered")
                 try:
                     for last in job.answers():
                         n += 1
                         first = time.monotonic() - t0 if first is None else first
-                        src = " from cache" if last.from_cache else ""
-                        line = (f"rpg hist: {last.coverage:6.1%} covered{src}, "
-                                f"{time.monotonic() - t0:.2f} s")
-                        print(("\r" + line) if tty else line, end="" if tty else "\n",
-                              file=sys.stderr, flush=True)
+                        src = "from cache" if last.from_cache else ""
+                        bar.update(round(100 * last.coverage, 1), src, force=True)
+                    bar.done(round(100 * last.coverage, 1) if last else 0)
                 except KeyboardInterrupt:
                     job.cancel()
-                    print("\nrpg hist: canceled", file=sys.stderr)
+                    bar.done(round(100 * last.coverage, 1) if last else 0, "canceled")
+                    print("rpg hist: canceled", file=sys.stderr)
                     return 130
                 except rpg.MapReduceError as exc:
-                    print(f"\nrpg hist: {exc}", file=sys.stderr)
+                    bar.done(round(100 * last.coverage, 1) if last else 0, "failed")
+                    print(f"rpg hist: {exc}", file=sys.stderr)
                     return 1
-                if tty:
-                    print(file=sys.stderr)
             finally:
                 mr.close()
     finally:

@@ -33,6 +33,25 @@ def application_patched() -> bool:
     return is_anything_patched()
 
 
+_rpg_idents: set[int] = set()  # threads rpg made (rpg.threads.Thread) or runs lanes on
+
+
+def mark_current() -> None:
+    """Count the calling thread as rpg's (a lane's worker, from its first call)."""
+    _rpg_idents.add(get_ident())
+
+
+def is_rpg_thread() -> bool:
+    """True on a thread rpg made or runs its lanes on, or one that an unpatched private copy of
+    threading started (paramiko's transport threads on rpg's connections): where code must use
+    the original blocking primitives, never the application's patched ones."""
+    ident = get_ident()
+    if ident in _rpg_idents:
+        return True
+    private = _originals.get("threading")
+    return private is not None and ident in getattr(private, "_active", ())
+
+
 class Thread:
     """A real OS thread running ``target()``; ``join`` and ``is_alive`` as in threading."""
 
@@ -54,10 +73,12 @@ class Thread:
 
     def _run(self) -> None:
         self.ident = get_ident()
+        _rpg_idents.add(self.ident)
         _set_os_name(self.name)
         try:
             self._target()
         finally:
+            _rpg_idents.discard(self.ident)
             self._target = None  # type: ignore[assignment]  # drop what it held
             self._running.release()
 

@@ -504,6 +504,40 @@ def test_pilots_on_one_host_share_one_connection_through_a_reconnect_and_a_cance
         assert not remote_exists(sb)
 
 
+def test_slow_bootstraps_do_not_hold_back_a_running_pilot_on_the_same_host(tmp_path):
+    """Bootstraps (an environment build, or the wait for one) run in a lane of their own: the
+    status checks and stops of pilots already running on the host never queue behind them."""
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nsleep 12\nexec python3 \"$@\"\n")
+    slow.chmod(0o755)
+    with rpg.Session(sandbox=str(tmp_path / "session")) as session:
+        pmgr = rpg.PilotManager(session)
+        a = pmgr.submit_pilots(pilot_desc(cores=1, heartbeat_timeout=8.0))
+        umgr = rpg.UnitManager(session)
+        umgr.add_pilots(a)
+        assert a.wait(state=states.ACTIVE, timeout=60) == states.ACTIVE, a.reason
+        [u] = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep",
+                                                     arguments=["6"])])
+        slow_pilots = pmgr.submit_pilots([pilot_desc(cores=1, remote_python=str(slow))
+                                          for _ in range(4)])
+        launcher = session.hub.pilots[a.uid].launcher
+        deadline = time.monotonic() + 20
+        while session.hub.call(lambda: launcher.boot.health()["running"]) < 4:
+            assert time.monotonic() < deadline, "the slow bootstraps did not start"
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        state, _code, _err = session.hub.call(lambda: launcher.ctl.run(launcher._b_status,
+                                                                       timeout=30))
+        took = time.monotonic() - t0
+        assert state == "alive" and took < 5, (state, took)  # not behind 4 x 12 s
+        assert u.wait(timeout=30) == states.DONE, u.reason
+        assert a.state == states.ACTIVE, a.reason
+        a.cancel()  # a stop goes through at once, too
+        assert a.wait(timeout=20) == states.CANCELED
+        for p in slow_pilots:
+            assert p.wait(state=states.ACTIVE, timeout=60) == states.ACTIVE, p.reason
+
+
 def test_connection_frozen_ends_the_pilot_with_a_reason(tmp_path):
     # The sshd serving the pilot stops answering (SIGSTOP): the TCP connection stays up and the
     # old session keeps the forwarded port. The launcher notices (status check times out),

@@ -19,6 +19,7 @@ import numpy as np
 from gevent.threadpool import ThreadPool
 
 from rpg import internals
+from rpg import threads as rpg_threads
 from rpg.log import get_logger
 
 T = TypeVar("T")
@@ -154,6 +155,7 @@ class Lane:
     def _call(self, op: int, fn: Callable[..., Any], args: tuple, kwargs: dict,
               submitted: float) -> Any:
         # Runs on the lane's native thread.
+        rpg_threads.mark_current()
         self._running[op] = monotonic()
         ok = False
         try:

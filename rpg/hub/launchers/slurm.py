@@ -184,6 +184,7 @@ class SlurmCluster:
     def _follow(self) -> None:
         failures = 0
         while self.jobs:
+            self._poke.clear()  # before the query: a poke during it makes the next one at once
             ids = sorted(self.jobs, key=int)
             self.polls += 1
             try:
@@ -205,7 +206,6 @@ class SlurmCluster:
                     self.log.warning("slurm_query_failed", jobs=len(ids), failures=failures,
                                      error=" | ".join(_tail_lines(err, 3)))
             self._poke.wait(FOLLOW_INTERVAL)
-            self._poke.clear()
 
 
 def local_cluster(hub: Any) -> SlurmCluster:

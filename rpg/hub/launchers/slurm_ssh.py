@@ -162,6 +162,10 @@ class SlurmSSHLauncher(SSHLauncher):
         while not self.job.ended.is_set():
             if self._pump is not None and self._pump.error:
                 return f"the ssh tunnel to the hub failed: {self._pump.error}"
+            if self.fwd_port and self.fwd_port in self.host.lost_ports:
+                return (f"ssh connection to {self.target.label} re-established, but the remote "
+                        f"port {self.fwd_port} the relay passes the agent's calls to cannot be "
+                        f"forwarded again")
             self._watch_relay()
             left = deadline - time.monotonic()
             if left <= 0:

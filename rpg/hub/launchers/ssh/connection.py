@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -62,13 +61,15 @@ def _paramiko_on_real_threads() -> None:
     (gevent's InvalidThreadUseError) or wait on a hub that never runs (a hang). paramiko looks
     ``threading.Lock``, ``socket.socket``... up in its modules at every call, so each module's
     ``threading``, ``socket``, ``select`` and ``time`` becomes a view that gives the originals
-    (rpg.threads.original_module) off the main thread, and the patched ones on it: the
-    application's own paramiko, in its greenlets on the main thread, stays cooperative."""
+    (rpg.threads.original_module) on rpg's threads (rpg.threads.is_rpg_thread: its lanes, its
+    own threads, and the transport threads started from them), and the patched ones on every
+    other: the application's own paramiko, in its greenlets or its gevent thread pool, stays
+    cooperative."""
     global _rebound
     with _rebound_lock:
         if _rebound:
             return
-        views = {name: _OriginalsOffTheMainThread(sys.modules[name]) for name in
+        views = {name: _OriginalsOnRpgThreads(sys.modules[name]) for name in
                  _PARAMIKO_STDLIB if name in sys.modules}
         for mod_name, mod in list(sys.modules.items()):
             if mod is None or not (mod_name == "paramiko" or mod_name.startswith("paramiko.")):
@@ -80,13 +81,13 @@ def _paramiko_on_real_threads() -> None:
 
 
 def on_application_thread() -> bool:
-    """True on the main thread, where a patched application's greenlets (and its gevent
-    objects) live; rpg's paramiko runs on other threads only."""
-    return threading.get_native_id() == threading.main_thread().native_id  # never patched
+    """True on a thread that is not rpg's: the application's (its greenlets, its gevent
+    objects); rpg's paramiko runs on rpg's threads only."""
+    return not threads.is_rpg_thread()
 
 
-class _OriginalsOffTheMainThread(types.ModuleType):
-    """Stdlib module ``patched`` on the application's thread, its original elsewhere."""
+class _OriginalsOnRpgThreads(types.ModuleType):
+    """Stdlib module ``patched`` on the application's threads, its original on rpg's."""
 
     def __init__(self, patched: types.ModuleType) -> None:
         super().__init__(patched.__name__, patched.__doc__)

@@ -68,7 +68,17 @@ def main():
     d = os.path.join(root, f"env-{key}-py{sys.version_info[0]}{sys.version_info[1]}")
     py = os.path.join(d, "bin", "python")
     ready = os.path.join(d, ".rpg-ready")
-    if os.path.exists(ready):
+
+    def usable():  # built, and its python still starts (its base interpreter may be gone)
+        if not os.path.exists(ready):
+            return False
+        try:
+            return subprocess.run([py, "-c", "0"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+    if usable():
         found("reused " + d, py)
     if wheels != "-" and not os.path.isdir(wheels):
         sys.exit(int(need_wheels))
@@ -84,10 +94,10 @@ def main():
             if time.time() - t0 > build_timeout:
                 fail(f"another pilot has been building {d} for {build_timeout:.0f} s: giving up")
             time.sleep(0.3)
-    if os.path.exists(ready):
+    if usable():
         found(f"reused {d} (built by another pilot meanwhile)", py)
     if os.path.exists(d):
-        shutil.rmtree(d)  # half-built: its builder died
+        shutil.rmtree(d)  # half-built (its builder died), or its python no longer starts
     t1 = time.time()
     r = subprocess.run([sys.executable, "-m", "venv", d], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True)

@@ -49,6 +49,7 @@ class SSHHost:
         self.lost_ports: set[int] = set()  # forwards a reconnect could not get back
         self._forwards: dict[int, Callable[..., None]] = {}
         self._lock = threads.Lock()
+        self._fresh = True  # the next connection is a first one (a failure: LaunchError)
 
     # -- references ------------------------------------------------------------------------------
 
@@ -71,6 +72,7 @@ class SSHHost:
             conn, self.conn = self.conn, None
             self._forwards.clear()
             self.lost_ports.clear()
+            self._fresh = True
         if conn is not None:
             conn.close()
             self.log.info("ssh_connection_closed", connects=self.connects)
@@ -90,7 +92,7 @@ class SSHHost:
             conn = self.conn
             if conn is not None and conn.active():
                 return conn
-            first = self.connects == 0
+            first = self._fresh  # no live user had this connection: not a reconnect
             if conn is not None:
                 self.conn = None
                 conn.close()
@@ -105,6 +107,7 @@ class SSHHost:
             self.target = fresh.target
             self.pinned_key = fresh.pinned_key
             self.connects += 1
+            self._fresh = False
             for port in list(self._forwards):
                 try:
                     fresh.forward(port, self._dispatch)

@@ -68,6 +68,11 @@ class SSHLauncher(Launcher):
         self.target = SSHTarget.parse(d["resource"])
         self.log = hub.log.bind(pilot=pilot.uid, ssh=self.target.label)
         self.ctl = hub.pool.lane("ssh:" + self.target.label, threads=4, stall_after=60.0)
+        # Bootstraps (an environment build, or the wait for another pilot's, may take many
+        # minutes) have a lane of their own: they must never hold back the status checks,
+        # stops and squeue calls of the pilots already running on the host.
+        self.boot = hub.pool.lane("ssh-boot:" + self.target.label, threads=4,
+                                  stall_after=environment.BUILD_TIMEOUT)
         self.xfer = hub.pool.lane("sftp:" + self.target.label, threads=4, stall_after=600.0)
         self.python = d["remote_python"]
         self.hb_timeout = float(d["heartbeat_timeout"])
@@ -79,6 +84,7 @@ class SSHLauncher(Launcher):
         self._acquired = False  # we are one of self.host's users
         self._pump: TunnelPump | None = None
         self._op_lock = threads.Lock()  # bootstrap, teardown: one at a time
+        self._state_lock = threads.Lock()  # what _b_close gives back, vs the bootstrap
         self._closing = False
         self._closed = False
         self._ended: str | None = None
@@ -102,7 +108,7 @@ class SSHLauncher(Launcher):
     def _bootstrap(self) -> None:
         """The whole bootstrap, in the host's control lane; LaunchError says what failed."""
         try:
-            self.ctl.run(self._b_bootstrap,
+            self.boot.run(self._b_bootstrap,
                          timeout=BOOTSTRAP_OP_TIMEOUT + environment.BUILD_TIMEOUT + 60)
         except LaunchError:
             raise
@@ -151,8 +157,10 @@ class SSHLauncher(Launcher):
                 self.log.warning("ssh_connection_lost", error=str(exc))
             lost = now - self._lost_since
             p = self.pilot
+            # An agent that calls in is alive, whatever our status checks meet: only its
+            # silence counts once it has registered (it gives up on the hub after as long).
             silent = time.time() - p.last_seen if p.registered.is_set() else 0.0
-            if max(lost, silent) > self.hb_timeout:  # the agent has given up on the hub by now
+            if (silent if p.registered.is_set() else lost) > self.hb_timeout:
                 self._ended = (f"ssh connection to {self.target.label} lost (agent silent for "
                                f"{silent:.0f} s) and not re-established: {exc}")
             return
@@ -230,18 +238,31 @@ class SSHLauncher(Launcher):
     def _b_bootstrap(self) -> None:
         with self._op_lock:
             self._abort_if_closing()
+            # A teardown that gave up waiting for this bootstrap may close meanwhile: each
+            # thing that close undoes is taken under _state_lock, and given back at once if
+            # the close came first.
             conn = self.host.acquire()
-            self._acquired = True
-            self._abort_if_closing()
+            with self._state_lock:
+                if self._closed:
+                    self.host.release()
+                    raise LaunchError("pilot canceled during the ssh bootstrap")
+                self._acquired = True
             self._b_prepare(conn)
             self._abort_if_closing()
             self._b_environment(conn)
             self._abort_if_closing()
             host, _, port = self.hub.address[len("tcp://"):].rpartition(":")
-            self._pump = TunnelPump(host, int(port), f"rpg-ssh-tunnel-{self.pilot.uid}",
-                                    self.log)
-            self._pump.start()
-            self.fwd_port = self.host.forward(self._pump.accept)
+            with self._state_lock:
+                self._abort_if_closed()
+                self._pump = TunnelPump(host, int(port), f"rpg-ssh-tunnel-{self.pilot.uid}",
+                                        self.log)
+                self._pump.start()
+            fwd_port = self.host.forward(self._pump.accept)
+            with self._state_lock:
+                if self._closed:
+                    self.host.unforward(fwd_port)
+                    raise LaunchError("pilot canceled during the ssh bootstrap")
+                self.fwd_port = fwd_port
             self._b_upload(conn, self._b_hub_address(conn))
             self._abort_if_closing()
             self._b_start(conn)
@@ -288,13 +309,16 @@ class SSHLauncher(Launcher):
         if rc == environment.ENV_FAILED:
             raise LaunchError(f"ssh {self.target.label}: {err.strip()[-3000:]}")
         if rc != 0 or not python:
+            said = tail_lines(err, 12) or tail_lines(out, 5) or (
+                "it printed nothing: is it a Python 3.8 or newer?")
             raise LaunchError(f"ssh {self.target.label}: the environment bootstrap on "
-                              f"{self.python} failed (exit {rc}): {tail_lines(err, 12)}")
+                              f"{self.python} failed (exit {rc}): {said}")
         self.log.info("remote_env_ready", python=python, how=what,
                       seconds=round(time.monotonic() - t0, 3))
         self.python = python
 
     def _b_upload_wheels(self, conn: SSHConnection, local: str, remote: str) -> None:
+        local = os.path.expanduser(local)
         try:
             names = sorted(n for n in os.listdir(local) if n.endswith(".whl"))
         except OSError as exc:
@@ -398,15 +422,23 @@ class SSHLauncher(Launcher):
         if swept not in ("0", "?"):
             self.log.warning("orphan_unit_processes_killed", count=swept)
 
+    def _abort_if_closed(self) -> None:
+        if self._closed:
+            raise LaunchError("pilot canceled during the ssh bootstrap")
+
     def _b_close(self) -> None:
-        self._closed = True
-        if self._acquired:
-            self._acquired = False
-            if self.fwd_port:
-                self.host.unforward(self.fwd_port)  # its channels are refused from now on
+        """Give back what the bootstrap took (once; a second call does nothing)."""
+        with self._state_lock:
+            self._closed = True
+            acquired, self._acquired = self._acquired, False
+            pump = self._pump
+        if acquired:  # the forward, too, is given back once
+            port = self.fwd_port
+            if port:
+                self.host.unforward(port)  # its channels are refused from now on
             self.host.release()  # the last user closes the connection
-        if self._pump is not None:
-            self._pump.close()
+        if pump is not None:
+            pump.close()
 
     def _b_sftp_call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         conn = self._b_live()

@@ -126,13 +126,20 @@ def relay_start_script(sandbox: str, python: str, listen_host: str, forward_port
         f"exit {RELAY_FAILED}\n")
 
 
+def _is_relay_of(sandbox: str) -> str:
+    """sh test: process $p runs relay.py for this sandbox (a reused pid does not)."""
+    q = shlex.quote
+    return (f"tr '\\000' '\\n' < /proc/$p/cmdline 2>/dev/null | grep -qx relay.py && "
+            f"tr '\\000' '\\n' < /proc/$p/cmdline 2>/dev/null | grep -qxF -- {q(sandbox)}")
+
+
 def relay_alive_script(sandbox: str) -> str:
     """Prints ``relay alive`` or ``relay dead`` (by its pid file and command line)."""
     q = shlex.quote
     pid_file = posixpath.join(sandbox, "relay.pid")
     return (
         f"p=$(cat {q(pid_file)} 2>/dev/null)\n"
-        "if [ -n \"$p\" ] && tr '\\000' '\\n' < /proc/$p/cmdline 2>/dev/null | grep -qx relay.py"
+        f"if [ -n \"$p\" ] && {_is_relay_of(sandbox)}"
         "; then echo relay alive; else echo relay dead; fi\n")
 
 
@@ -142,7 +149,7 @@ def relay_stop_script(sandbox: str) -> str:
     pid_file = posixpath.join(sandbox, "relay.pid")
     return (
         f"if [ -s {q(pid_file)} ]; then p=$(cat {q(pid_file)})\n"
-        "  if tr '\\000' '\\n' < /proc/$p/cmdline 2>/dev/null | grep -qx relay.py; then\n"
+        f"  if {_is_relay_of(sandbox)}; then\n"
         "    kill -TERM $p 2>/dev/null && echo relay_stopped; fi\nfi\n")
 
 

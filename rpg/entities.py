@@ -7,7 +7,7 @@ from the hub's event stream; the application reads them.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from rpg import calls, states
 from rpg.description import PilotDescription, UnitDescription
@@ -103,6 +103,30 @@ class Unit(_Entity):
         if "exception" not in self._decoded:
             self._decoded["exception"] = calls.exception(self.results[0])
         return self._decoded["exception"]
+
+    def follow(self, name: str | None = None, poll: float = 0.2, chunk: int = 64 * 1024,
+               timeout: float | None = None) -> Iterator[bytes]:
+        """The bytes of a file in this unit's sandbox as they are written (``name``: its
+        stdout file by default, or any sandbox-relative file), from the start, in order, in
+        chunks of at most ``chunk`` bytes; it ends once the unit has ended and all is read
+        (or after ``timeout`` s). From the embedded session and from a hub service's client
+        alike; a name that leaves the sandbox, or a link, raises ValueError."""
+        name = name or self.description.stdout
+        offset = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        session = self._mgr._session
+        while True:
+            r = session._t.call("read_output", self.uid, name, offset, int(chunk))
+            data = r["data"]
+            if data:
+                offset = r["offset"]
+                yield bytes(data)
+            if r["eof"]:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            if not data:
+                time.sleep(poll)
 
     def cancel(self) -> None:
         """Ask for this unit to be canceled; returns at once."""

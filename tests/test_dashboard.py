@@ -101,7 +101,9 @@ def test_the_page_in_chromium_during_and_after_a_run(tmp_path, browser):
             [rpg.UnitDescription(executable="/bin/sleep", arguments=["0.05"])
              for _ in range(300)]
             + [rpg.UnitDescription(executable="/bin/sh", arguments=["-c", "exit 3"])
-               for _ in range(2)])
+               for _ in range(2)]
+            + [rpg.UnitDescription(executable="/bin/sh", arguments=[
+                "-c", "for i in 1 2 3; do echo tail-line-$i; done"])])
         browser.get(url)
         # during the run: the session, the pilot, units moving
         wait_page(browser, lambda: browser.find_element("class name", "session-uid").text
@@ -110,18 +112,26 @@ def test_the_page_in_chromium_during_and_after_a_run(tmp_path, browser):
             "css selector", f"tr[data-pilot='{pilot.uid}']"), 20, "the pilot's row")
         running = wait_page(browser, lambda: int(browser.find_element(
             "id", "count-EXECUTING").text) > 0 and page_counts(browser), 30, "units executing")
-        assert sum(running.values()) == 302, running
+        assert sum(running.values()) == 303, running
         browser.save_screenshot(os.path.join(ARTIFACTS, "dashboard-during.png"))
         assert umgr.wait_units(timeout=90) is not None
         api = by_state(units)
-        assert api == {states.DONE: 300, states.FAILED: 2}, api
+        assert api == {states.DONE: 301, states.FAILED: 2}, api
         # after it: what a person sees matches the API, and the failure says why
         wait_page(browser, lambda: page_counts(browser) == api, 15, f"counts {api}")
         reasons = [e.text for e in browser.find_elements("css selector", "tr.failure .reason")]
         assert reasons and all("exit code 3" in r for r in reasons), reasons
         row = browser.find_element("css selector", f"tr[data-pilot='{pilot.uid}']").text
         assert "ACTIVE" in row and "local" in row, row
-        assert browser.find_element("id", "units-total").text == "302"
+        assert browser.find_element("id", "units-total").text == "303"
+        # the tail of a selected unit's output
+        browser.find_element("id", "tail-unit").send_keys(units[-1].uid)
+        browser.find_element("css selector", "#tail-form button").click()
+        wait_page(browser, lambda: "tail-line-3" in browser.find_element("id", "tail").text
+                  and "(ended)" in browser.find_element("id", "tail-state").text, 15,
+                  "the unit's output in the page")
+        assert browser.find_element("id", "tail").text.split() == [
+            "tail-line-1", "tail-line-2", "tail-line-3"]
         png = os.path.join(ARTIFACTS, "dashboard-after.png")
         browser.save_screenshot(png)
         assert os.path.getsize(png) > 10_000

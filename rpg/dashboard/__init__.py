@@ -10,9 +10,10 @@ concurrency over time come from those points, downsampled to at most ``MAX_POINT
 
 Routes: ``/`` the page (static; it asks for a token if the address carries none),
 ``/api/state?token=T`` the snapshot as JSON, ``/api/stream?token=T`` the same as server-sent
-events, one a second. The token is the session's own (a random one, in ``dashboard_url``) or,
-on a service, a user's: a user sees the sessions they own (the owner sees all). A wrong token
-is refused (403) and counted. The server binds 127.0.0.1 unless told otherwise.
+events, one a second, ``/api/output?token=T&unit=U&offset=N`` a chunk of a unit's output (the
+page's tail of a selected unit; ``name=`` another sandbox file). The token is the session's
+own (a random one, in ``dashboard_url``) or, on a service, a user's: a user sees the sessions
+they own (the owner sees all). A wrong token is refused (403) and counted. The server binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MAX_POINTS = 300  # points a snapshot carries
 STREAM_EVERY_S = 1.0
 FAILURES_SHOWN = 20
 MAX_CONNECTIONS = 64  # open at once; more wait for a free one
+OUTPUT_CHUNK = 64 * 1024  # bytes of a unit's output one /api/output call returns
 _PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 
 # token -> the hubs it may see, or None: refused
@@ -193,7 +195,7 @@ class Dashboard:
                                       ("Cache-Control", "no-store"),
                                       ("Content-Length", str(len(self._page)))])
             return [self._page]
-        if path not in ("/api/state", "/api/stream"):
+        if path not in ("/api/state", "/api/stream", "/api/output"):
             return _reply(start_response, "404 Not Found", {"error": f"no such page: {path}"})
         query = parse_qs(environ.get("QUERY_STRING", ""))
         token = (query.get("token") or [""])[0]
@@ -205,11 +207,40 @@ class Dashboard:
                           {"error": "a valid token is needed (the one in dashboard_url, or "
                                     "your user's token on a hub service)"})
         self.served += 1
+        if path == "/api/output":
+            return self._output(start_response, hubs, session, query)
         if path == "/api/state":
             return _reply(start_response, "200 OK", self.state(hubs, session))
         start_response("200 OK", [("Content-Type", "text/event-stream"),
                                   ("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")])
         return self._stream(token, session)
+
+    def _output(self, start_response: Any, hubs: list[Any], session: str | None,
+                query: dict[str, list[str]]) -> list[bytes]:
+        """A chunk of a unit's output from ``offset`` (the page's tail of a selected unit):
+        the same bounded read as Unit.follow (rpg/hub/output.py)."""
+        from rpg.hub.service import ProtocolError
+
+        uid = (query.get("unit") or [""])[0]
+        name = (query.get("name") or [""])[0]
+        raw = (query.get("offset") or ["0"])[0]
+        offset = int(raw) if raw.isdigit() else -1
+        hub = next((h for h in hubs if h.units.get(uid) is not None
+                    and (session is None or h.session_uid == session)), None)
+        if hub is None:
+            return _reply(start_response, "404 Not Found", {"error": f"no unit {uid!r} here"})
+        unit = hub.units[uid]
+        try:
+            r = hub.read_output(uid, name or unit.desc.get("stdout") or "STDOUT", offset,
+                                OUTPUT_CHUNK)
+        except (ProtocolError, OSError) as exc:
+            return _reply(start_response, "400 Bad Request", {"error": str(exc)})
+        except Exception as exc:  # the pilot's machine out of reach, a lane timeout
+            return _reply(start_response, "503 Service Unavailable",
+                          {"error": f"{type(exc).__name__}: {exc}"})
+        return _reply(start_response, "200 OK", {
+            "unit": uid, "state": r["state"], "offset": r["offset"], "eof": r["eof"],
+            "text": r["data"].decode("utf-8", "replace")})
 
     def _stream(self, token: str, session: str | None) -> Iterator[bytes]:
         self.streams += 1

@@ -369,6 +369,13 @@ class Front:
         evs, closed = entry.api.events(after, limit, wait)
         return {"events": evs, "closed": closed, "next": after + len(evs)}
 
+    def read_output(self, token: str, session: str, uid: str, name: str, offset: int,
+                    limit: int) -> dict[str, Any]:
+        """Up to ``limit`` bytes of a unit's sandbox file from ``offset`` (Unit.follow)."""
+        entry = self._entry(token, session)
+        self._guard(_uid, uid, "uid")
+        return self._guard(self._call, entry, "read_output", uid, name, offset, limit)
+
     def close_session(self, token: str, session: str, timeout: float) -> dict[str, Any]:
         """End the session: its pilots stopped, its unfinished units CANCELED. The hub's owner
         may close anyone's (a revoked user's sessions, say)."""

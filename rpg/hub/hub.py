@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import posixpath
 import secrets
 import time
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from rpg.hub.binding import Binding
 from rpg.hub.events import EventLog
 from rpg.hub.lifecycle import PilotLifecycle, UnitLifecycle
 from rpg.hub.records import Ledger, PilotRecord, UnitRecord
-from rpg.hub.service import HubService
+from rpg.hub.service import HubService, require
 from rpg.internals import bound_address, route_loop_errors
 from rpg.io_pool import IOPool, LoopWatch
 from rpg.log import ProfileWriter, SparseWarning, get_logger
@@ -195,6 +196,25 @@ class Hub:
                            f"{exc.strerror or exc}") from None
         self.dashboard = board
         self.dashboard_url = board.url(token)
+
+    def read_output(self, uid: str, name: str, offset: int, limit: int) -> dict[str, Any]:
+        """Up to ``limit`` bytes of a unit's sandbox file ``name`` from ``offset`` (hub loop):
+        read where the hub reaches the sandbox, in a lane (the file's disk lane here, SFTP for
+        a pilot on another machine). ``eof``: the unit had ended before the read, and nothing
+        more is there. Raises ProtocolError naming the problem."""
+        from rpg.hub.output import read_unit_file, unit_file_path
+
+        unit = self.units.get(uid)
+        require(unit is not None, f"no unit {uid!r} in session {self.session_uid}")
+        ended = states.is_final(unit.state)  # before the read: what it wrote is all there
+        pilot = self.pilots.get(unit.pilot) if unit.pilot else None
+        reply = {"data": b"", "offset": offset, "state": unit.state, "eof": ended}
+        if pilot is None or pilot.sandbox is None or pilot.launcher is None:
+            return reply  # not bound yet (or never was): nothing written
+        path = unit_file_path(unit.sandbox or posixpath.join(pilot.sandbox, uid), name)
+        data = read_unit_file(self, pilot.launcher, path, offset, limit)
+        reply.update(data=data, offset=offset + len(data), eof=ended and len(data) < limit)
+        return reply
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in a greenlet of the hub loop, soon (so the loop watch sees it if

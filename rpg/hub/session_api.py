@@ -79,3 +79,7 @@ class SessionAPI:
 
     def stats(self) -> dict[str, Any]:
         return self.hub.call(self.hub.stats)
+
+    def read_output(self, uid: str, name: str, offset: int, limit: int) -> dict[str, Any]:
+        """A chunk of a unit's sandbox file (``Unit.follow``); see Hub.read_output."""
+        return self.hub.call(self.hub.read_output, uid, name, offset, limit, timeout=60.0)

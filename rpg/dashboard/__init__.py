@@ -13,7 +13,8 @@ Routes: ``/`` the page (static; it asks for a token if the address carries none)
 events, one a second, ``/api/output?token=T&unit=U&offset=N`` a chunk of a unit's output (the
 page's tail of a selected unit; ``name=`` another sandbox file). The token is the session's
 own (a random one, in ``dashboard_url``) or, on a service, a user's: a user sees the sessions
-they own (the owner sees all). A wrong token is refused (403) and counted. The server binds 127.0.0.1 unless told otherwise.
+they own (the owner sees all). A wrong token is refused (403) and counted. The server binds
+127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations

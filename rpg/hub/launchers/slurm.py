@@ -191,6 +191,8 @@ class SlurmCluster:
                 rc, out, err = self.run(squeue_argv(ids))
             except (SlurmCommandError, IOPoolError) as exc:
                 rc, out, err = -1, "", str(exc)
+            except Exception as exc:  # whatever it was, the follower must go on: jobs wait
+                rc, out, err = -1, "", f"{type(exc).__name__}: {exc}"
             if rc == 0 or "Invalid job id" in err:
                 failures = 0
                 recs = parse_squeue(out) if rc == 0 else {}

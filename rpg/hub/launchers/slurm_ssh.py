@@ -70,6 +70,7 @@ def _b_slurm_command(host: SSHHost, argv: list[str], timeout: float) -> tuple[in
                                 f"{timeout:g} s (slurmctld busy or unreachable?)",
                                 timed_out=True) from None
     except ConnectionLost as exc:
+        host.drop(conn)  # dead, though its transport may not know yet: the next call reconnects
         raise SlurmCommandError(f"{argv[0]} on {host.target.label}: {exc}") from None
 
 
@@ -192,8 +193,9 @@ class SlurmSSHLauncher(SSHLauncher):
         try:
             restarted = self.ctl.run(self._b_relay_again, timeout=2 * EXEC_TIMEOUT
                                      + 2 * CONNECT_TIMEOUT)
-        except (ConnectionLost, TimeoutError, IOPoolError, LaunchError) as exc:
-            self.log.warning("slurm_relay_check_failed", relay=self.relay, error=str(exc))
+        except Exception as exc:  # the connection is down: the next look tries again
+            self.log.warning("slurm_relay_check_failed", relay=self.relay,
+                             error=f"{type(exc).__name__}: {exc}")
             return
         if restarted:
             self.relay_restarts += 1
@@ -204,7 +206,11 @@ class SlurmSSHLauncher(SSHLauncher):
         """True if the relay was gone and runs again, on its port."""
         assert self.sandbox is not None and self.relay is not None
         conn = self._b_live()
-        _rc, out, _err = conn.run(scripts.relay_alive_script(self.sandbox))
+        try:
+            _rc, out, _err = conn.run(scripts.relay_alive_script(self.sandbox))
+        except ConnectionLost:
+            self.host.drop(conn)
+            raise
         if "relay alive" in out:
             return False
         host, _, port = self.relay.rpartition(":")

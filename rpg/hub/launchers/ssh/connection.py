@@ -211,7 +211,7 @@ class SSHConnection:
         deadline = time.monotonic() + timeout
         try:
             chan = self._transport().open_session(timeout=min(timeout, CONNECT_TIMEOUT))
-        except import_paramiko().SSHException as exc:
+        except net_errors() as exc:  # EOFError too: the peer went before the transport saw it
             raise ConnectionLost(f"ssh {self.target.label}: cannot open a channel: {exc}") from None
         try:
             chan.settimeout(timeout)

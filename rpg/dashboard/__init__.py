@@ -140,7 +140,7 @@ class Dashboard:
     # -- life ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind and serve on the current loop (raises OSError if the address is taken)."""
+        """Bind and serve on the current loop (DashboardError if the address is taken)."""
         if self.host not in ("127.0.0.1", "localhost", "::1"):
             self.log.warning("dashboard_binds_non_loopback", host=self.host)
         # A pool: connections are bounded, and stop() ends the open streams with the server.
@@ -150,9 +150,10 @@ class Dashboard:
         try:
             server.start()
         except OSError as exc:  # raised outside: its traceback would keep the socket open
-            failed = OSError(exc.errno, exc.strerror or str(exc))
+            failed = exc.strerror or str(exc)
         if failed is not None:
-            raise failed
+            raise DashboardError(f"dashboard {self.host}:{self.port}: cannot listen there: "
+                                 f"{failed}")
         self._server = server
         self.port = server.server_port
         self._sampler = gevent.spawn(self._sample)

@@ -184,16 +184,15 @@ class Hub:
                 self._done.set()
 
     def _start_dashboard(self, address: str) -> None:
-        from rpg.dashboard import Dashboard, token_matches
+        from rpg.dashboard import Dashboard, DashboardError, token_matches
 
         token = secrets.token_urlsafe(24)
         board = Dashboard(address, lambda t: [self] if token_matches(t, token) else None,
                           lambda: [self], self.session_uid)
         try:
             board.start()
-        except OSError as exc:
-            raise HubError(f"dashboard {address}: cannot listen there: "
-                           f"{exc.strerror or exc}") from None
+        except DashboardError as exc:
+            raise HubError(str(exc)) from None
         self.dashboard = board
         self.dashboard_url = board.url(token)
 

@@ -235,7 +235,7 @@ class HubServer:
     def _start_dashboard(self, address: str) -> None:
         """One page for every session: a user's token shows that user's sessions, the
         owner's all of them."""
-        from rpg.dashboard import Dashboard
+        from rpg.dashboard import Dashboard, DashboardError
 
         def resolve(token: str) -> list[Any] | None:
             user = self.users.who(token) if len(token) <= 256 else None
@@ -250,9 +250,8 @@ class HubServer:
                                                      list(self.sessions.values())], "service")
         try:
             board.start()
-        except OSError as exc:
-            raise ServeError(f"--dashboard {address}: cannot listen there: "
-                             f"{exc.strerror or exc}") from None
+        except DashboardError as exc:
+            raise ServeError(f"--{exc}") from None
         self.dashboard = board
 
     def reload_users_now(self) -> bool:

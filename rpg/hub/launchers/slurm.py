@@ -210,6 +210,18 @@ class SlurmCluster:
             self._poke.wait(FOLLOW_INTERVAL)
 
 
+def stop_in_own_greenlet(stop: Callable[[float], None], grace: float) -> None:
+    """A SLURM pilot's stop, in a greenlet of its own: a second kill of the pilot's greenlet
+    (a cancel, then the session closing) must not leave the job running. Waits up to
+    STOP_LIMIT more for it when killed."""
+    g = gevent.spawn(stop, grace)
+    try:
+        g.get()
+    except GreenletExit:
+        g.join(timeout=STOP_LIMIT)
+        raise
+
+
 def local_cluster(hub: Any) -> SlurmCluster:
     """This machine's SLURM (sbatch & co. in the ``slurm`` lane), one per hub."""
     clusters = hub.shared.setdefault("slurm_clusters", {})
@@ -445,14 +457,7 @@ class SlurmLauncher(Launcher):
     # -- stop --------------------------------------------------------------------------------------
 
     def stop(self, grace: float) -> None:
-        # Runs in its own greenlet: a second kill of the pilot's greenlet (cancel, then the
-        # session closing) must not leave the job running.
-        g = gevent.spawn(self._stop, grace)
-        try:
-            g.get()
-        except GreenletExit:
-            g.join(timeout=STOP_LIMIT)
-            raise
+        stop_in_own_greenlet(self._stop, grace)
 
     def _stop(self, grace: float) -> None:
         log, uid = self.hub.log, self.pilot.uid

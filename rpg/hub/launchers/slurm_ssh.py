@@ -30,19 +30,16 @@ import shlex
 import time
 from typing import Any
 
-import gevent
-from gevent import GreenletExit
-
 from rpg.hub.launchers.base import AgentFile, LaunchError
 from rpg.hub.launchers.slurm import (
     COMMAND_TIMEOUT,
-    STOP_LIMIT,
     SlurmCluster,
     SlurmCommandError,
     SlurmJob,
     _tail_lines,
     batch_script,
     sbatch_options,
+    stop_in_own_greenlet,
 )
 from rpg.hub.launchers.ssh import scripts
 from rpg.hub.launchers.ssh.connection import CONNECT_TIMEOUT, EXEC_TIMEOUT, ConnectionLost
@@ -233,13 +230,7 @@ class SlurmSSHLauncher(SSHLauncher):
         return self.job.ended_cleanly()
 
     def stop(self, grace: float) -> None:
-        # Its own greenlet: a second kill of the pilot's greenlet must not leave the job running.
-        g = gevent.spawn(self._stop, grace)
-        try:
-            g.get()
-        except GreenletExit:
-            g.join(timeout=STOP_LIMIT)
-            raise
+        stop_in_own_greenlet(self._stop, grace)
 
     def _stop(self, grace: float) -> None:
         try:

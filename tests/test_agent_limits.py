@@ -87,7 +87,8 @@ def agent_stats(tmp_path) -> dict:
 
 
 def test_400_units_at_once_under_a_256_fd_hard_limit(tmp_path):
-    """The agent cannot raise a 256/256 limit: it must hold spawns back, not fail units."""
+    """The agent cannot raise a 256/256 limit, and needs not: a running unit holds none of its
+    fds (the spawner process reports exits), so 400 run at once and none waits or fails."""
     body = MANY_SLEEPS.replace("__N__", "400").replace("__SLEEP__", "0.5").replace(
         "__TIMEOUT__", "60")
     proc = run_app(tmp_path, body, preamble="""
@@ -98,8 +99,9 @@ def test_400_units_at_once_under_a_256_fd_hard_limit(tmp_path):
     assert res["states"] == {"DONE": 400}, res
     stats = agent_stats(tmp_path)
     fd = stats["fd_limit"]
-    assert fd["soft"] == fd["hard"] == 256 and fd["concurrent_units"] < 256, fd
-    assert stats["counters"]["fd_waits"] > 0  # units were held back, not failed
+    assert fd["soft"] == fd["hard"] == 256, fd
+    assert stats["counters"]["fd_waits"] == 0  # no spawn met "too many open files"
+    assert stats["counters"].get("spawner_restarts", 0) == 0
     print("400 units:", res, fd, stats["counters"])
 
 

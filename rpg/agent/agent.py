@@ -25,7 +25,6 @@ import msgpack
 import zerorpc
 from gevent import GreenletExit
 from gevent.event import Event
-from gevent.lock import Semaphore
 from gevent.socket import wait_read
 
 from rpg import states
@@ -41,13 +40,12 @@ from rpg.agent.resources import (
     nodes_from_environment,
     open_fd_count,
     raise_nofile_limit,
-    unit_fd_budget,
 )
 from rpg.agent.scheduler import Scheduler, format_ids
-from rpg.agent.unit_process import spawn_unit, unit_argv
+from rpg.agent.unit_process import Spawner, unit_argv
 from rpg.internals import route_loop_errors
 from rpg.io_pool import Batcher, IOPool, IOPoolError, LoopWatch, SpawnError
-from rpg.io_pool.sweep import pilot_key
+from rpg.io_pool.sweep import kill_pilot_processes, pilot_key
 from rpg.io_pool.tails import read_outputs
 from rpg.launch_config import AgentConfig
 from rpg.log import SparseWarning, get_logger
@@ -61,6 +59,7 @@ PUSH_BATCH = 2000  # updates a push carries: packing 10,000 held the loop for te
 PUSH_BYTES = 24 << 20  # function results a push carries (the hub takes 64 MiB messages)
 PULL_BATCH = 256  # units a pull takes: each starts a greenlet in the same loop iteration
 FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
+SPAWN_TIMEOUT_S = 120.0  # a spawn the spawner did not answer (a stalled disk) fails the unit
 SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
 
 
@@ -106,8 +105,8 @@ class Agent:
         self.pool = IOPool()
         self.sched = Scheduler([(str(n[0]), int(n[1]), int(n[2])) for n in self.nodes])
         self.srun = SrunPlacer(self.sched) if self.resource_manager == "slurm" else None
-        self.spawner = Batcher(self.pool.spawn, spawn_unit, max_batch=64,
-                               parallel=self.pool.spawn.threads, timeout=120)
+        self.spawner: Spawner | None = None
+        self.spawner_ready = Event()
         self.collectors: dict[str, Batcher] = {}
         self.workers = FunctionWorkers(
             self.pool, int(self.cfg.function_workers or self.cores), self.sandbox,
@@ -124,7 +123,8 @@ class Agent:
         loops: list[Any] = []
         code = EXIT_OK
         try:
-            self.fd_slots = self._fd_slots()  # after connect: counts what zmq holds too
+            self._raise_fd_limit()  # after connect: counts what zmq holds too
+            self._start_spawner()
             if self.cfg.hub_pid is not None:
                 loops.append(self._watch_hub(self.cfg.hub_pid))
             registering = gevent.spawn(self._register)
@@ -169,6 +169,8 @@ class Agent:
         finally:
             self._stop_units(states.CANCELED, "agent exiting")
             gevent.killall(loops, timeout=5)
+            if self.spawner is not None:
+                self.spawner.close()
             self.workers.close()
             self._write_stats(code)
             self.rpc_pull.close()
@@ -186,16 +188,42 @@ class Agent:
         self.log.info("agent_exit", code=code, **self.counters)
         return code
 
-    def _fd_slots(self) -> Semaphore:
-        """Raise the open-file limit, and count how many units may hold a pidfd at once."""
+    def _raise_fd_limit(self) -> None:
+        """Raise the open-file limit (zmq, function workers, staging use fds; a running unit
+        holds none of the agent's: its spawner reports the exit)."""
         before, soft, hard = self.pool.spawn.run(raise_nofile_limit, timeout=10)
         open_now = self.pool.spawn.run(open_fd_count, timeout=10)
-        budget = unit_fd_budget(soft, open_now)
-        self.fd_limit = {"soft_before": before, "soft": soft, "hard": hard, "open": open_now,
-                         "concurrent_units": budget}
-        # Fewer fds than cores: units will wait for fds, not cores. Worth saying, not failing.
-        (self.log.warning if budget < self.cores else self.log.info)("fd_limit", **self.fd_limit)
-        return Semaphore(budget)
+        self.fd_limit = {"soft_before": before, "soft": soft, "hard": hard, "open": open_now}
+        self.log.info("fd_limit", **self.fd_limit)
+
+    def _start_spawner(self) -> None:
+        """Start the spawner process (rpg/agent/spawn_server.py); again if it dies."""
+        # Without RPG_PILOT_KEY: a sweep finds units, and the spawner ends with the agent
+        # (its request pipe closes), killing what still runs.
+        spawner = Spawner(self.base_env, self.sandbox, os.environ, self.log, self._spawner_gone)
+        self.pool.spawn.run(spawner.start, timeout=30)
+        spawner.run()
+        self.spawner = spawner
+        self.spawner_ready.set()
+
+    def _spawner_gone(self, reason: str) -> None:
+        """The spawner died: its units failed (SpawnerGone); sweep what they left, start a new
+        one for the units still to come."""
+        self.spawner_ready.clear()
+        self.counters["spawner_restarts"] = self.counters.get("spawner_restarts", 0) + 1
+
+        def restart() -> None:
+            try:
+                killed = self.pool.spawn.run(kill_pilot_processes, pilot_key(
+                    self.cfg.session_uid, self.uid), self.sandbox, timeout=30)
+                self.log.warning("spawner_restart", reason=reason, swept=killed)
+                if not self.done.is_set():
+                    self._start_spawner()
+            except Exception as exc:
+                self.log.error("spawner_not_restarted", error=str(exc))
+                self.stop("spawner", states.FAILED, f"{reason}; no new spawner: {exc}")
+
+        gevent.spawn(restart)
 
     def _watch_hub(self, pid: int) -> Any:
         """Stop as "hub_lost" as soon as the process holding the hub is gone (pidfd readable)."""
@@ -390,7 +418,7 @@ class Agent:
         sandbox = os.path.join(self.sandbox, uid)
         slots = child = None
         extra: list[Any] = []  # a multi-node srun unit's slots on its other nodes
-        executing = fd_held = False
+        executing = False
         try:
             self.report(uid, states.STAGING_IN, sandbox=sandbox)
             if desc["input_staging"]:
@@ -420,10 +448,6 @@ class Agent:
                 self._finish(uid, desc, sandbox, why, fields, stage_out=problem is None)
                 return
             env = self._unit_env(uid, sandbox, slots, desc)
-            if self.fd_slots.locked():
-                self.counters["fd_waits"] += 1
-            self.fd_slots.acquire()  # a running unit holds a pidfd: wait for room
-            fd_held = True
             child = self._spawn(argv, sandbox, env, desc)
             self.report(uid, states.EXECUTING)  # the process exists now
             timeout = desc.get("timeout")
@@ -437,9 +461,6 @@ class Agent:
                 self.sched.free(extra.pop())
             self.executing -= 1
             executing = False
-            if child.returncode is not None:  # reaped: its pidfd is closed
-                self.fd_slots.release()
-                fd_held = False
             self.report(uid, states.STAGING_OUT)
             out, err, unreadable = self._collector(sandbox).call(sandbox, desc["stdout"],
                                                                  desc["stderr"])
@@ -463,8 +484,6 @@ class Agent:
                 self.sched.free(extra.pop())
             if executing:
                 self.executing -= 1
-            if fd_held:
-                self.fd_slots.release()
             self.units.pop(uid, None)
             self.cancel_reasons.pop(uid, None)
 
@@ -509,10 +528,10 @@ class Agent:
 
     def _spawn_once(self, argv: list[str], sandbox: str, env: dict[str, str],
                     desc: dict) -> Any:
-        # The spawn runs in a thread: if this greenlet is killed meanwhile, the process may
-        # still start; keep hold of it and kill it rather than leave an orphan.
-        return self.spawner.call(argv, sandbox, env, desc["stdout"], desc["stderr"],
-                                 keep=lambda child: child.terminate(grace=self.kill_grace))
+        if not self.spawner_ready.wait(timeout=SPAWN_TIMEOUT_S):
+            raise SpawnError(errno.EAGAIN, "the agent's spawner is not running")
+        return self.spawner.spawn(argv, sandbox, env, os.path.join(sandbox, desc["stdout"]),
+                                  os.path.join(sandbox, desc["stderr"]), SPAWN_TIMEOUT_S)
 
     def _collector(self, sandbox: str) -> Batcher:
         """Output collection, batched per disk lane."""
@@ -539,8 +558,8 @@ class Agent:
                   unit=os.path.basename(sandbox))
 
     def _unit_env(self, uid: str, sandbox: str, slots: Any, desc: dict) -> dict[str, str]:
-        env = dict(self.base_env)
-        env.update(desc.get("environment") or {})
+        """What the unit's environment adds to the agent's (the spawner has that one)."""
+        env = dict(desc.get("environment") or {})
         env.update({
             "RPG_UNIT_UID": uid,
             "RPG_PILOT_UID": self.uid,

@@ -161,7 +161,6 @@ def nodes_from_environment(env: Mapping[str, str], default_cores: int,
 
 # -- open files ------------------------------------------------------------------------------------
 
-FD_RESERVE = 96  # fds kept back from units: sockets, lane threads' files, staging, spawns
 NOFILE_CAP = 1 << 20  # a soft limit higher than this buys nothing and costs kernel tables
 
 
@@ -192,12 +191,6 @@ def open_fd_count() -> int:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
         return 64  # no /proc: a guess that errs on the side of a smaller budget
-
-
-def unit_fd_budget(soft_limit: int, open_now: int, reserve: int = FD_RESERVE) -> int:
-    """How many units may run at once on this many fds: each running unit holds one (its
-    pidfd); the rest of the limit stays for what is open now plus ``reserve``."""
-    return max(1, soft_limit - open_now - reserve)
 
 
 # -- srun ------------------------------------------------------------------------------------------

@@ -1,16 +1,33 @@
-"""A unit's process: its command line, and its start in its sandbox (blocking halves).
+"""A unit's process: its command line, and its start, wait and kill through the agent's spawner.
 
-The agent runs a unit's lifecycle (``Agent._unit``); it calls ``spawn_unit`` through the spawn
-lane and waits for the exit with a pidfd on its loop; output tails are ``rpg.io_pool.tails``.
+The agent runs a unit's lifecycle (``Agent._unit``). Its processes are started by
+``rpg/agent/spawn_server.py``, a small process of the agent's own (why: see that file), over
+two pipes: ``Spawner`` here is the agent's end, on its gevent loop. Requests go out in one
+frame per loop iteration, replies (starts and exits of many units) come back in frames a
+reader greenlet hands to each unit's ``UnitProcess``. The agent holds no fd per running unit.
 """
 
 from __future__ import annotations
 
+import errno
+import marshal
 import os
 import shlex
-from typing import Any, Mapping
+import signal
+import sys
+from typing import Any, Callable, Mapping
 
-from rpg.io_pool import Child, spawn
+import gevent
+from gevent.event import Event
+from gevent.socket import wait_read, wait_write
+
+from rpg.io_pool import SpawnError, spawn
+from rpg.io_pool.process import Child
+
+SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawn_server.py")
+HEADER_SIZE = 4
+PIPE_SIZE = 1 << 20  # a pull of 256 units' requests fits in one write
+F_SETPIPE_SZ = 1031
 
 
 def unit_argv(desc: Mapping[str, Any]) -> list[str]:
@@ -23,10 +40,210 @@ def unit_argv(desc: Mapping[str, Any]) -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
-def spawn_unit(argv: list[str], sandbox: str, env: Mapping[str, str], stdout_name: str,
-               stderr_name: str) -> Child:
-    """Create the sandbox (if needed) and start the unit there. Blocking."""
-    os.makedirs(sandbox, exist_ok=True)
-    return spawn(argv, cwd=sandbox, env=env,
-                 stdout_path=os.path.join(sandbox, stdout_name),
-                 stderr_path=os.path.join(sandbox, stderr_name))
+class SpawnerGone(SpawnError):
+    """The spawner process died: the units it had started were killed with it."""
+
+
+class UnitProcess:
+    """One unit's process as the spawner reports it."""
+
+    __slots__ = ("key", "pid", "returncode", "error", "_started", "_exited", "_spawner")
+
+    def __init__(self, spawner: "Spawner", key: int) -> None:
+        self._spawner = spawner
+        self.key = key
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.error: SpawnError | None = None
+        self._started = Event()
+        self._exited = Event()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait (on the loop) for the exit; the exit code, None on timeout. Raises SpawnerGone
+        if the spawner died first."""
+        self._exited.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.returncode
+
+    def signal_group(self, sig: int) -> None:
+        if self.returncode is None and self.error is None:
+            self._spawner.send(["kill", self.key, int(sig)])
+
+    def terminate(self, grace: float = 3.0) -> int | None:
+        """SIGTERM the group, SIGKILL it after ``grace`` s; the exit code (None: not seen)."""
+        if self.returncode is not None or self.error is not None:
+            return self.returncode
+        self.signal_group(signal.SIGTERM)
+        self._exited.wait(grace)
+        if self.returncode is None and self.error is None:
+            self.signal_group(signal.SIGKILL)
+            self._exited.wait(30)
+        return self.returncode
+
+
+class Spawner:
+    """The agent's end of its spawner process. ``start`` is blocking (run it in a lane); the
+    rest runs on the agent's loop."""
+
+    def __init__(self, base_env: Mapping[str, str], home: str, own_env: Mapping[str, str],
+                 log: Any, on_gone: Callable[[str], None]) -> None:
+        self.base_env = dict(base_env)
+        self.home = home
+        self.own_env = dict(own_env)
+        self.log = log
+        self.on_gone = on_gone  # the agent sweeps what a dead spawner left
+        self.procs: dict[int, UnitProcess] = {}
+        self.next_key = 0
+        self.outbox: list[list] = []
+        self.child: Child | None = None
+        self.closed = False
+        self._wake = Event()
+        self._greenlets: list[Any] = []
+
+    def start(self) -> None:
+        """Start the spawner process (blocking: run it in the spawn lane)."""
+        req_r, req_w = os.pipe2(os.O_CLOEXEC)
+        rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            for fd in (req_w, rep_w):
+                try:
+                    import fcntl
+                    fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+                except OSError:
+                    pass  # a smaller pipe only means more writes
+            self.child = spawn([sys.executable, "-I", "-S", SERVER, str(req_r), str(rep_w)],
+                               cwd=self.home, env=self.own_env, pass_fds=(req_r, rep_w))
+        except BaseException:
+            for fd in (req_r, req_w, rep_r, rep_w):
+                os.close(fd)
+            raise
+        os.close(req_r)
+        os.close(rep_w)
+        os.set_blocking(req_w, False)
+        os.set_blocking(rep_r, False)
+        self.req_fd, self.rep_fd = req_w, rep_r
+        self.outbox.insert(0, ["env", self.base_env])
+
+    def run(self) -> None:
+        """Start the writer and reader greenlets (on the loop, after ``start``)."""
+        self._greenlets = [gevent.spawn(self._writer), gevent.spawn(self._reader)]
+        self._wake.set()
+
+    def spawn(self, argv: list[str], cwd: str, env: Mapping[str, str], stdout: str,
+              stderr: str, timeout: float) -> UnitProcess:
+        """Ask for a unit's start and wait for the answer. A caller killed meanwhile (cancel)
+        leaves a kill request behind it: the process, if it started, does not outlive it."""
+        if self.closed:
+            raise SpawnerGone(errno.EPIPE, "the agent's spawner has stopped")
+        key = self.next_key = self.next_key + 1
+        proc = self.procs[key] = UnitProcess(self, key)
+        self.send(["spawn", key, list(argv), cwd, dict(env), stdout, stderr])
+        try:
+            if not proc._started.wait(timeout):
+                raise SpawnError(errno.ETIMEDOUT,
+                                 f"the spawner did not start {argv[0]!r} in {timeout:g} s")
+        except BaseException:
+            proc.signal_group(signal.SIGKILL)
+            raise
+        if proc.error is not None:
+            if isinstance(proc.error, SpawnerGone):
+                raise proc.error
+            raise SpawnError(proc.error.errno, f"cannot start {argv[0]!r}: {proc.error.strerror}")
+        return proc
+
+    def send(self, msg: list) -> None:
+        self.outbox.append(msg)
+        self._wake.set()
+
+    def _writer(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if not self.outbox:
+                continue
+            body = marshal.dumps(self.outbox)
+            self.outbox = []
+            data = memoryview(len(body).to_bytes(HEADER_SIZE, "little") + body)
+            try:
+                while data:
+                    try:
+                        data = data[os.write(self.req_fd, data):]
+                    except BlockingIOError:
+                        wait_write(self.req_fd)
+            except OSError as exc:  # the spawner is gone: the reader says so
+                self.log.warning("spawner_write_failed", error=str(exc))
+                return
+
+    def _reader(self) -> None:
+        buf = bytearray()
+        while True:
+            try:
+                data = os.read(self.rep_fd, 1 << 20)
+            except BlockingIOError:
+                wait_read(self.rep_fd)
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self._gone()
+                return
+            buf += data
+            while len(buf) >= HEADER_SIZE:
+                size = int.from_bytes(buf[:HEADER_SIZE], "little")
+                if len(buf) < HEADER_SIZE + size:
+                    break
+                messages = marshal.loads(bytes(buf[HEADER_SIZE:HEADER_SIZE + size]))
+                del buf[:HEADER_SIZE + size]
+                for msg in messages:
+                    self._apply(msg)
+
+    def _apply(self, msg: list) -> None:
+        proc = self.procs.get(msg[1])
+        if proc is None:
+            return
+        op = msg[0]
+        if op == "started":
+            proc.pid = msg[2]
+            proc._started.set()
+        elif op == "exited":
+            proc.returncode = msg[2]
+            del self.procs[proc.key]
+            proc._exited.set()
+            proc._started.set()
+        elif op == "failed":
+            proc.error = SpawnError(msg[2], msg[3])
+            del self.procs[proc.key]
+            proc._started.set()
+            proc._exited.set()
+
+    def _gone(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        rc = self.child.wait(timeout=5) if self.child is not None else None
+        reason = f"the agent's spawner process died (exit code {rc})"
+        self.log.error("spawner_died", exit_code=rc, units=len(self.procs))
+        for proc in self.procs.values():
+            proc.error = SpawnerGone(errno.EPIPE, reason + "; the unit was killed")
+            proc._started.set()
+            proc._exited.set()
+        self.procs.clear()
+        self.on_gone(reason)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the spawner: it kills and reaps what still runs, then exits; reap it."""
+        if self.child is None:
+            return
+        self.closed = True
+        gevent.killall([g for g in self._greenlets if g is not gevent.getcurrent()],
+                       timeout=1.0)
+        for fd in (self.req_fd, self.rep_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.child.wait(timeout=timeout) is None:
+            self.child.kill_group(signal.SIGKILL)
+            self.child.wait(timeout=5)
+        self.child = None

@@ -1,0 +1,190 @@
+"""The agent's spawner: a small process that starts the units' processes and reports their exits.
+
+    python -I -S spawn_server.py REQUEST_FD REPLY_FD      (stdlib only; the agent starts it)
+
+Why a process of its own: every ``fork``/``clone`` copies the parent's file-descriptor table,
+and an agent with 10,000 running units held 10,000 pidfds, so each new spawn got slower as
+units piled up. This process holds a handful of fds and no pidfd at all, starts each unit with
+``os.posix_spawn`` (glibc: ``clone(CLONE_VM|CLONE_VFORK)``, no page-table copy), finds exits
+with ``waitid`` on SIGCHLD, and tells the agent about many starts and exits in one frame.
+
+What it guarantees, as the agent's old in-process spawn did:
+- each unit leads its own session and process group (``setsid``), starts in its sandbox
+  (created if missing) with stdin from /dev/null and stdout/stderr to its files, with default
+  signal dispositions and the environment the agent gave;
+- when a unit's leader exits its whole group is SIGKILLed while the leader is still a zombie
+  (its pgid cannot be reused yet), then the leader is reaped: nothing is left behind;
+- ``kill`` signals a unit's group only while its leader is unreaped (no pid reuse);
+- when the agent goes (its end of the request pipe closes: exit, crash or SIGKILL), every
+  unit still running is killed and reaped, and this process exits. It ignores SIGINT/SIGTERM:
+  the agent decides when units end, and tells it.
+
+Frames, both ways: a 4-byte little-endian length, then ``marshal`` of a list of messages (the
+two ends are the same interpreter). Requests: ``["env", {base environment}]``,
+``["spawn", key, argv, cwd, {environment additions}, stdout path, stderr path]``,
+``["kill", key, signal]``. Replies: ``["started", key, pid]``, ``["failed", key, errno, text]``,
+``["exited", key, exit code (negative: the signal)]``.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import select
+import signal
+import struct
+import sys
+
+HEADER = struct.Struct("<I")
+# Dispositions a unit must not inherit: this process ignores SIGINT/SIGTERM, and Python ignores
+# SIGPIPE and SIGXFSZ (subprocess's restore_signals resets the same ones).
+DEFAULT_IN_CHILD = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ,
+                    signal.SIGQUIT, signal.SIGHUP)
+OUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+class Server:
+    def __init__(self, req_fd: int, rep_fd: int) -> None:
+        self.req_fd, self.rep_fd = req_fd, rep_fd
+        self.home = os.getcwd()
+        self.base_env: dict[str, str] = {}
+        self.live: dict[int, object] = {}  # pid -> key
+        self.pids: dict[object, int] = {}  # key -> pid
+        self.replies: list[list] = []
+
+    def run(self) -> None:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        buf = bytearray()
+        try:
+            while True:
+                ready, _, _ = select.select([self.req_fd, wake_r], [], [])
+                if wake_r in ready:
+                    while True:
+                        try:
+                            if not os.read(wake_r, 4096):
+                                break
+                        except BlockingIOError:
+                            break
+                if self.req_fd in ready:
+                    data = os.read(self.req_fd, 1 << 20)
+                    if not data:
+                        return  # the agent is gone
+                    buf += data
+                    while len(buf) >= 4:
+                        (size,) = HEADER.unpack_from(buf)
+                        if len(buf) < 4 + size:
+                            break
+                        messages = marshal.loads(bytes(buf[4:4 + size]))
+                        del buf[:4 + size]
+                        for msg in messages:
+                            self.handle(msg)
+                    os.chdir(self.home)  # never sit in a unit sandbox between requests
+                self.reap()
+                self.flush()
+        finally:
+            self.kill_all()
+
+    def handle(self, msg: list) -> None:
+        op = msg[0]
+        if op == "spawn":
+            self.spawn(*msg[1:])
+        elif op == "kill":
+            pid = self.pids.get(msg[1])
+            if pid is not None:
+                try:
+                    os.killpg(pid, msg[2])
+                except OSError:
+                    pass
+        elif op == "env":
+            self.base_env = dict(msg[1])
+
+    def spawn(self, key: object, argv: list, cwd: str, extra: dict, out: str, err: str) -> None:
+        env = dict(self.base_env)
+        env.update(extra)
+        try:
+            os.makedirs(cwd, exist_ok=True)
+            os.chdir(cwd)
+            pid = os.posix_spawn(
+                executable(argv[0], env), argv, env, setsid=True, setsigdef=DEFAULT_IN_CHILD,
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                              (os.POSIX_SPAWN_OPEN, 1, out, OUT_FLAGS, 0o666),
+                              (os.POSIX_SPAWN_OPEN, 2, err, OUT_FLAGS, 0o666)])
+        except OSError as exc:
+            self.replies.append(["failed", key, exc.errno or 0, exc.strerror or str(exc)])
+            return
+        except Exception as exc:  # a malformed request: say so, never die of it
+            self.replies.append(["failed", key, 0, f"{type(exc).__name__}: {exc}"])
+            return
+        self.live[pid] = key
+        self.pids[key] = pid
+        self.replies.append(["started", key, pid])
+
+    def reap(self) -> None:
+        while self.live:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or not info.si_pid:
+                return
+            pid = info.si_pid
+            try:  # the leader is a zombie: its group id is still ours to signal
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            _, status = os.waitpid(pid, 0)
+            key = self.live.pop(pid, None)
+            if key is not None:
+                self.pids.pop(key, None)
+                self.replies.append(["exited", key, os.waitstatus_to_exitcode(status)])
+
+    def flush(self) -> None:
+        if not self.replies:
+            return
+        body = marshal.dumps(self.replies)
+        self.replies = []
+        data = memoryview(HEADER.pack(len(body)) + body)
+        while data:
+            data = data[os.write(self.rep_fd, data):]
+
+    def kill_all(self) -> None:
+        for pid in list(self.live):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in list(self.live):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.live.clear()
+
+
+def executable(name: str, env: dict) -> str:
+    """``name`` as execve needs it: a path as given (relative to the unit's sandbox), or found
+    on the unit's own PATH, as subprocess does."""
+    if "/" in name:
+        return name
+    for d in os.get_exec_path(env):
+        path = os.path.join(d, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(2, "No such file or directory")
+
+
+def main(argv: list[str]) -> int:
+    req_fd, rep_fd = int(argv[1]), int(argv[2])
+    for fd in (req_fd, rep_fd):
+        os.set_inheritable(fd, False)  # units must not hold the agent's pipes
+    os.set_blocking(rep_fd, True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    Server(req_fd, rep_fd).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -27,7 +27,6 @@ from rpg.agent.resources import (
     srun_layout,
 )
 from rpg.agent.scheduler import Scheduler
-from rpg.hub.launchers import slurm as slurm_launcher
 from rpg.hub.launchers.slurm import (
     describe_end,
     parse_squeue,
@@ -248,27 +247,6 @@ def test_runtime_ends_the_pilot_and_no_unit_is_lost(session):
     assert umgr.wait_units(timeout=20) == ["FAILED"] * 6
     for u in units:
         assert u.reason and "runtime" in u.reason, u.reason
-    assert queued_jobs_named(name) == []
-    assert unit_processes(session, pilot) == []
-
-
-@needs_slurm
-@pytest.mark.timeout(200)
-def test_walltime_kill_fails_the_pilot_with_slurms_reason(session, monkeypatch):
-    """SLURM's limit below the agent's own runtime (not what rpg asks for; forced here): the
-    walltime kill ends the pilot FAILED, in SLURM's words. SLURM takes 60-80 s to act."""
-    monkeypatch.setattr(slurm_launcher, "WALLTIME_MARGIN_MIN", -2.0)
-    name = unique_name("walltime")
-    _, pilot, umgr = slurm_pilot(session, job_name=name, runtime=2.5)  # --time=1
-    units = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["300"])
-                               for _ in range(3)])
-    assert pilot.wait(state="ACTIVE", timeout=60) == "ACTIVE", pilot.reason
-    assert pilot.wait(timeout=140) == "FAILED", (pilot.state, pilot.reason)
-    assert "TIMEOUT" in pilot.reason and "walltime limit" in pilot.reason, pilot.reason
-    # SLURM signals the agent (its units FAIL with that reason) and may kill units directly
-    # (they FAIL as killed by a signal): FAILED either way, never lost.
-    assert umgr.wait_units(timeout=20) == ["FAILED"] * 3, [u.reason for u in units]
-    assert all(u.reason for u in units)
     assert queued_jobs_named(name) == []
     assert unit_processes(session, pilot) == []
 

@@ -215,22 +215,40 @@ def test_cancel_while_pending(tmp_path, occupied_node):  # noqa: F811
 
 @pytest.mark.timeout(220)
 def test_walltime_kill_fails_the_pilot_in_slurms_words(tmp_path, monkeypatch):
+    """SLURM's limit below the agent's own runtime (not what rpg asks for; forced here): the
+    walltime kill ends the pilot FAILED, in SLURM's words, and its units FAILED, never lost.
+    SLURM takes 60-80 s to act, so one wait serves both launchers: a ``slurm`` pilot and a
+    ``slurm+ssh`` one (a CPU each) in the same session."""
     monkeypatch.setattr(slurm_launcher, "WALLTIME_MARGIN_MIN", -2.0)  # --time=1 for 2.5 min
-    name = unique_name("ssh-walltime")
+    names = {"slurm": unique_name("walltime"), "ssh": unique_name("ssh-walltime")}
     with rpg.Session(sandbox=str(tmp_path / "s")) as session:
         pmgr = rpg.PilotManager(session)
-        pilot = pmgr.submit_pilots(desc(job_name=name, runtime=2.5))
-        umgr = rpg.UnitManager(session)
-        umgr.add_pilots(pilot)
-        units = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep",
-                                                       arguments=["300"]) for _ in range(3)])
-        assert pilot.wait(state=states.ACTIVE, timeout=60) == states.ACTIVE, pilot.reason
-        assert pilot.wait(timeout=150) == states.FAILED, (pilot.state, pilot.reason)
-        assert "TIMEOUT" in pilot.reason and "walltime limit" in pilot.reason, pilot.reason
-        assert umgr.wait_units(timeout=30) == [states.FAILED] * 3, [u.reason for u in units]
-        assert all(u.reason for u in units)
-        sandbox = pilot.sandbox
-    nothing_left(session, pilot, sandbox, name)
+        pilots = {
+            "slurm": pmgr.submit_pilots(rpg.PilotDescription(
+                resource="slurm", cores=1, queue=PARTITION, runtime=2.5,
+                job_name=names["slurm"])),
+            "ssh": pmgr.submit_pilots(desc(job_name=names["ssh"], cores=1, runtime=2.5)),
+        }
+        units = {}
+        for kind, pilot in pilots.items():
+            umgr = rpg.UnitManager(session)
+            umgr.add_pilots(pilot)
+            units[kind] = (umgr, umgr.submit_units([rpg.UnitDescription(
+                executable="/bin/sleep", arguments=["300"]) for _ in range(3)]))
+        for pilot in pilots.values():
+            assert pilot.wait(state=states.ACTIVE, timeout=60) == states.ACTIVE, pilot.reason
+        for kind, pilot in pilots.items():
+            assert pilot.wait(timeout=150) == states.FAILED, (kind, pilot.state, pilot.reason)
+            assert "TIMEOUT" in pilot.reason and "walltime limit" in pilot.reason, pilot.reason
+            # SLURM signals the agent (its units FAIL with that reason) and may kill units
+            # directly (they FAIL as killed by a signal): FAILED either way.
+            umgr, us = units[kind]
+            assert umgr.wait_units(timeout=30) == [states.FAILED] * 3, [u.reason for u in us]
+            assert all(u.reason for u in us)
+        sandbox = pilots["ssh"].sandbox
+    assert queued_jobs_named(names["slurm"]) == []
+    assert unit_processes(session, pilots["slurm"]) == []
+    nothing_left(session, pilots["ssh"], sandbox, names["ssh"])
 
 
 @pytest.mark.parametrize("kw, words", [

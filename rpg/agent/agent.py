@@ -42,10 +42,10 @@ from rpg.agent.resources import (
     raise_nofile_limit,
 )
 from rpg.agent.scheduler import Scheduler, format_ids
-from rpg.agent.unit_process import Spawner, unit_argv
+from rpg.agent.unit_process import Spawners, unit_argv
 from rpg.internals import route_loop_errors
 from rpg.io_pool import Batcher, IOPool, IOPoolError, LoopWatch, SpawnError
-from rpg.io_pool.sweep import kill_pilot_processes, pilot_key
+from rpg.io_pool.sweep import pilot_key
 from rpg.io_pool.tails import read_outputs
 from rpg.launch_config import AgentConfig
 from rpg.log import SparseWarning, get_logger
@@ -57,9 +57,9 @@ EXIT_HUB_LOST = 3
 EXIT_REJECTED = 4
 PUSH_BATCH = 2000  # updates a push carries: packing 10,000 held the loop for tens of ms
 PUSH_BYTES = 24 << 20  # function results a push carries (the hub takes 64 MiB messages)
+PUSH_GATHER_S = 0.005  # updates gathered before a push (as Dask's BatchedSend: 2 ms)
 PULL_BATCH = 256  # units a pull takes: each starts a greenlet in the same loop iteration
 FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
-SPAWN_TIMEOUT_S = 120.0  # a spawn the spawner did not answer (a stalled disk) fails the unit
 SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
 
 
@@ -105,8 +105,9 @@ class Agent:
         self.pool = IOPool()
         self.sched = Scheduler([(str(n[0]), int(n[1]), int(n[2])) for n in self.nodes])
         self.srun = SrunPlacer(self.sched) if self.resource_manager == "slurm" else None
-        self.spawner: Spawner | None = None
-        self.spawner_ready = Event()
+        self.spawners = Spawners(self.pool, self.base_env, self.sandbox, self.log,
+                                 self.counters, self.done,
+                                 lambda why: self.stop("spawner", states.FAILED, why))
         self.collectors: dict[str, Batcher] = {}
         self.workers = FunctionWorkers(
             self.pool, int(self.cfg.function_workers or self.cores), self.sandbox,
@@ -124,7 +125,7 @@ class Agent:
         code = EXIT_OK
         try:
             self._raise_fd_limit()  # after connect: counts what zmq holds too
-            self._start_spawner()
+            self.spawners.start()
             if self.cfg.hub_pid is not None:
                 loops.append(self._watch_hub(self.cfg.hub_pid))
             registering = gevent.spawn(self._register)
@@ -169,8 +170,7 @@ class Agent:
         finally:
             self._stop_units(states.CANCELED, "agent exiting")
             gevent.killall(loops, timeout=5)
-            if self.spawner is not None:
-                self.spawner.close()
+            self.spawners.close()
             self.workers.close()
             self._write_stats(code)
             self.rpc_pull.close()
@@ -195,35 +195,6 @@ class Agent:
         open_now = self.pool.spawn.run(open_fd_count, timeout=10)
         self.fd_limit = {"soft_before": before, "soft": soft, "hard": hard, "open": open_now}
         self.log.info("fd_limit", **self.fd_limit)
-
-    def _start_spawner(self) -> None:
-        """Start the spawner process (rpg/agent/spawn_server.py); again if it dies."""
-        # Without RPG_PILOT_KEY: a sweep finds units, and the spawner ends with the agent
-        # (its request pipe closes), killing what still runs.
-        spawner = Spawner(self.base_env, self.sandbox, os.environ, self.log, self._spawner_gone)
-        self.pool.spawn.run(spawner.start, timeout=30)
-        spawner.run()
-        self.spawner = spawner
-        self.spawner_ready.set()
-
-    def _spawner_gone(self, reason: str) -> None:
-        """The spawner died: its units failed (SpawnerGone); sweep what they left, start a new
-        one for the units still to come."""
-        self.spawner_ready.clear()
-        self.counters["spawner_restarts"] = self.counters.get("spawner_restarts", 0) + 1
-
-        def restart() -> None:
-            try:
-                killed = self.pool.spawn.run(kill_pilot_processes, pilot_key(
-                    self.cfg.session_uid, self.uid), self.sandbox, timeout=30)
-                self.log.warning("spawner_restart", reason=reason, swept=killed)
-                if not self.done.is_set():
-                    self._start_spawner()
-            except Exception as exc:
-                self.log.error("spawner_not_restarted", error=str(exc))
-                self.stop("spawner", states.FAILED, f"{reason}; no new spawner: {exc}")
-
-        gevent.spawn(restart)
 
     def _watch_hub(self, pid: int) -> Any:
         """Stop as "hub_lost" as soon as the process holding the hub is gone (pidfd readable)."""
@@ -339,6 +310,8 @@ class Agent:
     def _push_loop(self) -> None:
         while True:
             self.have_updates.wait(timeout=self.hb_interval)
+            if len(self.updates) < PUSH_BATCH:
+                gevent.sleep(PUSH_GATHER_S)  # one push for the states of many units
             self.have_updates.clear()
             self._push_once()
 
@@ -528,10 +501,9 @@ class Agent:
 
     def _spawn_once(self, argv: list[str], sandbox: str, env: dict[str, str],
                     desc: dict) -> Any:
-        if not self.spawner_ready.wait(timeout=SPAWN_TIMEOUT_S):
-            raise SpawnError(errno.EAGAIN, "the agent's spawner is not running")
-        return self.spawner.spawn(argv, sandbox, env, os.path.join(sandbox, desc["stdout"]),
-                                  os.path.join(sandbox, desc["stderr"]), SPAWN_TIMEOUT_S)
+        return self.spawners.spawn(env["RPG_UNIT_UID"], argv, sandbox, env,
+                                   os.path.join(sandbox, desc["stdout"]),
+                                   os.path.join(sandbox, desc["stderr"]))
 
     def _collector(self, sandbox: str) -> Batcher:
         """Output collection, batched per disk lane."""

@@ -41,6 +41,7 @@ HEADER = struct.Struct("<I")
 DEFAULT_IN_CHILD = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ,
                     signal.SIGQUIT, signal.SIGHUP)
 OUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+REPLY_EVERY = 4  # replies sent after this many, not after a whole batch of spawns
 
 
 class Server:
@@ -80,6 +81,9 @@ class Server:
                         del buf[:4 + size]
                         for msg in messages:
                             self.handle(msg)
+                            if len(self.replies) >= REPLY_EVERY:
+                                self.reap()
+                                self.flush()  # a unit's start is news: don't sit on it
                     os.chdir(self.home)  # never sit in a unit sandbox between requests
                 self.reap()
                 self.flush()

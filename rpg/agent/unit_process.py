@@ -23,11 +23,16 @@ from gevent.socket import wait_read, wait_write
 
 from rpg.io_pool import SpawnError, spawn
 from rpg.io_pool.process import Child
+from rpg.io_pool.sweep import kill_unit_groups
 
 SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawn_server.py")
 HEADER_SIZE = 4
 PIPE_SIZE = 1 << 20  # a pull of 256 units' requests fits in one write
 F_SETPIPE_SZ = 1031
+SPAWNERS = 1  # spawner processes. Measured here (2 cores, 3,000 null units): two gave 437-495
+#              units/s against 394-438 for one, but the hub's loop lag p99 went from 9-11 ms to
+#              17-28 ms (the CPU is full): one, until the hub and agent cost less per unit
+SPAWN_TIMEOUT_S = 120.0  # a spawn the spawner did not answer (a stalled disk) fails the unit
 
 
 def unit_argv(desc: Mapping[str, Any]) -> list[str]:
@@ -47,11 +52,12 @@ class SpawnerGone(SpawnError):
 class UnitProcess:
     """One unit's process as the spawner reports it."""
 
-    __slots__ = ("key", "pid", "returncode", "error", "_started", "_exited", "_spawner")
+    __slots__ = ("key", "uid", "pid", "returncode", "error", "_started", "_exited", "_spawner")
 
-    def __init__(self, spawner: "Spawner", key: int) -> None:
+    def __init__(self, spawner: "Spawner", key: int, uid: str) -> None:
         self._spawner = spawner
         self.key = key
+        self.uid = uid
         self.pid: int | None = None
         self.returncode: int | None = None
         self.error: SpawnError | None = None
@@ -87,12 +93,12 @@ class Spawner:
     rest runs on the agent's loop."""
 
     def __init__(self, base_env: Mapping[str, str], home: str, own_env: Mapping[str, str],
-                 log: Any, on_gone: Callable[[str], None]) -> None:
+                 log: Any, on_gone: Callable[["Spawner", str, list], None]) -> None:
         self.base_env = dict(base_env)
         self.home = home
         self.own_env = dict(own_env)
         self.log = log
-        self.on_gone = on_gone  # the agent sweeps what a dead spawner left
+        self.on_gone = on_gone  # the agent kills what a dead spawner left
         self.procs: dict[int, UnitProcess] = {}
         self.next_key = 0
         self.outbox: list[list] = []
@@ -130,14 +136,14 @@ class Spawner:
         self._greenlets = [gevent.spawn(self._writer), gevent.spawn(self._reader)]
         self._wake.set()
 
-    def spawn(self, argv: list[str], cwd: str, env: Mapping[str, str], stdout: str,
+    def spawn(self, uid: str, argv: list[str], cwd: str, env: Mapping[str, str], stdout: str,
               stderr: str, timeout: float) -> UnitProcess:
         """Ask for a unit's start and wait for the answer. A caller killed meanwhile (cancel)
         leaves a kill request behind it: the process, if it started, does not outlive it."""
         if self.closed:
             raise SpawnerGone(errno.EPIPE, "the agent's spawner has stopped")
         key = self.next_key = self.next_key + 1
-        proc = self.procs[key] = UnitProcess(self, key)
+        proc = self.procs[key] = UnitProcess(self, key, uid)
         self.send(["spawn", key, list(argv), cwd, dict(env), stdout, stderr])
         try:
             if not proc._started.wait(timeout):
@@ -224,12 +230,13 @@ class Spawner:
         rc = self.child.wait(timeout=5) if self.child is not None else None
         reason = f"the agent's spawner process died (exit code {rc})"
         self.log.error("spawner_died", exit_code=rc, units=len(self.procs))
+        left = [(p.pid, p.uid) for p in self.procs.values() if p.pid is not None]
         for proc in self.procs.values():
             proc.error = SpawnerGone(errno.EPIPE, reason + "; the unit was killed")
             proc._started.set()
             proc._exited.set()
         self.procs.clear()
-        self.on_gone(reason)
+        self.on_gone(self, reason, left)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the spawner: it kills and reaps what still runs, then exits; reap it."""
@@ -247,3 +254,64 @@ class Spawner:
             self.child.kill_group(signal.SIGKILL)
             self.child.wait(timeout=5)
         self.child = None
+
+
+class Spawners:
+    """The agent's spawner processes: started, used in turn, each replaced when it dies (its
+    units FAIL with SpawnerGone; the process groups they left are killed)."""
+
+    def __init__(self, pool: Any, base_env: Mapping[str, str], home: str, log: Any,
+                 counters: dict, stopping: Any, fatal: Callable[[str], None],
+                 count: int = SPAWNERS) -> None:
+        self.pool, self.base_env, self.home, self.log = pool, base_env, home, log
+        self.counters, self.stopping, self.fatal = counters, stopping, fatal
+        self.slots: list[Spawner | None] = [None] * count
+        self.turn = 0
+
+    def start(self) -> None:
+        for slot in range(len(self.slots)):
+            self._start(slot)
+
+    def _start(self, slot: int) -> None:
+        # Without RPG_PILOT_KEY: a sweep finds units, and the spawner ends with the agent
+        # (its request pipe closes), killing what still runs.
+        spawner = Spawner(self.base_env, self.home, os.environ, self.log, self._gone)
+        self.pool.spawn.run(spawner.start, timeout=30)
+        spawner.run()
+        self.slots[slot] = spawner
+
+    def _gone(self, spawner: Spawner, reason: str, left: list) -> None:
+        slot = self.slots.index(spawner)
+        self.slots[slot] = None
+        self.counters["spawner_restarts"] = self.counters.get("spawner_restarts", 0) + 1
+
+        def restart() -> None:
+            try:
+                killed = self.pool.spawn.run(kill_unit_groups, left, timeout=30)
+                self.log.warning("spawner_restart", reason=reason, killed=killed)
+                if not self.stopping.is_set():
+                    self._start(slot)
+            except Exception as exc:
+                self.log.error("spawner_not_restarted", error=str(exc))
+                self.fatal(f"{reason}; no new spawner: {exc}")
+
+        gevent.spawn(restart)
+
+    def spawn(self, uid: str, argv: list[str], sandbox: str, env: Mapping[str, str],
+              stdout: str, stderr: str) -> UnitProcess:
+        deadline = gevent.get_hub().loop.now() + SPAWN_TIMEOUT_S
+        while True:  # the spawners in turn; one that is being replaced is skipped
+            live = [s for s in self.slots if s is not None]
+            if live:
+                break
+            if gevent.get_hub().loop.now() > deadline:
+                raise SpawnError(errno.EAGAIN, "the agent has no spawner running")
+            gevent.sleep(0.1)
+        self.turn += 1
+        return live[self.turn % len(live)].spawn(uid, argv, sandbox, env, stdout, stderr,
+                                                 SPAWN_TIMEOUT_S)
+
+    def close(self) -> None:
+        for spawner in self.slots:
+            if spawner is not None:
+                spawner.close()

@@ -55,6 +55,22 @@ def pilot_processes(key: str, sandbox: str | None = None) -> list[int]:
     return found
 
 
+def kill_unit_groups(leaders: list[tuple[int, str]]) -> int:
+    """SIGKILL the process group of each ``(pid, unit uid)`` leader whose environment still
+    says it is that unit (a pid that was reused is spared); returns how many were killed."""
+    killed = 0
+    for pid, uid in leaders:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if b"\x00RPG_UNIT_UID=" + uid.encode() + b"\x00" not in b"\x00" + fh.read():
+                    continue
+            os.killpg(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            continue
+    return killed
+
+
 UNIT_SANDBOX_PREFIX = "unit."  # a unit's sandbox is <pilot sandbox>/<unit uid>
 
 

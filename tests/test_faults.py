@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+from pilots import local_pilot
 from procs import wait_no_pilot_processes
 
 import rpg
@@ -243,3 +244,25 @@ def test_disk_full_and_unwritable_sandbox(tmp_path):
     print(f"\nbad sandbox: pilot FAILED ({bad.reason}); ENOSPC unit: {full.reason}")
     assert "Not a directory" in bad.reason
     assert "No space left on device" in full.reason
+
+
+def test_units_failed_by_a_signal_while_their_pilot_is_canceled_end_canceled(session):
+    """The agent stops at a SIGTERM (what scancel sends) and fails its units as their pilot
+    ended under them; but the application had canceled that pilot, and the hub was stopping
+    it: the units end CANCELED, with the agent's words kept. (CI met this race on SLURM.)"""
+    _, pilot, umgr = local_pilot(session, cores=2)
+    units = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["300"])
+                               for _ in range(2)])
+    for u in units:
+        assert u.wait(state="EXECUTING", timeout=20) == "EXECUTING", u.reason
+    os.kill(pilot.pid, signal.SIGSTOP)  # it will not hear "shutdown" first
+    pilot.cancel()
+    time.sleep(0.5)
+    os.kill(pilot.pid, signal.SIGTERM)
+    os.kill(pilot.pid, signal.SIGCONT)
+    assert pilot.wait(timeout=30) == "CANCELED"
+    assert umgr.wait_units(timeout=20) == ["CANCELED"] * 2, [u.reason for u in units]
+    # Mostly the SIGTERM wins (the agent's words are kept); the pull that says "shutdown" may
+    # be read first: CANCELED with the pilot's words either way.
+    for u in units:
+        assert f"pilot {pilot.uid} canceled" in u.reason, u.reason

@@ -226,7 +226,7 @@ def test_cancel_while_active_with_a_stuck_agent_scancels(session):
     assert pilot.wait(timeout=60) == "CANCELED"
     took = time.monotonic() - t0
     assert 4 < took < 40, took  # the grace first, then scancel
-    assert umgr.wait_units(timeout=20) == ["CANCELED"] * 2
+    assert umgr.wait_units(timeout=20) == ["CANCELED"] * 2, [u.reason for u in units]
     assert set(jobs_named(name).values()) <= {"CANCELLED"}
     assert queued_jobs_named(name) == []
     assert unit_processes(session, pilot) == []

@@ -445,7 +445,12 @@ class Agent:
         except GreenletExit:
             state, reason = self.cancel_reasons.get(uid, (states.CANCELED, "canceled"))
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
-            self.report(uid, state, reason=reason, exit_code=rc)
+            if state == states.FAILED and self.stop_info is not None:
+                # The pilot ended under it (a signal, the runtime): the hub knows whether
+                # that was the application's cancel, and then ends it CANCELED.
+                self.report(uid, state, reason=reason, exit_code=rc, reason_code="pilot_ended")
+            else:
+                self.report(uid, state, reason=reason, exit_code=rc)
         except (_UnitFailed, StagingError, IOPoolError, SpawnError, OSError,
                 ResourceError, WorkerGone) as exc:
             rc = child.terminate(grace=self.kill_grace) if child is not None else None

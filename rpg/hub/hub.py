@@ -312,6 +312,14 @@ class Hub:
         fields = dict(fields)
         code = fields.pop("reason_code", None)
         why = Why(code) if code else (None if state == states.DONE else Why.AGENT)
+        pilot_ended = why == Why.PILOT_ENDED and state == states.FAILED
+        if pilot_ended and unit.pilot in self.pilots and self.pilots[unit.pilot].stopping and \
+                self.pilots[unit.pilot].final_why in HUB_STOPS:
+            # The agent failed it as its pilot ended under it (scancel's SIGTERM, say), but the
+            # hub was ending that pilot: the application's cancel or close, as if it had heard.
+            pilot = self.pilots[unit.pilot]
+            state, why = states.CANCELED, pilot.final_why
+            fields["reason"] = f"{pilot.stop_reason}; the agent said: {fields.get('reason')}"
         if state == states.CANCELED and why == Why.AGENT:
             # The agent canceled it because the hub asked: the hub's code, not "agent".
             pilot = self.pilots.get(unit.pilot) if unit.pilot else None
@@ -507,6 +515,9 @@ def loop_thread_target(body: Callable[[], None]) -> Callable[[], None]:
             ghub.destroy(destroy_loop=True)
 
     return run
+
+
+HUB_STOPS = frozenset({Why.CANCELED, Why.SESSION_CLOSED, Why.HUB_STOPPED})
 
 
 def _stop(g: Any) -> None:

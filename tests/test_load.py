@@ -1,4 +1,5 @@
-"""Load: a cancel storm over 10,000 units in flight, and 50,000 units in one submit call.
+"""Load: a cancel storm over 10,000 units in flight, and 20,000 units in one submit call (the
+most one call of the service protocol takes; it was 50,000, 100 s of the suite's 15 minutes).
 Bounded in count and time; each prints its numbers."""
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def test_cancel_storm_of_10000_units(tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_50000_units_in_one_call(tmp_path):
-    n = 50_000
+def test_20000_units_in_one_call(tmp_path):
+    n = 20_000
     rss0 = rss_mb()
     peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with rpg.Session(sandbox=str(tmp_path / "s")) as session:
@@ -77,7 +78,7 @@ def test_50000_units_in_one_call(tmp_path):
     peak = max(max(samples), rss0)
     done = states.count("DONE")
     per_1000 = (peak - rss0) / (n / 1000)
-    print(f"\n50k units: submit() took {submit:.2f} s, all final after {took:.1f} s "
+    print(f"\n20k units: submit() took {submit:.2f} s, all final after {took:.1f} s "
           f"({n / took:.0f} units/s); DONE {done}; application+hub RSS {rss0:.0f} -> peak "
           f"{peak:.0f} MB = {per_1000:.2f} MB per 1,000 units "
           f"(ru_maxrss before {peak0:.0f} MB)")

@@ -49,7 +49,7 @@ from rpg.io_pool.sweep import pilot_key
 from rpg.io_pool.tails import read_outputs
 from rpg.launch_config import AgentConfig
 from rpg.log import SparseWarning, get_logger
-from rpg.rpc import no_zero_copy
+from rpg.rpc import no_linger, no_zero_copy
 from rpg.staging import StagingError, carry_out, make_sandbox, stage
 
 EXIT_OK = 0
@@ -113,7 +113,7 @@ class Agent:
             self.pool, int(self.cfg.function_workers or self.cores), self.sandbox,
             worker_env(self.base_env, self.cfg.session_uid, self.uid, self.sandbox),
             float(self.cfg.function_worker_memory), self.log, self.counters)
-        ctx = zerorpc.Context()
+        ctx = self.ctx = zerorpc.Context()
         timeout = max(1.0, self.hb_timeout)  # a silent hub is noticed within hb_timeout
         self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
         self.rpc_push = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
@@ -251,18 +251,31 @@ class Agent:
         info = wire_safe({"pid": os.getpid(), "host": socket.gethostname(),
                           "cores": self.cores, "gpus": self.gpus, "sandbox": self.sandbox})
         deadline = time.monotonic() + self.hb_timeout
+        # Each attempt on a connection of its own, for a third of the heartbeat timeout: a
+        # first connection stuck in a tunnel (its TCP alive, nothing behind it) is not retried
+        # by zmq, and one attempt of the whole timeout left no room for a second.
+        attempt = max(1.0, min(5.0, self.hb_timeout / 3))
+        tries = 0
         while True:
+            tries += 1
+            client = zerorpc.Client(context=self.ctx, timeout=attempt, heartbeat=None)
+            no_zero_copy(client)
+            no_linger(client)  # an attempt given up on must not hold the context's end
             try:
-                self.rpc_push.register(self.uid, self.token, info)
+                client.connect(self.cfg.hub_address)
+                client.register(self.uid, self.token, info)
                 self.last_ok = time.monotonic()
-                self.log.info("agent_registered")
+                self.log.info("agent_registered", tries=tries)
                 return None
             except zerorpc.RemoteError as exc:
                 return _Rejected(f"hub refused register: {exc.msg}")
             except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as exc:
+                self.log.warning("register_retry", error=str(exc)[:200], tries=tries)
                 if time.monotonic() > deadline:
-                    return _HubLost(f"hub did not answer register: {exc}")
+                    return _HubLost(f"hub did not answer register ({tries} tries): {exc}")
                 gevent.sleep(0.2)
+            finally:
+                client.close()
 
     def _rpc_failed(self, exc: BaseException) -> None:
         silent = time.monotonic() - self.last_ok

@@ -1,4 +1,5 @@
-"""zerorpc settings shared by the hub's server and the agent's clients."""
+"""zerorpc settings shared by the hub's server and the agent's clients; what can cross the wire
+(``wire_problem``) and how a value is made to (``wire_safe``)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,21 @@ def wire_problem(data: Any) -> str | None:
     except (TypeError, ValueError, OverflowError) as exc:
         return f"{type(exc).__name__}: {str(exc)[:200]}"
     return None
+
+
+def wire_safe(value: Any) -> Any:
+    """``value`` with every string made encodable as UTF-8: a lone surrogate (what os.fsdecode
+    gives for a Latin-1 file name) becomes a backslash escape. Cheap when all is well."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {wire_safe(k): wire_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [wire_safe(v) for v in value]
+    return value

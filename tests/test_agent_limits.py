@@ -22,9 +22,9 @@ from pilots import local_pilot as shared_local_pilot
 from procs import wait_no_pilot_processes
 
 import rpg
-from rpg.agent.agent import wire_safe
 from rpg.agent.scheduler import Scheduler, format_ids
 from rpg.io_pool.sweep import pilot_key
+from rpg.rpc import wire_safe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -49,7 +49,7 @@ from rpg.io_pool.sweep import pilot_key
 from rpg.io_pool.tails import read_outputs
 from rpg.launch_config import AgentConfig
 from rpg.log import SparseWarning, get_logger
-from rpg.rpc import no_linger, no_zero_copy
+from rpg.rpc import no_linger, no_zero_copy, wire_safe
 from rpg.staging import StagingError, carry_out, make_sandbox, stage
 
 EXIT_OK = 0
@@ -572,24 +572,6 @@ ENCODING_ERRORS = frozenset({"UnicodeError", "UnicodeEncodeError", "UnicodeDecod
 def _result_bytes(fields: dict[str, Any]) -> int:
     results = fields.get("results")
     return sum(len(r[1]) for r in results if r[1] is not None) if results else 0
-
-
-def wire_safe(value: Any) -> Any:
-    """``value`` with every string made encodable as UTF-8: a lone surrogate (what os.fsdecode
-    gives for a Latin-1 file name) becomes a backslash escape. Cheap when all is well."""
-    if isinstance(value, str):
-        if value.isascii():
-            return value
-        try:
-            value.encode("utf-8")
-            return value
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, dict):
-        return {wire_safe(k): wire_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [wire_safe(v) for v in value]
-    return value
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -115,6 +115,7 @@ class Why(str, Enum):
     UNSENDABLE = "unsendable"  # its description cannot be encoded for an agent
     CLIENT_STAGING = "client_staging"  # the launcher could not move its client:// files
     PILOT_ENDED = "pilot_ended"  # its pilot ended under it
+    NOT_STARTED = "not_started"  # agent: its pilot ended before it started (it may go elsewhere)
     RESTART = "restart"  # its pilot died; it starts over
     AGENT = "agent"  # the agent's words: exit code, timeout, staging, signal
     RUNTIME_ENDED = "runtime_ended"  # pilot: its runtime or walltime ran out

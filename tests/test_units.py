@@ -310,7 +310,9 @@ def test_units_spread_over_two_pilots_and_tags_pin_them(session):
                                  rpg.PilotDescription(cores=2, runtime=5, tags={"site": "b"})])
     umgr = rpg.UnitManager(session)
     umgr.add_pilots([p1, p2])
-    free = umgr.submit_units([rpg.UnitDescription(executable="/bin/true") for _ in range(20)])
+    # More than one pilot has room for (2 cores + 32 ready): a pull takes no more than that
+    free = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["0.05"])
+                              for _ in range(80)])
     pinned = umgr.submit_units([rpg.UnitDescription(executable="/bin/true", tags={"site": "b"})
                                 for _ in range(5)])
     umgr.wait_units(timeout=40)

@@ -404,7 +404,7 @@ class Agent:
         sandbox = os.path.join(self.sandbox, uid)
         slots = child = None
         extra: list[Any] = []  # a multi-node srun unit's slots on its other nodes
-        executing = False
+        executing = started = False
         try:
             self.report(uid, states.STAGING_IN, sandbox=sandbox)
             if desc["input_staging"]:
@@ -422,7 +422,7 @@ class Agent:
             else:
                 slots = self.sched.allocate(cores, gpus)
             self.executing += 1
-            executing = True
+            executing = started = True
             if desc.get("payload") is not None:
                 results, problem = self._call(uid, desc, sandbox, slots)
                 self.sched.free(slots)
@@ -458,9 +458,13 @@ class Agent:
         except GreenletExit:
             state, reason = self.cancel_reasons.get(uid, (states.CANCELED, "canceled"))
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
-            if state == states.FAILED and self.stop_info is not None:
-                # The pilot ended under it (a signal, the runtime): the hub knows whether
-                # that was the application's cancel, and then ends it CANCELED.
+            if not started and self.stop_info is not None:
+                # The pilot ends before it ran: the hub may give it to another pilot.
+                self.report(uid, state, reason=reason, reason_code="not_started")
+            elif self.stop_info is not None:
+                # The pilot ended under it (shutdown, a signal, the runtime): the hub knows
+                # whether that was the application's cancel (then it ends CANCELED), or
+                # whether the unit may run again elsewhere (restartable).
                 self.report(uid, state, reason=reason, exit_code=rc, reason_code="pilot_ended")
             else:
                 self.report(uid, state, reason=reason, exit_code=rc)

@@ -1,4 +1,5 @@
-"""The hub of one session: a gevent loop with every unit and pilot lifecycle as a greenlet.
+"""The hub of one session: a gevent loop with every pilot lifecycle as a greenlet, and every
+unit a record that the binding's queues, the agents' pulls and pushes move on.
 
 An embedded hub runs on a native thread of its own. The hubs of a hub service all run on the
 service's loop (``host``): one loop, so that ten sessions' loops do not wait on each other for
@@ -23,7 +24,7 @@ from gevent.event import Event
 from rpg import states, threads
 from rpg.hub.binding import Binding
 from rpg.hub.events import EventLog
-from rpg.hub.lifecycle import PilotLifecycle, UnitLifecycle
+from rpg.hub.lifecycle import ClientStagingSteps, PilotLifecycle
 from rpg.hub.records import Ledger, PilotRecord, UnitRecord
 from rpg.hub.service import HubService, require
 from rpg.internals import bound_address, route_loop_errors
@@ -60,7 +61,8 @@ class Hub:
         self.ledger = Ledger(self.profile, events)  # the one place records change state
         self.units = self.ledger.units
         self.pilots = self.ledger.pilots
-        self.binding = Binding(self.pilots)
+        self.binding = Binding(self.pilots, self._no_pilot)
+        self.ledger.released = self.binding.released
         self.managers: dict[str, str] = {}  # uid -> "pilot" | "unit"
         # What launchers share between the pilots of this hub, by kind: SSH connections per
         # user@host (launchers/ssh/hosts.py), SLURM clusters (launchers/slurm.py). Hub loop only.
@@ -297,13 +299,12 @@ class Hub:
     def agent_final(self, unit: UnitRecord, state: str, ts: float, fields: dict[str, Any]) -> None:
         """The agent says a unit ended. Output that goes back to the application's machine
         (client://) from a remote pilot is the hub's to move first (the launcher's
-        client_staging): the lifecycle greenlet does that."""
+        client_staging), on a greenlet of the unit's (lifecycle.py)."""
         pilot = self.pilots.get(unit.pilot) if unit.pilot else None
         launcher = pilot.launcher if pilot is not None else None
         staging = launcher.client_staging if launcher is not None else None
         if state == states.DONE and staging is not None and staging.has_stage_out(unit.desc):
-            unit.done_at_agent = (state, ts, fields)
-            unit.wake.set()
+            ClientStagingSteps(self, unit, staging).stage_out(state, ts, fields)
         else:
             self.end_unit_as_agent_said(unit, state, ts, fields)
 
@@ -312,25 +313,67 @@ class Hub:
         fields = dict(fields)
         code = fields.pop("reason_code", None)
         why = Why(code) if code else (None if state == states.DONE else Why.AGENT)
-        pilot_ended = why == Why.PILOT_ENDED and state == states.FAILED
-        if pilot_ended and unit.pilot in self.pilots and self.pilots[unit.pilot].stopping and \
-                self.pilots[unit.pilot].final_why in HUB_STOPS:
+        pilot = self.pilots.get(unit.pilot) if unit.pilot else None
+        hub_ends_it = pilot is not None and pilot.stopping
+        if why == Why.NOT_STARTED:
+            # Its pilot ended before the agent started it: it goes to another pilot if one can
+            # take it (and the application is not ending it), else ends as the pilot's unit.
+            if (unit.cancel_reason is None and not (hub_ends_it and pilot.final_why in CLOSING)
+                    and self.binding.could_run_elsewhere(unit)):
+                self.restart_unit(unit, f"its pilot {unit.pilot} ended before it started: "
+                                        f"{fields.get('reason')}")
+                return
+            why = Why.PILOT_ENDED
+        if (why == Why.PILOT_ENDED and unit.desc.get("restartable") and unit.cancel_reason is None
+                and not (hub_ends_it and pilot.final_why in CLOSING)
+                and self.binding.could_run_elsewhere(unit)):
+            self.restart_unit(unit, f"its pilot {unit.pilot} ended under it: "
+                                    f"{fields.get('reason')}")
+            return
+        if why == Why.PILOT_ENDED and state == states.FAILED and hub_ends_it \
+                and pilot.final_why in HUB_STOPS:
             # The agent failed it as its pilot ended under it (scancel's SIGTERM, say), but the
             # hub was ending that pilot: the application's cancel or close, as if it had heard.
-            pilot = self.pilots[unit.pilot]
             state, why = states.CANCELED, pilot.final_why
             fields["reason"] = f"{pilot.stop_reason}; the agent said: {fields.get('reason')}"
-        if state == states.CANCELED and why == Why.AGENT:
-            # The agent canceled it because the hub asked: the hub's code, not "agent".
-            pilot = self.pilots.get(unit.pilot) if unit.pilot else None
-            why = unit.cancel_why or (pilot.final_why if pilot is not None and pilot.stopping
-                                      else None) or why
+        if state == states.CANCELED and why in (Why.AGENT, Why.PILOT_ENDED) and \
+                (unit.cancel_why is not None or hub_ends_it):
+            # The agent canceled it because the hub asked: the hub's code, not the agent's.
+            why = unit.cancel_why or pilot.final_why or why
         self.ledger.end_unit(unit, state, "agent", why, ts=ts, **fields)
 
+    def restart_unit(self, unit: UnitRecord, reason: str) -> None:
+        """A unit whose pilot ended under it, and that may run again, waits for another."""
+        self.ledger.restart_unit(unit, reason)
+        self.binding.wait(unit, first=True)
+        self.binding.wake(unit.umgr)
+
+    def _no_pilot(self, unit: UnitRecord, state: str, reason: str) -> None:
+        self.ledger.end_unit(unit, state, "hub", Why.NO_PILOT, reason)
+
+    def hand_over(self, pilot: PilotRecord, unit: UnitRecord) -> bool:
+        """A pull took ``unit`` for ``pilot``: bind it. True if it goes to the agent now; False
+        if the hub moves its client:// files first (then it joins the pilot's queue)."""
+        self.ledger.bind(unit, pilot)
+        staging = pilot.launcher.client_staging if pilot.launcher is not None else None
+        if staging is not None and staging.has_stage_in(unit.desc):
+            ClientStagingSteps(self, unit, staging).stage_in(pilot)
+            return False
+        return True
+
     def enqueue(self, unit: UnitRecord, pilot: PilotRecord) -> None:
-        """Hand a bound unit to its pilot's queue; the agent's next pull takes it."""
+        """Hand a bound, client-staged unit to its pilot's queue; the agent's next pull takes
+        it."""
         pilot.queue.append(unit.uid)
         pilot.wake.set()
+
+    def unit_left_pilot(self, unit: UnitRecord, reason: str) -> None:
+        """A bound unit that never reached its agent, whose pilot ended: elsewhere, or ended."""
+        if unit.cancel_reason is None and self.binding.could_run_elsewhere(unit):
+            self.restart_unit(unit, reason)
+        else:
+            self.ledger.end_unit(unit, states.FAILED if unit.cancel_reason is None
+                                 else states.CANCELED, "hub", Why.PILOT_ENDED, reason)
 
     # -- application calls (run on the loop via post) ------------------------------------------
 
@@ -339,7 +382,6 @@ class Hub:
             sandbox = desc.get("sandbox") or os.path.join(self.sandbox, uid)
             rec = self.ledger.new_pilot(uid, pmgr, desc, token, sandbox)
             rec.greenlet = gevent.spawn(PilotLifecycle(self, rec).run)
-        self.binding.changed()
 
     def add_pilots(self, umgr: str, uids: list[str]) -> None:
         self.binding.add(umgr, uids)
@@ -348,7 +390,8 @@ class Hub:
         self.binding.remove(umgr, uids)
 
     def submit_units(self, umgr: str, items: list[tuple[str, dict[str, Any]]]) -> None:
-        """Make a record and a lifecycle per unit, in slices that let other calls run."""
+        """Make a record per unit and queue it for a pilot, in slices that let other calls
+        run."""
         pending = self.pending_units
         for uid, _ in items:
             pending[uid] = [umgr, None]
@@ -361,6 +404,7 @@ class Hub:
                 now = time.time()
                 for uid, desc in items[start:start + SUBMIT_SLICE]:
                     self._new_unit(uid, umgr, desc, now, pending.pop(uid, [None, None])[1])
+                self.binding.wake(umgr)
         finally:
             self._submitters.discard(me)
 
@@ -375,7 +419,9 @@ class Hub:
             return
         if cancel is not None:  # canceled while its submit was still being taken in
             rec.cancel_why, rec.cancel_reason = cancel, CANCEL_WORDS[cancel]
-        rec.greenlet = gevent.spawn(UnitLifecycle(self, rec).run)
+            self.ledger.end_unit(rec, states.CANCELED, "hub", cancel, rec.cancel_reason)
+            return
+        self.binding.wait(rec)
 
     def cancel_units(self, uids: list[str] | None, umgr: str | None = None,
                      why: Why = Why.CANCELED) -> None:
@@ -403,11 +449,16 @@ class Hub:
             return
         unit.cancel_why, unit.cancel_reason = why, CANCEL_WORDS[why]
         pilot = self.pilots.get(unit.pilot) if unit.pilot else None
-        if unit.at_agent and pilot is not None and not states.is_final(pilot.state):
+        if unit.greenlet is not None:  # the hub is moving its client:// files
+            unit.greenlet.kill(block=False)
+            unit.greenlet = None
+        elif unit.at_agent and pilot is not None and not states.is_final(pilot.state):
             pilot.cancels.append(unit.uid)
             pilot.wake.set()
-        elif unit.greenlet is not None:
-            _stop(unit.greenlet)
+            return
+        # Waiting for a pilot (its queue entry is dropped when reached), or in a pilot's queue
+        # (a pull skips it): it ends now.
+        self.ledger.end_unit(unit, states.CANCELED, "hub", why, unit.cancel_reason)
 
     def cancel_pilots(self, uids: list[str] | None, pmgr: str | None = None) -> None:
         if uids is None:
@@ -431,7 +482,8 @@ class Hub:
                 "umgr_pilots": {m: list(ps) for m, ps in self.binding.umgr_pilots.items()}}
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"units": len(self.units), "pilots": len(self.pilots)}
+        out: dict[str, Any] = {"units": len(self.units), "pilots": len(self.pilots),
+                               "waiting_for_a_pilot": self.binding.waiting()}
         if self.watch is not None:
             out["loop"] = self.watch.stats()
         if self.pool is not None:
@@ -457,18 +509,21 @@ class Hub:
             if p.greenlet is not None:
                 _stop(p.greenlet)
         gevent.joinall([p.greenlet for p in live if p.greenlet is not None], timeout=30)
-        for unit in list(self.units.values()):
-            if not states.is_final(unit.state):
+        staging = []
+        for i, unit in enumerate(list(self.units.values())):
+            if i and i % SUBMIT_SLICE == 0:
+                gevent.sleep(0)
+            if not states.is_final(unit.state):  # waiting for a pilot, or client staging
                 if unit.cancel_reason is None:
                     unit.cancel_why = why
                     unit.cancel_reason = CANCEL_WORDS[why]
                 if unit.greenlet is not None:
-                    _stop(unit.greenlet)
-        gevent.joinall([u.greenlet for u in self.units.values() if u.greenlet is not None],
-                       timeout=10)
-        for unit in self.units.values():  # belt and braces: nothing leaves without a final state
-            self.ledger.end_unit(unit, states.CANCELED, "hub", why,
-                                 CANCEL_WORDS[why])
+                    staging.append(unit.greenlet)
+                    unit.greenlet.kill(block=False)
+                    unit.greenlet = None
+                self.ledger.end_unit(unit, states.CANCELED, "hub", unit.cancel_why,
+                                     unit.cancel_reason)
+        gevent.joinall(staging, timeout=5)
         # On a service's loop nothing dies with this hub: what still runs is stopped here, and
         # every pilot ends before the stream does.
         left = [r.greenlet for r in (*self.pilots.values(), *self.units.values())
@@ -518,6 +573,7 @@ def loop_thread_target(body: Callable[[], None]) -> Callable[[], None]:
 
 
 HUB_STOPS = frozenset({Why.CANCELED, Why.SESSION_CLOSED, Why.HUB_STOPPED})
+CLOSING = frozenset({Why.SESSION_CLOSED, Why.HUB_STOPPED})  # units end, they do not move
 
 
 def _stop(g: Any) -> None:

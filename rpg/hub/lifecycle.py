@@ -1,14 +1,16 @@
-"""UnitLifecycle and PilotLifecycle: one greenlet each, on the hub loop.
+"""PilotLifecycle, one greenlet per pilot on the hub loop, and ClientStagingSteps.
 
-Each waits where it must (for a pilot, for the agent to call in, for a final state), re-checks
-its prerequisites after every wait, and keeps its cleanup in one try/finally: cancel is killing
-the greenlet, at any point.
+A pilot's lifecycle waits where it must (for the agent to call in, for its end), re-checks
+after every wait, and keeps its cleanup in one try/finally: cancel is killing the greenlet, at
+any point. Units have no greenlet of their own: a waiting unit is an entry in the binding's
+queues (binding.py), a running one a record the agent's pushes move (service.py); only the
+hub's client:// staging of a unit runs on a greenlet, for as long as it takes.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import GreenletExit
@@ -22,69 +24,46 @@ if TYPE_CHECKING:
     from rpg.hub.records import PilotRecord, UnitRecord
 
 
-class UnitLifecycle:
-    def __init__(self, hub: "Hub", unit: "UnitRecord") -> None:
+class ClientStagingSteps:
+    """The one unit work with a greenlet of its own: the hub moving a unit's client:// files
+    for a remote pilot (the launcher's client_staging, blocking SFTP in lanes). Stage in runs
+    between its bind and its hand-over (then it joins the pilot's queue), stage out between the
+    agent's DONE and the unit's. A failure ends the unit FAILED with its words ("client staging
+    in: <directive>: <why>"); a kill (cancel, the pilot's end, close) leaves the unit to whoever
+    killed it, who ends or moves it."""
+
+    def __init__(self, hub: "Hub", unit: "UnitRecord", staging: Any) -> None:
         self.hub = hub
         self.unit = unit
+        self.staging = staging
 
-    def run(self) -> None:
+    def stage_in(self, pilot: "PilotRecord") -> None:
+        self.unit.greenlet = gevent.spawn(self._run, self.staging.stage_in, pilot, None)
+
+    def stage_out(self, state: str, ts: float, fields: dict[str, Any]) -> None:
+        self.unit.greenlet = gevent.spawn(self._run, self.staging.stage_out, None,
+                                          (state, ts, fields))
+
+    def _run(self, step, pilot: "PilotRecord | None", end: tuple | None) -> None:
         hub, unit = self.hub, self.unit
         try:
-            while self._attempt():
-                pass  # the pilot died and the unit may restart: bind it again
+            step(unit)
         except GreenletExit:
-            pass
-        finally:
-            if not states.is_final(unit.state):
-                # Canceled before the agent had it (a queued entry is skipped by the next pull),
-                # or the session is closing.
-                hub.ledger.end_unit(unit, states.CANCELED, "hub", unit.cancel_why or Why.CANCELED,
-                                    unit.cancel_reason or "canceled")
-            unit.greenlet = None
-
-    def _attempt(self) -> bool:
-        """Bind, hand over, wait for the end. True if the unit must start again."""
-        hub, unit = self.hub, self.unit
-        while True:
-            if unit.cancel_reason is not None:
-                raise GreenletExit()
-            pilot, why = hub.binding.choose(unit)
-            if pilot is not None:
-                break
-            if why is not None:
-                hub.ledger.end_unit(unit, states.FAILED, "hub", Why.NO_PILOT, why)
-                return False
-            hub.binding.wait_changed(timeout=5.0)
-        hub.ledger.bind(unit, pilot)
-        staging = pilot.launcher.client_staging if pilot.launcher is not None else None
-        if (staging is not None and staging.has_stage_in(unit.desc)
-                and not self._client_staging(staging.stage_in)):
-            return False
-        hub.enqueue(unit, pilot)
-        while not states.is_final(unit.state):
-            unit.wake.wait()
-            unit.wake.clear()
-            if unit.restart:
-                unit.restart = False
-                return True
-            if unit.done_at_agent is not None and not states.is_final(unit.state):
-                state, ts, fields = unit.done_at_agent
-                if staging is None or self._client_staging(staging.stage_out):
-                    hub.end_unit_as_agent_said(unit, state, ts, fields)
-        return False
-
-    def _client_staging(self, step) -> bool:
-        """Run a client:// staging step (rpg.staging.ClientStaging, on this greenlet); a failure
-        ends the unit FAILED with its words ("client staging in: <directive>: <why>")."""
-        try:
-            step(self.unit)
-            return True
-        except GreenletExit:
-            raise
+            return
         except Exception as exc:
-            self.hub.ledger.end_unit(self.unit, states.FAILED, "hub", Why.CLIENT_STAGING,
-                                     str(exc))
-            return False
+            hub.ledger.end_unit(unit, states.FAILED, "hub", Why.CLIENT_STAGING, str(exc))
+            return
+        finally:
+            if unit.greenlet is gevent.getcurrent():
+                unit.greenlet = None
+        if states.is_final(unit.state):
+            return
+        if end is not None:
+            hub.end_unit_as_agent_said(unit, *end)
+        elif pilot is not None and pilot.active():
+            hub.enqueue(unit, pilot)
+        else:  # its pilot ended while the files moved; it never reached the agent
+            hub.unit_left_pilot(unit, f"pilot {unit.pilot} ended before the unit reached it")
 
 
 class PilotLifecycle:
@@ -176,16 +155,24 @@ class PilotLifecycle:
         words = f"pilot {p.uid} ended ({final}): {reason or 'no reason given'}"
         unit_state = (states.FAILED if final == states.FAILED or why == Why.RUNTIME_ENDED
                       else states.CANCELED)
+        closing = why in (Why.SESSION_CLOSED, Why.HUB_STOPPED)
         for uid in list(p.in_flight) + list(p.queue):
             unit = hub.units.get(uid)
             if unit is None or states.is_final(unit.state):
                 continue
-            if final == states.FAILED and unit.desc.get("restartable") \
-                    and unit.cancel_reason is None:
-                hub.ledger.restart_unit(unit, words)
+            if unit.greenlet is not None:  # its client:// files were moving
+                unit.greenlet.kill(block=False)
+                unit.greenlet = None
+            if closing or unit.cancel_reason is not None:
+                hub.ledger.end_unit(unit, unit_state, "hub", Why.PILOT_ENDED, words)
+            elif not unit.at_agent and hub.binding.could_run_elsewhere(unit):
+                hub.restart_unit(unit, words)  # it never reached the agent: it goes elsewhere
+            elif unit.desc.get("restartable") and (
+                    final == states.FAILED or hub.binding.could_run_elsewhere(unit)):
+                hub.restart_unit(unit, words)  # it may run again: on another pilot
             else:
                 hub.ledger.end_unit(unit, unit_state, "hub", Why.PILOT_ENDED, words)
         p.queue.clear()
         hub.ledger.end_pilot(p, final, why, reason)
-        hub.binding.changed()
+        hub.binding.review()
         gevent.sleep(0)

@@ -22,7 +22,7 @@ from rpg.states import Why
 class UnitRecord:
     __slots__ = ("uid", "umgr", "desc", "state", "pilot", "greenlet", "reason", "reason_code",
                  "exit_code", "stdout", "stderr", "sandbox", "at_agent", "cancel_reason",
-                 "cancel_why", "wake", "done_at_agent", "restart", "restarts", "created")
+                 "cancel_why", "restarts", "created")
 
     def __init__(self, uid: str, umgr: str, desc: dict[str, Any]) -> None:
         self.uid = uid
@@ -30,7 +30,7 @@ class UnitRecord:
         self.desc = desc
         self.state = states.NEW
         self.pilot: str | None = None
-        self.greenlet: Any = None
+        self.greenlet: Any = None  # only while the hub moves its client:// files (lifecycle.py)
         self.reason: str | None = None
         self.reason_code: str | None = None
         self.exit_code: int | None = None
@@ -40,9 +40,6 @@ class UnitRecord:
         self.at_agent = False  # handed to the agent (pulled); cancel must go through it
         self.cancel_reason: str | None = None
         self.cancel_why: Why | None = None
-        self.wake = Event()  # the lifecycle greenlet has something to look at
-        self.done_at_agent: tuple[str, float, dict[str, Any]] | None = None
-        self.restart = False  # its pilot died; the lifecycle binds it again
         self.restarts = 0
         self.created = 0.0
 
@@ -61,15 +58,15 @@ class PilotRecord:
         self.state = states.NEW
         self.token = token
         self.sandbox = sandbox
-        self.queue: deque[str] = deque()  # bound, not yet pulled by the agent
-        self.in_flight: set[str] = set()  # pulled by the agent, not final
+        self.queue: deque[str] = deque()  # bound and client-staged in, not yet pulled
+        self.in_flight: set[str] = set()  # bound here, not final (at_agent: pulled)
         self.cancels: list[str] = []  # to tell the agent on its next pull
         self.wake = Event()  # wakes the agent's long poll
         self.last_seen = 0.0
         self.registered = Event()
         self.launcher: Any = None
         self.greenlet: Any = None
-        self.load_cores = 0  # cores of units bound here and not final
+        self.load_cores = 0  # cores of units bound here and not final (binding.py's room)
         self.agent_info: dict[str, Any] = {}
         self.stopping = False  # the hub asked the agent to shut down
         self.reason: str | None = None
@@ -93,6 +90,7 @@ class Ledger:
     def __init__(self, profile: Any, events: Any) -> None:
         self.profile = profile
         self.events = events
+        self.released: Any = None  # called with a pilot when a unit no longer counts on it
         self.units: dict[str, UnitRecord] = {}
         self.pilots: dict[str, PilotRecord] = {}
         self.units_final = 0  # units that reached a final state (a service's in-flight limit)
@@ -142,6 +140,7 @@ class Ledger:
         unit.pilot = pilot.uid
         cores = int(unit.desc["cores"])
         pilot.load_cores += cores
+        pilot.in_flight.add(unit.uid)
         # rpg report's utilization: a unit's cores, when not the default 1
         extra = {"cores": cores} if cores != 1 else {}
         self.move("unit", unit, states.BOUND, "hub", pilot=pilot.uid, **extra)
@@ -152,6 +151,8 @@ class Ledger:
         if pilot is not None:
             pilot.in_flight.discard(unit.uid)
             pilot.load_cores -= int(unit.desc["cores"])
+            if self.released is not None:
+                self.released(pilot)
 
     def end_unit(self, unit: UnitRecord, state: str, component: str, why: Why | None,
                  reason: str | None = None, ts: float | None = None, **fields: Any) -> bool:
@@ -171,17 +172,15 @@ class Ledger:
         if state == states.FAILED:
             self.failures.append((ts or time.time(), unit.uid, unit.pilot, unit.reason))
         self._release(unit)
-        unit.wake.set()
         return True
 
     def restart_unit(self, unit: UnitRecord, reason: str) -> None:
-        """A restartable unit whose pilot died goes back to NEW (the table's one backward edge)
-        and its lifecycle binds it again."""
+        """A unit whose pilot ended under it goes back to NEW (the table's one backward edge):
+        the hub queues it for another pilot (``Hub.restart_unit``)."""
         states.check_restart("unit", unit.state)
         self._release(unit)
         unit.pilot = None
         unit.at_agent = False
-        unit.done_at_agent = None
         unit.restarts += 1
         self.unit_counts[unit.state] -= 1
         self.unit_counts[states.NEW] += 1
@@ -191,8 +190,6 @@ class Ledger:
                   "restarts": unit.restarts}
         self.profile.add(ts, unit.uid, states.NEW, "hub", **fields)
         self.events.put(("unit", unit.uid, states.NEW, ts, fields))
-        unit.restart = True
-        unit.wake.set()
 
     def end_pilot(self, pilot: PilotRecord, state: str, why: Why | None,
                   reason: str | None) -> None:

@@ -91,7 +91,8 @@ class HubService:
         return {"ok": True, "pilot": p.uid}
 
     def pull(self, pilot_uid: str, token: str, max_units: int, wait_s: float) -> dict:
-        """Hand out up to ``max_units`` bound units and pending cancels (long poll ``wait_s``)."""
+        """Hand out up to ``max_units`` units, bound to this pilot now, as its room allows
+        (binding.py), and pending cancels (long poll ``wait_s``)."""
         p = self._pilot(pilot_uid, token)
         if isinstance(max_units, bool) or not isinstance(max_units, int) or max_units < 0:
             self._reject(p, "pull: max_units must be an integer >= 0")
@@ -100,7 +101,8 @@ class HubService:
         self.counters["pull"] += 1
         p.last_seen = time.time()
         max_units = min(max_units, MAX_PULL)
-        if not p.stopping and not p.cancels and not (p.queue and max_units):
+        if not p.stopping and not p.cancels and not (
+                max_units and (p.queue or self._hub.binding.ready(p))):
             p.wake.clear()
             p.wake.wait(min(float(wait_s), MAX_WAIT_S))
             p.last_seen = time.time()
@@ -111,19 +113,27 @@ class HubService:
         out = []
         # An agent on another machine cannot reach client:// paths: the hub moves those.
         strip = p.launcher is not None and p.launcher.client_staging is not None
+        size = 0
+
+        def give(unit: Any) -> None:
+            nonlocal size
+            unit.at_agent = True
+            desc = without_client_staging(unit.desc) if strip else unit.desc
+            payload = desc.get("payload")
+            size += len(payload) if payload is not None else 0
+            out.append({"uid": unit.uid, "description": desc})
+
         if not p.stopping:
-            size = 0
             while p.queue and len(out) < max_units and size <= PULL_BYTES:
-                uid = p.queue.popleft()
-                unit = hub.units.get(uid)
-                if unit is None or states.is_final(unit.state):
-                    continue  # canceled while queued
-                unit.at_agent = True
-                p.in_flight.add(uid)
-                desc = without_client_staging(unit.desc) if strip else unit.desc
-                payload = desc.get("payload")
-                size += len(payload) if payload is not None else 0
-                out.append({"uid": uid, "description": desc})
+                unit = hub.units.get(p.queue.popleft())  # bound, its client:// files moved
+                if unit is not None and not states.is_final(unit.state):
+                    give(unit)
+            if len(out) < max_units and size <= PULL_BYTES:
+                for unit in hub.binding.take(p):
+                    if hub.hand_over(p, unit):
+                        give(unit)
+                    if len(out) >= max_units or size > PULL_BYTES:
+                        break
         cancels, p.cancels = p.cancels, []
         cancels = [u for u in cancels if u in p.in_flight]
         return {"units": out, "cancel": cancels, "shutdown": p.stopping and p.stop_reason}
@@ -169,7 +179,8 @@ class HubService:
                "an update must be [uid, state, time, fields]")
         uid, state, ts, fields = upd
         require(isinstance(uid, str) and uid in self._hub.units, f"unknown unit {str(uid)[:64]!r}")
-        require(uid in p.in_flight, f"unit {uid} is not running on pilot {p.uid}")
+        require(uid in p.in_flight and self._hub.units[uid].at_agent,
+                f"unit {uid} is not running on pilot {p.uid}")
         require(isinstance(state, str) and state in states.UNIT_STATES,
                f"unknown unit state {str(state)[:32]!r}")
         require(state not in (states.NEW, states.BOUND), f"the agent cannot set {state}")

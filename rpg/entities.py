@@ -54,7 +54,7 @@ class Unit(_Entity):
     _kind = "unit"
     _states = states.UNIT_STATES
     _fields = frozenset({"exit_code", "stdout", "stderr", "sandbox", "pilot", "reason",
-                         "reason_code", "restarts", "results"})
+                         "reason_code", "restarts", "retried", "results"})
 
     def __init__(self, uid: str, description: UnitDescription, mgr: Any) -> None:
         super().__init__(uid, mgr)
@@ -65,14 +65,15 @@ class Unit(_Entity):
         self.stderr: str | None = None
         self.sandbox: str | None = None
         self.pilot: str | None = None
-        self.restarts = 0
+        self.restarts = 0  # times it started over (its pilot ended under it, or a retry)
+        self.retried = 0  # of those, failed attempts run again (UnitDescription.retries)
         # A function unit's outcomes as they came ([status, data, text, seconds] per call,
         # rpg/calls.py); ``result`` and ``exception`` unpickle them here, on first use.
         self.results: list[list[Any]] | None = None
         self._decoded: dict[str, Any] = {}
 
     def _apply(self, state: str, ts: float, fields: dict[str, Any]) -> None:
-        if state == states.NEW:  # a restart: its pilot died, it starts over
+        if state == states.NEW:  # a restart (its pilot died) or a retry: it starts over
             self.pilot = self.sandbox = self.results = None
         if "results" in fields:
             self._decoded = {}

@@ -36,7 +36,8 @@ PREFETCH_MIN = 32
 WAKE_FRACTION = 4  # a busy pilot's pull wakes when this fraction of its capacity is free
 FAIL_SLICE = 500  # units failed per loop iteration when their last pilot goes
 
-Shape = tuple[int, int, bool, tuple[tuple[str, str], ...]]
+# cores, gpus, restartable, tags, and the pilot a retried unit's last attempt failed on
+Shape = tuple[int, int, bool, tuple[tuple[str, str], ...], "str | None"]
 
 
 def shape_of(unit: "UnitRecord") -> Shape:
@@ -44,7 +45,7 @@ def shape_of(unit: "UnitRecord") -> Shape:
     desc = unit.desc
     tags = desc.get("tags") or {}
     return (int(desc["cores"]), int(desc.get("gpus") or 0), bool(desc.get("restartable")),
-            tuple(sorted((str(k), repr(v)) for k, v in tags.items())))
+            tuple(sorted((str(k), repr(v)) for k, v in tags.items())), unit.avoid)
 
 
 def capacity(pilot: "PilotRecord") -> int:
@@ -111,10 +112,16 @@ class Binding:
         if pilot.active() and self.ready(pilot):
             pilot.wake.set()
 
-    def could_run_elsewhere(self, unit: "UnitRecord") -> bool:
-        """Is there a live pilot (other than its own, which is ending) that it fits?"""
-        return any(p.active() and p.uid != unit.pilot and self._fits(p, unit)
+    def could_run_elsewhere(self, unit: "UnitRecord", but: str | None = None) -> bool:
+        """Is there a live pilot, other than ``but`` (default: its own, which is ending), that
+        it fits?"""
+        but = but or unit.pilot
+        return any(p.active() and p.uid != but and self._fits(p, unit)
                    for p in self._pilots_of(unit.umgr))
+
+    def could_run(self, unit: "UnitRecord") -> bool:
+        """Is there a live pilot (its own included) that it fits?"""
+        return any(p.active() and self._fits(p, unit) for p in self._pilots_of(unit.umgr))
 
     def waiting(self) -> int:
         """Units queued here (canceled ones not yet dropped included)."""
@@ -150,9 +157,10 @@ class Binding:
         for umgr, uids in self.umgr_pilots.items():
             if pilot.uid not in uids:
                 continue
-            for q in self._queues.get(umgr, {}).values():
+            for shape, q in self._queues.get(umgr, {}).items():
                 _drop_ended(q)
-                if q and self._fits(pilot, q[0]):
+                if q and self._fits(pilot, q[0]) and not (
+                        shape[4] == pilot.uid and self.could_run_elsewhere(q[0], pilot.uid)):
                     out.append(q)
         return out
 
@@ -202,8 +210,10 @@ class Binding:
         return None
 
     def review(self) -> None:
-        """The pilots changed: fail the units that none of them can ever run now."""
-        for shapes in list(self._queues.values()):
+        """The pilots changed: fail the units that none of them can ever run now, and wake
+        the pilots that may take units now (a retried unit that avoided a pilot that was the
+        only other one left)."""
+        for umgr, shapes in list(self._queues.items()):
             for shape, q in list(shapes.items()):
                 _drop_ended(q)
                 done = 0
@@ -218,6 +228,8 @@ class Binding:
                         _drop_ended(q)
                 if not q and shapes.get(shape) is q:
                     del shapes[shape]
+            if shapes:
+                self.wake(umgr)
 
 
 def _drop_ended(q: deque["UnitRecord"]) -> None:

@@ -63,6 +63,7 @@ class Hub:
         self.pilots = self.ledger.pilots
         self.binding = Binding(self.pilots, self._no_pilot)
         self.ledger.released = self.binding.released
+        self.ledger.retry = self._retry
         self.managers: dict[str, str] = {}  # uid -> "pilot" | "unit"
         # What launchers share between the pilots of this hub, by kind: SSH connections per
         # user@host (launchers/ssh/hosts.py), SLURM clusters (launchers/slurm.py). Hub loop only.
@@ -348,6 +349,28 @@ class Hub:
         self.binding.wait(unit, first=True)
         self.binding.wake(unit.umgr)
 
+    def _retry(self, unit: UnitRecord, why: Why | None, reason: str | None,
+               fields: dict[str, Any]) -> bool:
+        """The Ledger asks before a unit ends FAILED: does it run again (it has retries left,
+        and some live pilot of its manager fits it)? Then it starts over at NEW, at the head
+        of its queue, and avoids the pilot it failed on while another one can take it
+        (binding.py). Not retried: a unit the application is canceling, one that no pilot can
+        run or whose description cannot be sent (it would fail the same way), one that has not
+        started yet (NEW) or whose session is closing."""
+        if unit.retried >= int(unit.desc.get("retries") or 0) or unit.cancel_reason is not None:
+            return False
+        if why in NOT_RETRIED or unit.state not in states.RESTARTABLE_FROM:
+            return False
+        pilot = self.pilots.get(unit.pilot) if unit.pilot else None
+        if pilot is not None and pilot.stopping and pilot.final_why in CLOSING:
+            return False
+        if not self.binding.could_run(unit):
+            return False  # nothing left to run it: it ends with its own reason
+        self.ledger.restart_unit(unit, reason or "failed", retry=fields)
+        self.binding.wait(unit, first=True)
+        self.binding.wake(unit.umgr)
+        return True
+
     def _no_pilot(self, unit: UnitRecord, state: str, reason: str) -> None:
         self.ledger.end_unit(unit, state, "hub", Why.NO_PILOT, reason)
 
@@ -574,6 +597,7 @@ def loop_thread_target(body: Callable[[], None]) -> Callable[[], None]:
 
 HUB_STOPS = frozenset({Why.CANCELED, Why.SESSION_CLOSED, Why.HUB_STOPPED})
 CLOSING = frozenset({Why.SESSION_CLOSED, Why.HUB_STOPPED})  # units end, they do not move
+NOT_RETRIED = frozenset({Why.NO_PILOT, Why.UNSENDABLE}) | HUB_STOPS  # a retry would end the same
 
 
 def _stop(g: Any) -> None:

@@ -22,7 +22,7 @@ from rpg.states import Why
 class UnitRecord:
     __slots__ = ("uid", "umgr", "desc", "state", "pilot", "greenlet", "reason", "reason_code",
                  "exit_code", "stdout", "stderr", "sandbox", "at_agent", "cancel_reason",
-                 "cancel_why", "restarts", "created")
+                 "cancel_why", "restarts", "retried", "avoid", "created")
 
     def __init__(self, uid: str, umgr: str, desc: dict[str, Any]) -> None:
         self.uid = uid
@@ -41,6 +41,8 @@ class UnitRecord:
         self.cancel_reason: str | None = None
         self.cancel_why: Why | None = None
         self.restarts = 0
+        self.retried = 0  # failed attempts run again (UnitDescription.retries)
+        self.avoid: str | None = None  # the pilot its last attempt failed on (binding.py)
         self.created = 0.0
 
 
@@ -91,6 +93,9 @@ class Ledger:
         self.profile = profile
         self.events = events
         self.released: Any = None  # called with a pilot when a unit no longer counts on it
+        # called with (unit, why, reason, fields) before a unit would end FAILED: True if it
+        # runs again instead (the hub's retries), and then it has not ended
+        self.retry: Any = None
         self.units: dict[str, UnitRecord] = {}
         self.pilots: dict[str, PilotRecord] = {}
         self.units_final = 0  # units that reached a final state (a service's in-flight limit)
@@ -160,6 +165,10 @@ class Ledger:
         nothing done) if it had ended already."""
         if states.is_final(unit.state):
             return False
+        if state == states.FAILED and self.retry is not None and \
+                self.retry(unit, why, reason if reason is not None else fields.get("reason"),
+                           fields):
+            return False
         if reason is not None:
             unit.reason = fields["reason"] = reason
         if why is not None:
@@ -174,11 +183,14 @@ class Ledger:
         self._release(unit)
         return True
 
-    def restart_unit(self, unit: UnitRecord, reason: str) -> None:
-        """A unit whose pilot ended under it goes back to NEW (the table's one backward edge):
-        the hub queues it for another pilot (``Hub.restart_unit``)."""
+    def restart_unit(self, unit: UnitRecord, reason: str, retry: dict[str, Any] | None = None
+                     ) -> None:
+        """A unit goes back to NEW (the table's one backward edge): its pilot ended under it, or
+        (``retry``: what its failed attempt left, exit code and files) it failed and has retries
+        left. The hub queues it for another pilot (``Hub.restart_unit``, ``Hub._retry``)."""
         states.check_restart("unit", unit.state)
         self._release(unit)
+        failed_on = unit.pilot
         unit.pilot = None
         unit.at_agent = False
         unit.restarts += 1
@@ -186,8 +198,18 @@ class Ledger:
         self.unit_counts[states.NEW] += 1
         unit.state = states.NEW
         ts = time.time()
-        fields = {"reason": f"restarting: {reason}", "reason_code": Why.RESTART.value,
-                  "restarts": unit.restarts}
+        fields: dict[str, Any]
+        if retry is None:
+            fields = {"reason": f"restarting: {reason}", "reason_code": Why.RESTART.value,
+                      "restarts": unit.restarts}
+        else:
+            unit.retried += 1
+            unit.avoid = failed_on
+            fields = {"reason": f"retry {unit.retried} of {unit.desc.get('retries')}: {reason}",
+                      "reason_code": Why.RETRY.value, "restarts": unit.restarts,
+                      "retried": unit.retried, "failed_on": failed_on}
+            fields.update((k, retry[k]) for k in ("exit_code", "stdout", "stderr", "sandbox")
+                          if k in retry)
         self.profile.add(ts, unit.uid, states.NEW, "hub", **fields)
         self.events.put(("unit", unit.uid, states.NEW, ts, fields))
 

@@ -405,6 +405,9 @@ class UnitDescription(_Description):
         "stderr": ("STDERR", _file_name),
         "pre_exec": ([], _str_list),
         "timeout": (None, _num(0.0, 10 * 365 * 86400.0, optional=True)),
+        # runtime: an estimate (s) of how long it runs; a pilot with less time left does not
+        # take it (binding.py), nor start it (the agent), and leaves it for another pilot.
+        "runtime": (None, _num(0.0, 10 * 365 * 86400.0, optional=True)),
         "tags": ({}, _tags),
         "name": (None, _str(max_len=256)),
         "restartable": (False, _bool),

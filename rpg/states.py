@@ -117,6 +117,8 @@ class Why(str, Enum):
     PILOT_ENDED = "pilot_ended"  # its pilot ended under it
     NOT_STARTED = "not_started"  # agent: its pilot ended before it started (it may go elsewhere)
     RESTART = "restart"  # its pilot died; it starts over
+    PILOT_WALLTIME = "pilot_walltime"  # its pilot's time ran out under it, or would have
+    DRAINED = "drained"  # agent: its runtime would overrun the pilot's; not started (may move)
     RETRY = "retry"  # it failed and has retries left (UnitDescription.retries); it starts over
     AGENT = "agent"  # the agent's words: exit code, timeout, staging, signal
     RUNTIME_ENDED = "runtime_ended"  # pilot: its runtime or walltime ran out

@@ -247,6 +247,7 @@ def test_runtime_ends_the_pilot_and_no_unit_is_lost(session):
     assert umgr.wait_units(timeout=20) == ["FAILED"] * 6
     for u in units:
         assert u.reason and "runtime" in u.reason, u.reason
+        assert u.reason_code == "pilot_walltime", (u.reason_code, u.reason)
     assert queued_jobs_named(name) == []
     assert unit_processes(session, pilot) == []
 

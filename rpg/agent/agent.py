@@ -91,6 +91,7 @@ class Agent:
         self.done = Event()
         self.hub_gone = Event()  # the process holding the hub died: nobody to report to
         self.stop_info: tuple[str, str, str] | None = None  # (why, unit state, reason)
+        self.ends_at: float | None = None  # monotonic: when the pilot's runtime runs out
         self.last_ok = time.monotonic()
         self.base_env = dict(os.environ)
         self.base_env.update(cfg.environment)
@@ -138,8 +139,10 @@ class Agent:
             loops += [gevent.spawn(self._pull_loop), gevent.spawn(self._push_loop)]
             runtime = float(self.cfg.runtime_s or 0)
             if runtime > 0:
-                loops.append(gevent.spawn_later(runtime, self.stop, "runtime", states.FAILED,
-                                                "pilot runtime ended"))
+                self.ends_at = time.monotonic() + runtime
+                loops.append(gevent.spawn_later(
+                    runtime, self.stop, "runtime", states.FAILED,
+                    f"pilot walltime: its runtime of {runtime:g} s ran out"))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 # Nobody asked for these units to end (the hub says "shutdown" for that): a
                 # signal from outside is the resource ending the pilot (a walltime kill, a
@@ -421,6 +424,7 @@ class Agent:
                                   f"the pilot's nodes are smaller")
             else:
                 slots = self.sched.allocate(cores, gpus)
+            self._check_time(desc)
             self.executing += 1
             executing = started = True
             if desc.get("payload") is not None:
@@ -458,16 +462,22 @@ class Agent:
         except GreenletExit:
             state, reason = self.cancel_reasons.get(uid, (states.CANCELED, "canceled"))
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
-            if not started and self.stop_info is not None:
+            if self.stop_info is not None and self.stop_info[0] == "runtime":
+                # Its walltime: the hub moves it if it had not started (or may run again).
+                self.report(uid, state, reason=reason, exit_code=rc,
+                            reason_code="pilot_walltime")
+            elif not started and self.stop_info is not None:
                 # The pilot ends before it ran: the hub may give it to another pilot.
                 self.report(uid, state, reason=reason, reason_code="not_started")
             elif self.stop_info is not None:
-                # The pilot ended under it (shutdown, a signal, the runtime): the hub knows
-                # whether that was the application's cancel (then it ends CANCELED), or
-                # whether the unit may run again elsewhere (restartable).
+                # The pilot ended under it (shutdown, a signal): the hub knows whether that
+                # was the application's cancel (then it ends CANCELED), or whether the unit
+                # may run again elsewhere (restartable).
                 self.report(uid, state, reason=reason, exit_code=rc, reason_code="pilot_ended")
             else:
                 self.report(uid, state, reason=reason, exit_code=rc)
+        except _NoTime as exc:  # it did not start: the hub may give it to another pilot
+            self.report(uid, states.FAILED, reason=str(exc), reason_code="drained")
         except (_UnitFailed, StagingError, IOPoolError, SpawnError, OSError,
                 ResourceError, WorkerGone) as exc:
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
@@ -481,6 +491,16 @@ class Agent:
                 self.executing -= 1
             self.units.pop(uid, None)
             self.cancel_reasons.pop(uid, None)
+
+    def _check_time(self, desc: dict) -> None:
+        """Walltime-aware draining: a unit whose runtime estimate would overrun what is left
+        of the pilot's runtime does not start here (it may go to a pilot with more time)."""
+        runtime = desc.get("runtime")
+        if runtime and self.ends_at is not None:
+            left = self.ends_at - time.monotonic()
+            if runtime > left:
+                raise _NoTime(f"pilot walltime: its runtime ({runtime:g} s) would overrun the "
+                              f"pilot's, which has {max(left, 0.0):.1f} s left")
 
     def _call(self, uid: str, desc: dict, sandbox: str, slots: Any) -> tuple[list, str | None]:
         """A function unit's calls, in a warm worker (rpg/agent/function_workers.py)."""
@@ -585,6 +605,10 @@ def _write_json(path: str, data: dict) -> None:
 
 class _UnitFailed(Exception):
     pass
+
+
+class _NoTime(Exception):
+    """A unit's runtime would overrun the pilot's: it is not started."""
 
 
 class _Rejected(Exception):

@@ -7,7 +7,10 @@ and not final, against the pilot's cores plus a prefetch (units its agent holds 
 cores never wait for a pull). A pilot that joins later, or frees its cores sooner, takes more:
 units go where capacity is, not where round robin sent them at submit (RADICAL-Pilot #297,
 #673). Among the shapes a pilot fits, the unit that waited longest goes first; one that does not
-fit the room yet is not overtaken, so big units do not starve behind small ones.
+fit the room yet is not overtaken, so big units do not starve behind small ones. A unit with a
+``runtime`` estimate fits only a pilot with that much time left (walltime-aware draining; the
+agent checks again before it starts it); a retried unit skips the pilot it failed on while
+another live pilot fits it.
 
 A unit that no pilot can ever run ends here, with the reason: FAILED if none of its manager's
 live pilots is big enough or has its tags; if every one has ended (a restartable unit waits for
@@ -18,6 +21,7 @@ pilots change. Hub loop only.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -36,16 +40,22 @@ PREFETCH_MIN = 32
 WAKE_FRACTION = 4  # a busy pilot's pull wakes when this fraction of its capacity is free
 FAIL_SLICE = 500  # units failed per loop iteration when their last pilot goes
 
-# cores, gpus, restartable, tags, and the pilot a retried unit's last attempt failed on
-Shape = tuple[int, int, bool, tuple[tuple[str, str], ...], "str | None"]
+# Units of runtimes within this factor share a queue: few queues however many estimates differ.
+RUNTIME_STEP = 1.25
+
+# cores, gpus, restartable, tags, the pilot a retried unit's last attempt failed on, and the
+# runtime's step (its estimate, RUNTIME_STEP ** step s at most)
+Shape = tuple[int, int, bool, tuple[tuple[str, str], ...], "str | None", "int | None"]
 
 
 def shape_of(unit: "UnitRecord") -> Shape:
     """What decides which pilots can run a unit, and whether it may wait for one to come."""
     desc = unit.desc
     tags = desc.get("tags") or {}
+    runtime = desc.get("runtime")
     return (int(desc["cores"]), int(desc.get("gpus") or 0), bool(desc.get("restartable")),
-            tuple(sorted((str(k), repr(v)) for k, v in tags.items())), unit.avoid)
+            tuple(sorted((str(k), repr(v)) for k, v in tags.items())), unit.avoid,
+            math.ceil(math.log(runtime, RUNTIME_STEP)) if runtime else None)
 
 
 def capacity(pilot: "PilotRecord") -> int:
@@ -177,10 +187,7 @@ class Binding:
 
     @staticmethod
     def _fits(pilot: "PilotRecord", unit: "UnitRecord") -> bool:
-        desc = unit.desc
-        return (pilot.cores >= int(desc["cores"])
-                and int(pilot.desc.get("gpus") or 0) >= int(desc.get("gpus") or 0)
-                and tags_match(desc.get("tags") or {}, pilot))
+        return _fits_shape(pilot, unit) and has_time(pilot, unit)
 
     def _verdict(self, unit: "UnitRecord", submitted: bool = False) -> tuple[str, str] | None:
         """None if some pilot runs it or may yet; else how it ends and why none ever will. A
@@ -203,6 +210,12 @@ class Binding:
                                                   else ""))
         if not any(self._fits(p, unit) for p in live):
             desc = unit.desc
+            shaped = [p for p in live if _fits_shape(p, unit)]
+            if shaped:  # big enough, but none has the time
+                left = [p.time_left() or 0.0 for p in shaped]
+                return states.FAILED, (f"no pilot has time for it: its runtime is "
+                                       f"{desc['runtime']:g} s, the most any pilot of its "
+                                       f"unit manager has left is {max(left):.0f} s")
             tags = desc.get("tags") or {}
             return states.FAILED, (f"no pilot can run it: it needs {desc['cores']} cores, "
                                    f"{desc.get('gpus') or 0} gpus"
@@ -236,6 +249,22 @@ def _drop_ended(q: deque["UnitRecord"]) -> None:
     """Canceled while waiting: their entries go when they reach the head."""
     while q and states.is_final(q[0].state):
         q.popleft()
+
+
+def _fits_shape(pilot: "PilotRecord", unit: "UnitRecord") -> bool:
+    desc = unit.desc
+    return (pilot.cores >= int(desc["cores"])
+            and int(pilot.desc.get("gpus") or 0) >= int(desc.get("gpus") or 0)
+            and tags_match(desc.get("tags") or {}, pilot))
+
+
+def has_time(pilot: "PilotRecord", unit: "UnitRecord") -> bool:
+    """Would the unit (its ``runtime`` estimate) end before its pilot's runtime runs out?"""
+    runtime = unit.desc.get("runtime")
+    if not runtime:
+        return True
+    left = pilot.time_left()
+    return left is None or runtime <= left
 
 
 def tags_match(tags: dict[str, Any], pilot: "PilotRecord") -> bool:

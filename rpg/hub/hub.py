@@ -316,6 +316,19 @@ class Hub:
         why = Why(code) if code else (None if state == states.DONE else Why.AGENT)
         pilot = self.pilots.get(unit.pilot) if unit.pilot else None
         hub_ends_it = pilot is not None and pilot.stopping
+        if pilot is not None and why in (Why.NOT_STARTED, Why.PILOT_ENDED, Why.PILOT_WALLTIME):
+            # The agent is ending (its runtime ran out, a signal) though the hub has not heard
+            # yet: it takes no more units, so a unit moved now goes elsewhere.
+            pilot.ending = True
+        if why == Why.DRAINED:
+            # Its runtime would overrun what its pilot has left (the pilot goes on): to a pilot
+            # with the time, if one of its manager's has it; else it ends "pilot walltime".
+            if (unit.cancel_reason is None and not hub_ends_it
+                    and self.binding.could_run_elsewhere(unit)):
+                self.restart_unit(unit, f"not started on pilot {unit.pilot}: "
+                                        f"{fields.get('reason')}")
+                return
+            why = Why.PILOT_WALLTIME
         if why == Why.NOT_STARTED:
             # Its pilot ended before the agent started it: it goes to another pilot if one can
             # take it (and the application is not ending it), else ends as the pilot's unit.
@@ -325,14 +338,19 @@ class Hub:
                                         f"{fields.get('reason')}")
                 return
             why = Why.PILOT_ENDED
+        if (why == Why.PILOT_WALLTIME and unit.cancel_reason is None
+                and not (hub_ends_it and pilot.final_why in CLOSING)
+                and self.walltime_moves(unit)):
+            self.restart_unit(unit, f"pilot {unit.pilot} walltime: {fields.get('reason')}")
+            return
         if (why == Why.PILOT_ENDED and unit.desc.get("restartable") and unit.cancel_reason is None
                 and not (hub_ends_it and pilot.final_why in CLOSING)
                 and self.binding.could_run_elsewhere(unit)):
             self.restart_unit(unit, f"its pilot {unit.pilot} ended under it: "
                                     f"{fields.get('reason')}")
             return
-        if why == Why.PILOT_ENDED and state == states.FAILED and hub_ends_it \
-                and pilot.final_why in HUB_STOPS:
+        if why in (Why.PILOT_ENDED, Why.PILOT_WALLTIME) and state == states.FAILED \
+                and hub_ends_it and pilot.final_why in HUB_STOPS:
             # The agent failed it as its pilot ended under it (scancel's SIGTERM, say), but the
             # hub was ending that pilot: the application's cancel or close, as if it had heard.
             state, why = states.CANCELED, pilot.final_why
@@ -342,6 +360,14 @@ class Hub:
             # The agent canceled it because the hub asked: the hub's code, not the agent's.
             why = unit.cancel_why or pilot.final_why or why
         self.ledger.end_unit(unit, state, "agent", why, ts=ts, **fields)
+
+    def walltime_moves(self, unit: UnitRecord) -> bool:
+        """Its pilot's time ran out under it, or would have: does it go to another pilot (one
+        with the time)? One that had not started does; one that ran does if it may run again
+        (restartable, or retries: a walltime never counts against those)."""
+        started = unit.state in (states.EXECUTING, states.STAGING_OUT)
+        may = not started or unit.desc.get("restartable") or unit.desc.get("retries")
+        return bool(may) and self.binding.could_run_elsewhere(unit)
 
     def restart_unit(self, unit: UnitRecord, reason: str) -> None:
         """A unit whose pilot ended under it, and that may run again, waits for another."""
@@ -597,7 +623,9 @@ def loop_thread_target(body: Callable[[], None]) -> Callable[[], None]:
 
 HUB_STOPS = frozenset({Why.CANCELED, Why.SESSION_CLOSED, Why.HUB_STOPPED})
 CLOSING = frozenset({Why.SESSION_CLOSED, Why.HUB_STOPPED})  # units end, they do not move
-NOT_RETRIED = frozenset({Why.NO_PILOT, Why.UNSENDABLE}) | HUB_STOPS  # a retry would end the same
+# A retry would end the same way; a walltime's unit moved already if it could, and never
+# counts against its retries (walltime_moves).
+NOT_RETRIED = frozenset({Why.NO_PILOT, Why.UNSENDABLE, Why.PILOT_WALLTIME}) | HUB_STOPS
 
 
 def _stop(g: Any) -> None:

@@ -156,6 +156,8 @@ class PilotLifecycle:
         unit_state = (states.FAILED if final == states.FAILED or why == Why.RUNTIME_ENDED
                       else states.CANCELED)
         closing = why in (Why.SESSION_CLOSED, Why.HUB_STOPPED)
+        walltime = why == Why.RUNTIME_ENDED
+        unit_why = Why.PILOT_WALLTIME if walltime else Why.PILOT_ENDED
         for uid in list(p.in_flight) + list(p.queue):
             unit = hub.units.get(uid)
             if unit is None or states.is_final(unit.state):
@@ -164,14 +166,16 @@ class PilotLifecycle:
                 unit.greenlet.kill(block=False)
                 unit.greenlet = None
             if closing or unit.cancel_reason is not None:
-                hub.ledger.end_unit(unit, unit_state, "hub", Why.PILOT_ENDED, words)
+                hub.ledger.end_unit(unit, unit_state, "hub", unit_why, words)
+            elif walltime and hub.walltime_moves(unit):
+                hub.restart_unit(unit, f"pilot walltime: {words}")
             elif not unit.at_agent and hub.binding.could_run_elsewhere(unit):
                 hub.restart_unit(unit, words)  # it never reached the agent: it goes elsewhere
             elif unit.desc.get("restartable") and (
                     final == states.FAILED or hub.binding.could_run_elsewhere(unit)):
                 hub.restart_unit(unit, words)  # it may run again: on another pilot
             else:
-                hub.ledger.end_unit(unit, unit_state, "hub", Why.PILOT_ENDED, words)
+                hub.ledger.end_unit(unit, unit_state, "hub", unit_why, words)
         p.queue.clear()
         hub.ledger.end_pilot(p, final, why, reason)
         hub.binding.review()

@@ -50,7 +50,7 @@ class PilotRecord:
     __slots__ = ("uid", "pmgr", "desc", "state", "token", "sandbox", "queue", "in_flight",
                  "cancels", "wake", "last_seen", "registered", "launcher", "greenlet",
                  "load_cores", "agent_info", "stopping", "reason", "reason_code",
-                 "final_state_hint", "final_why", "stop_reason", "created")
+                 "final_state_hint", "final_why", "stop_reason", "ends_at", "ending", "created")
 
     def __init__(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
                  sandbox: str) -> None:
@@ -71,19 +71,29 @@ class PilotRecord:
         self.load_cores = 0  # cores of units bound here and not final (binding.py's room)
         self.agent_info: dict[str, Any] = {}
         self.stopping = False  # the hub asked the agent to shut down
+        self.ending = False  # its agent said it is ending (a unit ended under it): no more units
         self.reason: str | None = None
         self.reason_code: str | None = None
         self.final_state_hint: str | None = None  # how it ends when its greenlet is killed
         self.final_why: Why | None = None
         self.stop_reason = ""  # told to the agent with "shutdown"; its units end with it
+        self.ends_at: float | None = None  # when its runtime runs out (set as it calls in)
         self.created = time.time()
 
     @property
     def cores(self) -> int:
         return int(self.desc["cores"])
 
+    def time_left(self) -> float | None:
+        """Seconds until its runtime runs out (its whole runtime before it called in); None if
+        it has no runtime limit."""
+        limit = float(self.desc.get("runtime") or 0) * 60.0
+        if limit <= 0:
+            return None
+        return limit if self.ends_at is None else self.ends_at - time.time()
+
     def active(self) -> bool:
-        return not states.is_final(self.state) and not self.stopping
+        return not states.is_final(self.state) and not self.stopping and not self.ending
 
 
 class Ledger:

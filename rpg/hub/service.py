@@ -84,6 +84,9 @@ class HubService:
         p.agent_info = {str(k)[:64]: v for k, v in info.items()
                         if isinstance(v, (str, int, float, bool, list))}
         p.last_seen = time.time()
+        runtime = float(p.desc.get("runtime") or 0) * 60.0
+        # The agent's runtime starts as this returns: an end reckoned here is a little early.
+        p.ends_at = p.last_seen + runtime if runtime > 0 else None
         if p.state in (states.NEW, states.LAUNCHING, states.PENDING):
             self._hub.ledger.move("pilot", p, states.ACTIVE, "agent",
                            **{k: p.agent_info[k] for k in ("pid", "host") if k in p.agent_info})
@@ -102,7 +105,7 @@ class HubService:
         p.last_seen = time.time()
         max_units = min(max_units, MAX_PULL)
         if not p.stopping and not p.cancels and not (
-                max_units and (p.queue or self._hub.binding.ready(p))):
+                max_units and p.active() and (p.queue or self._hub.binding.ready(p))):
             p.wake.clear()
             p.wake.wait(min(float(wait_s), MAX_WAIT_S))
             p.last_seen = time.time()
@@ -123,7 +126,7 @@ class HubService:
             size += len(payload) if payload is not None else 0
             out.append({"uid": unit.uid, "description": desc})
 
-        if not p.stopping:
+        if p.active():
             while p.queue and len(out) < max_units and size <= PULL_BYTES:
                 unit = hub.units.get(p.queue.popleft())  # bound, its client:// files moved
                 if unit is not None and not states.is_final(unit.state):

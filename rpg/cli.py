@@ -327,7 +327,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
         try:
             server = HubServer(args.sandbox, args.address, args.max_units_per_user,
-                               args.dashboard)
+                               args.dashboard, journal=not args.no_journal)
             return server.serve(ready)
         except (ServeError, SandboxError, OSError) as exc:
             print(f"rpg hub serve: {exc}", file=sys.stderr)
@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                             "page asks for a user's token)")
     serve.add_argument("--max-units-per-user", type=int, default=200000,
                        help="units not final yet one user may have (200000)")
+    serve.add_argument("--no-journal", action="store_true",
+                       help="journal nothing: a restart after a crash brings no session back "
+                            "(bench/journal.py measures what the journal costs)")
     tok = hsub.add_parser("token", help="add a user and print their access JSON")
     tok.add_argument("--sandbox", required=True)
     tok.add_argument("name")

@@ -87,6 +87,7 @@ class Agent:
         self.executing = 0
         self.cancel_reasons: dict[str, tuple[str, str]] = {}
         self.updates: list[list[Any]] = []
+        self.pushing: list[list[Any]] = []  # the batch a push under way carries
         self.have_updates = Event()
         self.done = Event()
         self.hub_gone = Event()  # the process holding the hub died: nobody to report to
@@ -322,6 +323,24 @@ class Agent:
                     g.kill(block=False)
             if resp["shutdown"]:
                 self.stop("shutdown", states.CANCELED, str(resp["shutdown"]))
+            elif resp.get("resync"):
+                self._tell_holding()
+
+    def _tell_holding(self) -> None:
+        """A restarted hub asks which units this agent holds (rpg/hub/restore.py): running,
+        waiting for cores, or with updates it has not acknowledged yet. Asked again on the
+        next pull if this is lost."""
+        held = set(self.units) | {u[0] for u in self.updates} | {u[0] for u in self.pushing}
+        try:
+            resp = self.rpc_pull.holding(self.uid, self.token, sorted(held))
+        except zerorpc.RemoteError as exc:
+            self.log.error("holding_refused", error=str(exc.msg)[:200])
+            return
+        except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as exc:
+            self._rpc_failed(exc)
+            return
+        self.last_ok = time.monotonic()
+        self.log.info("hub_resynced", held=len(held), moved=resp.get("moved"))
 
     def _push_loop(self) -> None:
         while True:
@@ -340,6 +359,7 @@ class Agent:
             n += 1
         batch = self.updates[:n]
         del self.updates[:n]
+        self.pushing = batch
         try:
             resp = self.rpc_push.push(self.uid, self.token, batch)
         except (ValueError, TypeError, OverflowError) as exc:
@@ -362,6 +382,8 @@ class Agent:
             self.have_updates.set()
             self._rpc_failed(exc)
             return False
+        finally:
+            self.pushing = []
         self.last_ok = time.monotonic()
         self.counters["pushes"] += 1
         self.counters["updates"] += len(batch)

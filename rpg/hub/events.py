@@ -7,6 +7,11 @@ session's life (re-attach replays it from 0 to rebuild every object's history).
 
 Written on the hub loop only (by the Ledger); read from any thread. Readers are woken once per
 loop iteration that wrote something, not once per event.
+
+A journaled stream (a hub service's session, rpg/hub/journal.py) shows readers only what the
+journal has written: ``journal`` gets every event as it is put, and ``release(n)`` makes the
+first ``n`` visible once they are in the file, so that a client never sees an event that a
+restarted hub would not have.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ Event = tuple  # (kind, uid, state, ts, fields)
 
 
 class EventLog:
-    def __init__(self) -> None:
-        self._events: list[Event] = []
+    def __init__(self, events: list[Event] | None = None) -> None:
+        self._events: list[Event] = events or []
+        self.journal: Any = None  # a Journal: readers see events once it has written them
+        self._visible = len(self._events)
         self._cond = threads.Condition()
         self._loop_waiters: list[tuple[Any, Any]] = []  # (loop, gevent Event) of loop readers
         self._wake_pending = False
@@ -34,12 +41,25 @@ class EventLog:
     def __len__(self) -> int:
         return len(self._events)
 
+    def visible(self) -> int:
+        """How many events readers may see."""
+        return len(self._events) if self.journal is None else self._visible
+
+    def release(self, n: int) -> None:
+        """The journal has written the first ``n`` events: readers may see them (hub loop)."""
+        if n > self._visible:
+            self._visible = n
+            self._wake()
+
     def put(self, event: Event) -> None:
         """Append (hub loop only); readers are woken at the end of this loop iteration."""
         if self.closed:  # the hub ends every record before it ends the stream: a bug
             get_logger("events").error("event_after_stream_end", uid=event[1], state=event[2])
             return
         self._events.append(event)
+        if self.journal is not None:
+            self.journal.add("ev", *event)
+            return  # readers are woken by release, once it is written
         if not self._wake_pending:
             self._wake_pending = True
             hub = hub_of_this_thread()
@@ -68,8 +88,9 @@ class EventLog:
         hub = hub_of_this_thread()
         while True:
             with self._cond:
-                if len(self._events) > after or self.closed:
-                    out = self._events[after:after + limit]
+                seen = self.visible() if not self.closed else len(self._events)
+                if seen > after or self.closed:
+                    out = self._events[after:min(seen, after + limit)]
                     return out, self.closed and after + len(out) >= len(self._events)
                 remaining = deadline - monotonic()
                 if remaining <= 0:

@@ -36,6 +36,8 @@ SUBMITS_AT_ONCE = 4  # per user: more wait (back-pressure), then LimitExceeded
 SUBMIT_QUEUE_S = 10.0  # well under the client's call timeout: it hears LimitExceeded
 REPLIES_KEPT = 1024  # per session: a repeated request id gets its first reply
 MAX_SESSIONS = 64  # sessions not closed, per user
+# Calls whose reply waits for the journal (the others journal a reply of their own, _once)
+JOURNALED = frozenset({"add_pilots", "remove_pilots", "cancel_units", "cancel_pilots"})
 VALIDATE_SLICE = 200
 UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
@@ -144,9 +146,12 @@ class Front:
 
     def _call(self, entry: SessionEntry, method: str, *args: Any) -> Any:
         try:
-            return getattr(entry.api, method)(*args)
+            out = getattr(entry.api, method)(*args)
         except HubError:
             raise SessionClosed(f"session {entry.api.uid} is closed") from None
+        if method in JOURNALED:
+            entry.api.durable()  # write-ahead: the reply says it is done once it is written
+        return out
 
     def _manager(self, entry: SessionEntry, uid: Any, kind: str) -> str:
         _uid(uid, f"{'pmgr' if kind == 'pilot' else 'umgr'}")
@@ -163,6 +168,8 @@ class Front:
             return _same(entry.replies[key], what, request_id)
         reply = make()
         entry.replies[key] = (what, reply)
+        entry.api._journal("reply", key, what, reply)  # a retry after a restart: the same
+        entry.api.durable()
         while len(entry.replies) > REPLIES_KEPT:
             entry.replies.popitem(last=False)
         return reply
@@ -208,6 +215,8 @@ class Front:
                 f"some first"))
         entry = self._server.open_session(user, uid)
         self._server.opened[key] = entry
+        entry.api._journal("opened", key)  # a retry after a restart gets this session
+        entry.api.durable()
         while len(self._server.opened) > REPLIES_KEPT:
             self._server.opened.popitem(last=False)
         return self._describe(entry)

@@ -86,6 +86,10 @@ class Hub:
         self.pool: IOPool | None = None
         self.watch: LoopWatch | None = None
         self.service: HubService | None = None
+        # A hub service's session: its journal (rpg/hub/journal.py), and what a restart read
+        # back from it (rpg/hub/restore.py) until the hub runs again.
+        self.journal: Any = None
+        self.restored: Any = None
         self.closed = False
         self._close_by: float | None = None
         self._close_why = Why.SESSION_CLOSED
@@ -98,6 +102,21 @@ class Hub:
         self._dashboard_address = dashboard
         self.dashboard: Any = None
         self.dashboard_url: str | None = None
+
+    def open_journal(self, good: int | None = None) -> Any:
+        """A hub service's session journals itself (rpg/hub/journal.py): every event of its
+        stream goes into the journal, and readers see it once written. On the loop, after
+        start. ``good``: a restored journal's readable length (a torn tail is cut there)."""
+        from rpg.hub.journal import JOURNAL, Journal
+
+        path = os.path.join(self.sandbox, JOURNAL)
+        assert self.pool is not None
+        journal = Journal(path, self.pool.for_path(path), good=good,
+                          on_written=self.events.release)
+        journal.mark = lambda: len(self.events)
+        self.journal = journal
+        self.events.journal = journal
+        return journal
 
     def next_uid(self, prefix: str) -> str:
         """A new uid of this session (``unit.000042``); safe from any thread."""
@@ -127,8 +146,9 @@ class Hub:
             self._stop = Event()
             self.watch = LoopWatch("hub").start() if self._host is None else self._host[1]
             self.pool = IOPool()
-            self.pool.for_path(self.sandbox).run(_make_session_sandbox, self.sandbox,
-                                                 self.profile.path, timeout=30)
+            if self.restored is None:  # a restored session's sandbox is its own already
+                self.pool.for_path(self.sandbox).run(_make_session_sandbox, self.sandbox,
+                                                     self.profile.path, timeout=30)
             ctx = zerorpc.Context()
             self.service = HubService(self)
             server = zerorpc.Server(self.service, context=ctx, heartbeat=5)
@@ -173,6 +193,11 @@ class Hub:
                     except Exception as exc:
                         self.log.warning("zmq_context_not_terminated", error=str(exc))
             try:
+                if self.pool is not None and self.journal is not None:
+                    # Every final state in the file, then the end: a session closed (or ended
+                    # by the service's stop) is not brought back by a restart.
+                    self.journal.add("closed")
+                    self.journal.close()
                 if self.pool is not None:
                     try:
                         self._flush_profile()
@@ -523,7 +548,10 @@ class Hub:
     def snapshot(self) -> dict[str, Any]:
         """The session as a client attaching to it needs it: managers, pilots and units with
         their descriptions (their states and histories come from replaying the event stream).
-        On the loop."""
+        On the loop. A journaled session's is taken once what it shows is written, so that
+        its ``seq`` is never ahead of what a restarted hub has."""
+        if self.journal is not None and not self.closed:
+            self.journal.sync()
         return {"uid": self.session_uid, "sandbox": self.sandbox, "profile": self.profile.path,
                 "managers": [[uid, kind] for uid, kind in self.managers.items()],
                 "pilots": [[p.uid, p.pmgr, p.desc, p.created] for p in self.pilots.values()],

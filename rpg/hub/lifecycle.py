@@ -74,21 +74,42 @@ class PilotLifecycle:
         self.pilot = pilot
 
     def run(self) -> None:
+        """Launch the agent, wait for it to call in, watch it, and end."""
+        self._run(self._launch)
+
+    def adopt(self) -> None:
+        """A pilot a restarted hub found in its journal (rpg/hub/restore.py): its agent,
+        launched by the hub that died, calls in again or is found gone."""
+        self._run(self._adopted)
+
+    def _launch(self) -> tuple[str | None, Why | None, str | None]:
+        hub, p = self.hub, self.pilot
+        if p.final_state_hint is not None:  # canceled before it ever ran
+            raise GreenletExit()
+        hub.ledger.move("pilot", p, states.LAUNCHING, "hub", sandbox=p.sandbox)
+        p.launcher = launcher_for(hub, p)
+        p.launcher.launch()
+        if p.state == states.LAUNCHING:  # may be remote
+            hub.ledger.move("pilot", p, states.PENDING, "hub", sandbox=p.sandbox)
+        return self._wait_active(p.launcher)
+
+    def _adopted(self) -> tuple[str | None, Why | None, str | None]:
+        from rpg.hub.launchers.adopted import AdoptedLauncher
+
+        p = self.pilot
+        p.launcher = AdoptedLauncher(self.hub, p)
+        if p.state == states.LAUNCHING:  # its launch may or may not have begun
+            return (states.FAILED, Why.LAUNCH_FAILED,
+                    "the hub restarted while it was being launched")
+        return self._wait_active(p.launcher)
+
+    def _run(self, begin) -> None:
         hub, p = self.hub, self.pilot
         final, why, reason = states.FAILED, Why.INTERNAL, None
-        launcher = None
         try:
-            if p.final_state_hint is not None:  # canceled before it ever ran
-                raise GreenletExit()
-            hub.ledger.move("pilot", p, states.LAUNCHING, "hub", sandbox=p.sandbox)
-            launcher = launcher_for(hub, p)
-            p.launcher = launcher
-            launcher.launch()
-            if p.state == states.LAUNCHING:  # may be remote
-                hub.ledger.move("pilot", p, states.PENDING, "hub", sandbox=p.sandbox)
-            final, why, reason = self._wait_active(launcher)
+            final, why, reason = begin()
             if final is None:
-                final, why, reason = self._watch(launcher)
+                final, why, reason = self._watch(p.launcher)
         except GreenletExit:
             final = p.final_state_hint or states.CANCELED
             why = p.final_why or Why.CANCELED
@@ -100,7 +121,7 @@ class PilotLifecycle:
             hub.log.exception("pilot_lifecycle_error", pilot=p.uid)
             final, why, reason = states.FAILED, Why.INTERNAL, f"internal error: {exc!r}"
         finally:
-            self._finish(launcher, final, why, reason)
+            self._finish(p.launcher, final, why, reason)
 
     def _wait_active(self, launcher) -> tuple[str | None, Why | None, str | None]:
         p = self.pilot

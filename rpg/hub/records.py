@@ -50,7 +50,8 @@ class PilotRecord:
     __slots__ = ("uid", "pmgr", "desc", "state", "token", "sandbox", "queue", "in_flight",
                  "cancels", "wake", "last_seen", "registered", "launcher", "greenlet",
                  "load_cores", "agent_info", "stopping", "reason", "reason_code",
-                 "final_state_hint", "final_why", "stop_reason", "ends_at", "ending", "created")
+                 "final_state_hint", "final_why", "stop_reason", "ends_at", "ending", "resync",
+                 "created")
 
     def __init__(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
                  sandbox: str) -> None:
@@ -72,6 +73,7 @@ class PilotRecord:
         self.agent_info: dict[str, Any] = {}
         self.stopping = False  # the hub asked the agent to shut down
         self.ending = False  # its agent said it is ending (a unit ended under it): no more units
+        self.resync = False  # adopted after a hub restart: ask its agent which units it holds
         self.reason: str | None = None
         self.reason_code: str | None = None
         self.final_state_hint: str | None = None  # how it ends when its greenlet is killed

@@ -10,7 +10,10 @@ stop`` end it cleanly: every session's pilots stopped, unfinished units CANCELED
 stopped"), every process reaped.
 
 The sandbox ``DIR`` (private, 0700) holds ``access.json`` (the owner's access, 0600),
-``users.json`` (token hashes) and ``sessions/<uid>/`` (each session's sandbox and profile).
+``users.json`` (token hashes) and ``sessions/<uid>/`` (each session's sandbox, profile and
+journal). A service killed without a clean stop (SIGKILL, a crash) and started again on the
+same sandbox brings back every session that was not closed, from its journal
+(rpg/hub/journal.py, rpg/hub/restore.py), on the same addresses: clients and agents carry on.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from rpg import internals
 from rpg.hub.events import EventLog
 from rpg.hub.front import Front, SessionEntry
 from rpg.hub.hub import Hub
+from rpg.hub.journal import JOURNAL, restore
+from rpg.hub.restore import rebuild, resume
 from rpg.hub.session_api import SessionAPI
 from rpg.hub.users import ACCESS_FILE, Users, access, read_access_file, write_private_json
 from rpg.internals import route_loop_errors
@@ -74,7 +79,7 @@ def check_address(address: str) -> str:
 class HubServer:
     def __init__(self, sandbox: str, address: str | None = None,
                  max_units_per_user: int = MAX_UNITS_PER_USER,
-                 dashboard: str | None = None) -> None:
+                 dashboard: str | None = None, journal: bool = True) -> None:
         if dashboard is not None:
             from rpg.dashboard import DashboardError, parse_address
 
@@ -90,6 +95,7 @@ class HubServer:
         self.sandbox = os.path.abspath(os.path.expanduser(sandbox))
         self.requested = check_address(address) if address else None
         self.max_units_per_user = max_units_per_user
+        self.journaled = journal  # False: --no-journal (a restart brings nothing back)
         self.owner = getpass.getuser()
         self.users = Users(self.sandbox)
         self.sessions: dict[str, SessionEntry] = {}
@@ -116,6 +122,10 @@ class HubServer:
             hub.start()  # on this loop: waits cooperatively
             out = os.path.join(hub.sandbox, "client", "out")  # client:// outputs land here
             self.pool.for_path(hub.sandbox).run(os.makedirs, out, 0o700, True, timeout=30)
+            if self.journaled:
+                hub.open_journal().add("session", {"uid": uid, "owner": user,
+                                                   "address": hub.address,
+                                                   "created": time.time()})
         except BaseException:
             del self.sessions[uid]
             hub.close(5.0)  # a no-op if it never started
@@ -124,8 +134,64 @@ class HubServer:
         return entry
 
     def close_session(self, entry: SessionEntry, timeout: float, why: Why) -> None:
-        entry.hub.close(timeout, why)  # on this loop: waits cooperatively
+        journal = entry.hub.journal
+        if journal is not None and not journal.closed and why != Why.HUB_STOPPED:
+            journal.add("closing")  # a restart finishes the close
+        entry.hub.close(timeout, why)  # on this loop: waits cooperatively; journals "closed"
         self.log.info("session_ended", session=entry.api.uid, user=entry.owner, why=why.value)
+
+    def restore_sessions(self) -> None:
+        """Every session whose journal does not say it closed comes back, on the agents'
+        address it had. One that cannot (its journal unreadable, its port taken) is logged and
+        left on disk."""
+        root = os.path.join(self.sandbox, "sessions")
+        lane = self.pool.for_path(root)
+        for uid in sorted(lane.run(os.listdir, root, timeout=30)):
+            path = os.path.join(root, uid, JOURNAL)
+            if not lane.run(os.path.exists, path, timeout=30):
+                continue
+            t0 = time.monotonic()
+            try:
+                r = lane.run(restore, path, timeout=300)
+            except Exception as exc:
+                self.log.error("session_not_restored", session=uid, error=str(exc))
+                continue
+            if r.closed:
+                continue
+            try:
+                entry = self._restore_session(uid, r)
+            except Exception as exc:
+                self.log.error("session_not_restored", session=uid, error=str(exc))
+                continue
+            self.log.info("session_back", session=uid, user=entry.owner,
+                          units=len(r.units), seconds=round(time.monotonic() - t0, 3),
+                          torn_bytes=r.torn)
+            if r.closing:
+                gevent.spawn(self.close_session, entry, CLOSE_TIMEOUT, Why.SESSION_CLOSED)
+
+    def _restore_session(self, uid: str, r: Any) -> SessionEntry:
+        info = r.session
+        hub = Hub(uid, os.path.join(self.sandbox, "sessions", uid), str(info["address"]),
+                  EventLog(r.events), host=(gevent.get_hub().loop, self.watch))
+        hub.agents_follow_hub_process = False
+        hub.restored = r
+        rebuild(hub, r)  # before the agents' endpoint binds: a pilot calling in is known
+        entry = SessionEntry(SessionAPI(hub), str(info["owner"]))
+        entry.api.pilot_uids.update(r.pilots)
+        entry.replies.update(r.replies)
+        entry.accepted_units = len(r.units)
+        hub.start()
+        try:
+            hub.open_journal(good=r.good)
+            resume(hub, r)
+        except BaseException:
+            hub.close(5.0)
+            raise
+        hub.restored = None
+        self.sessions[uid] = entry
+        for key in r.opened:
+            self.opened[key] = entry
+        return entry
 
     # -- the service -----------------------------------------------------------------------------
 
@@ -198,6 +264,7 @@ class HubServer:
                 self._bind(server, old)
             except Exception as exc:
                 raise ServeError(f"--address {self.requested}: cannot bind: {exc}") from None
+            self.restore_sessions()  # before clients are served: they find their sessions
             write_private_json(access_path, access(self.address, token, self.owner))
             g = gevent.spawn(server.run)
             reload_g = gevent.spawn(self._reload_users)

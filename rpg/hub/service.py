@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from rpg import calls, states
+from rpg.hub.journal import JournalError
 from rpg.log import SparseWarning
 from rpg.staging.directives import without_client_staging
 from rpg.states import Why
@@ -31,6 +32,8 @@ UNIT_FIELDS = {"exit_code": int, "stdout": str, "stderr": str, "reason": str, "s
                "reason_code": str, "results": list}
 PULL_BYTES = 24 << 20  # function payloads a pull hands out (but always one unit)
 REASON_CODES = frozenset(w.value for w in Why)
+JOURNAL_WAIT_S = 10.0  # a reply waits this long at most for the journal (below the agent's
+# call timeout), then goes out unjournaled, and says so in the log
 
 
 class ProtocolError(ValueError):
@@ -45,8 +48,10 @@ def require(cond: bool, msg: str) -> None:
 class HubService:
     def __init__(self, hub: "Hub") -> None:
         self._hub = hub
-        self.counters = {"register": 0, "pull": 0, "push": 0, "updates": 0, "rejected": 0}
+        self.counters = {"register": 0, "pull": 0, "push": 0, "updates": 0, "rejected": 0,
+                         "resync": 0}
         self._warn_rejected = SparseWarning(hub.log, "rpc_rejected")
+        self._warn_journal = SparseWarning(hub.log, "journal_behind")
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -71,6 +76,16 @@ class HubService:
         self._warn_rejected(pilot=p.uid, error=msg)
         raise ProtocolError(msg)
 
+    def _durable(self) -> None:
+        """Write-ahead: a reply that tells the agent what the hub changed goes out once the
+        session's journal (a hub service's, rpg/hub/journal.py) has it."""
+        journal = self._hub.journal
+        if journal is not None:
+            try:
+                journal.sync(JOURNAL_WAIT_S)
+            except JournalError as exc:  # a full disk: the agents go on; a restart may lose this
+                self._warn_journal(error=str(exc))
+
     # -- calls -----------------------------------------------------------------------------------
 
     def register(self, pilot_uid: str, token: str, info: dict) -> dict:
@@ -91,6 +106,7 @@ class HubService:
             self._hub.ledger.move("pilot", p, states.ACTIVE, "agent",
                            **{k: p.agent_info[k] for k in ("pid", "host") if k in p.agent_info})
         p.registered.set()
+        self._durable()
         return {"ok": True, "pilot": p.uid}
 
     def pull(self, pilot_uid: str, token: str, max_units: int, wait_s: float) -> dict:
@@ -139,7 +155,27 @@ class HubService:
                         break
         cancels, p.cancels = p.cancels, []
         cancels = [u for u in cancels if u in p.in_flight]
-        return {"units": out, "cancel": cancels, "shutdown": p.stopping and p.stop_reason}
+        if out:
+            self._durable()  # their BOUND is written before the agent has them
+        reply = {"units": out, "cancel": cancels, "shutdown": p.stopping and p.stop_reason}
+        if p.resync:
+            reply["resync"] = True  # a restarted hub asks which units the agent holds
+        return reply
+
+    def holding(self, pilot_uid: str, token: str, uids: list) -> dict:
+        """An adopted agent's answer to ``resync``: every unit it holds (running, waiting for
+        cores, or with updates not yet pushed). See rpg/hub/restore.py."""
+        from rpg.hub.restore import resynced
+
+        p = self._pilot(pilot_uid, token)
+        if not isinstance(uids, list) or len(uids) > 10 * MAX_PUSH or \
+                not all(isinstance(u, str) for u in uids):
+            self._reject(p, "holding: uids must be a list of unit uids")
+        p.last_seen = time.time()
+        self.counters["resync"] += 1
+        moved = resynced(self._hub, p, set(uids)) if p.resync else 0
+        self._durable()
+        return {"moved": moved}
 
     def push(self, pilot_uid: str, token: str, updates: list) -> dict:
         """State updates from the agent, in bulk: ``[[uid, state, time, {fields}], ...]``.
@@ -170,6 +206,8 @@ class HubService:
                 errors.append([str(upd[0]) if isinstance(upd, list) and upd else f"#{i}",
                                str(exc)[:300]])
         self.counters["updates"] += applied
+        if applied:
+            self._durable()  # acknowledged once written: the agent drops what it sent
         if errors:
             self.counters["rejected"] += len(errors)
             hub.log.warning("push_updates_rejected", pilot=p.uid, count=len(errors),

@@ -67,6 +67,14 @@ def _runs(ledger: str) -> collections.Counter:
         return collections.Counter(f.read().split())
 
 
+def _pilot_of(s: rpg.Session) -> tuple[rpg.PilotManager, rpg.UnitManager, rpg.Pilot]:
+    """A 4-core local pilot whose agent waits a minute for a hub that went away."""
+    pmgr, umgr = rpg.PilotManager(s), rpg.UnitManager(s)
+    pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=4, runtime=10, heartbeat_timeout=60))
+    umgr.add_pilots(pilot)
+    return pmgr, umgr, pilot
+
+
 def _kill_hub(hub: HubProcess) -> None:
     os.kill(hub.proc.pid, signal.SIGKILL)
     hub.proc.wait(10)
@@ -79,10 +87,7 @@ def test_a_hub_killed_mid_run_comes_back_and_every_unit_runs_once(tmp_path):
     hub = HubProcess(sandbox)
     try:
         with rpg.Session(hub=hub.access_path) as s:
-            pmgr, umgr = rpg.PilotManager(s), rpg.UnitManager(s)
-            pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=4, runtime=10,
-                                                            heartbeat_timeout=60))
-            umgr.add_pilots(pilot)
+            pmgr, umgr, pilot = _pilot_of(s)
             units = umgr.submit_units([_ledger_unit(ledger, "sleep 0.3") for _ in range(60)])
             deadline = time.monotonic() + 60
             while sum(u.state == "DONE" for u in units) < 8 and time.monotonic() < deadline:
@@ -112,10 +117,7 @@ def test_units_whose_agent_died_while_the_hub_was_down_fail_or_move(tmp_path):
     hub = HubProcess(sandbox)
     try:
         with rpg.Session(hub=hub.access_path) as s:
-            pmgr, umgr = rpg.PilotManager(s), rpg.UnitManager(s)
-            pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=4, runtime=10,
-                                                            heartbeat_timeout=60))
-            umgr.add_pilots(pilot)
+            pmgr, umgr, pilot = _pilot_of(s)
             plain = umgr.submit_units([_ledger_unit(ledger, "sleep 60") for _ in range(2)])
             again = umgr.submit_units([_ledger_unit(
                 ledger, f'[ "$(grep -c "$RPG_UNIT_UID" {ledger})" -gt 1 ] || sleep 60',

@@ -266,3 +266,51 @@ def test_units_failed_by_a_signal_while_their_pilot_is_canceled_end_canceled(ses
     # be read first: CANCELED with the pilot's words either way.
     for u in units:
         assert f"pilot {pilot.uid} canceled" in u.reason, u.reason
+
+
+def test_a_pull_reply_the_agent_never_got_is_sent_again(tmp_path):
+    """A connection that drops as a pull reply goes out (an SSH tunnel killed, say) must not
+    lose the units in it: they are bound and handed over, and no other pull would take them.
+    Here the real agent is frozen (SIGSTOP) and a client with its token takes its units, then
+    pulls again as if that reply were lost: the same units come again. The agent, thawed,
+    says it never got either reply, gets them a third time, and runs each once."""
+    import zerorpc
+
+    with rpg.Session(sandbox=str(tmp_path / "s")) as session:
+        _, pilot, umgr = local_pilot(session, cores=2)
+        assert pilot.wait(state=states.ACTIVE, timeout=30) == states.ACTIVE, pilot.reason
+        hub = session.hub
+        rec = hub.pilots[pilot.uid]
+        token = hub.call(lambda: rec.token)
+        os.kill(pilot.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.0)  # its last long poll (0.5 s) has returned: no pull of it waits
+            seq = hub.call(lambda: rec.pull_seq)  # the agent will say it got this one
+            ctx = zerorpc.Context()
+            c = zerorpc.Client(context=ctx, timeout=10, heartbeat=None)
+            c.connect(session.hub_address)
+            try:
+                with pytest.raises(zerorpc.RemoteError, match="got must be an integer"):
+                    c.pull(pilot.uid, token, 10, 0, "x")
+                units = umgr.submit_units([rpg.UnitDescription(
+                    executable="/bin/sh", arguments=["-c", f"echo {i} >> {tmp_path}/ran"])
+                    for i in range(3)])
+                uids = sorted(u.uid for u in units)
+                got: list[str] = []
+                for _ in range(20):  # the units reach the pilot's room on the hub's loop
+                    first = c.pull(pilot.uid, token, 10, 0.5, seq)
+                    got += [u["uid"] for u in first["units"]]
+                    if first["units"]:
+                        break
+                assert sorted(got) == uids, got
+                again = c.pull(pilot.uid, token, 10, 0, seq)  # "I never got that one"
+                assert sorted(u["uid"] for u in again["units"]) == uids
+                assert again["seq"] == first["seq"] + 1
+            finally:
+                c.close()
+                ctx.destroy(linger=0)
+        finally:
+            os.kill(pilot.pid, signal.SIGCONT)
+        assert umgr.wait_units(timeout=30) == [states.DONE] * 3, [u.reason for u in units]
+        assert sorted((tmp_path / "ran").read_text().split()) == ["0", "1", "2"]  # each once
+        assert hub.call(lambda: hub.service.counters["resent"]) == 6  # ours, then the agent's

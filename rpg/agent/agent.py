@@ -97,6 +97,7 @@ class Agent:
         self.base_env = dict(os.environ)
         self.base_env.update(cfg.environment)
         self.counters = {"units": 0, "pushes": 0, "updates": 0, "pulls": 0, "fd_waits": 0}
+        self.pull_got = 0  # the last pull reply it got (the hub resends one it never got)
         self.fd_limit: dict[str, int] = {}
 
     # -- main ------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ class Agent:
             waiting = len(self.units) - self.executing
             want = max(0, min(PULL_BATCH, high_water - waiting))
             try:
-                resp = self.rpc_pull.pull(self.uid, self.token, want, 0.5)
+                resp = self.rpc_pull.pull(self.uid, self.token, want, 0.5, self.pull_got)
             except zerorpc.RemoteError as exc:
                 if exc.name in ENCODING_ERRORS:
                     # The hub could not encode its reply (a unit's content): not a refusal of
@@ -310,6 +311,7 @@ class Agent:
                 continue
             self.last_ok = time.monotonic()
             self.counters["pulls"] += 1
+            self.pull_got = resp.get("seq", self.pull_got)  # the hub resends a lost reply
             for item in resp["units"]:
                 uid = item["uid"]
                 if uid not in self.units:

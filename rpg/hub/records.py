@@ -51,7 +51,7 @@ class PilotRecord:
                  "cancels", "wake", "last_seen", "registered", "launcher", "greenlet",
                  "load_cores", "agent_info", "stopping", "reason", "reason_code",
                  "final_state_hint", "final_why", "stop_reason", "ends_at", "ending", "resync",
-                 "created")
+                 "pull_seq", "unacked", "created")
 
     def __init__(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
                  sandbox: str) -> None:
@@ -74,6 +74,10 @@ class PilotRecord:
         self.stopping = False  # the hub asked the agent to shut down
         self.ending = False  # its agent said it is ending (a unit ended under it): no more units
         self.resync = False  # adopted after a hub restart: ask its agent which units it holds
+        # The last pull reply (rpg/hub/service.py): its number, and the units and cancels it
+        # carried, sent again if the agent's next pull says it never got that reply.
+        self.pull_seq = 0
+        self.unacked: tuple[list[str], list[str]] = ([], [])
         self.reason: str | None = None
         self.reason_code: str | None = None
         self.final_state_hint: str | None = None  # how it ends when its greenlet is killed
@@ -199,7 +203,7 @@ class Ledger:
                      ) -> None:
         """A unit goes back to NEW (the table's one backward edge): its pilot ended under it, or
         (``retry``: what its failed attempt left, exit code and files) it failed and has retries
-        left. The hub queues it for another pilot (``Hub.restart_unit``, ``Hub._retry``)."""
+        left. The hub queues it for another pilot (rpg/hub/moves.py)."""
         states.check_restart("unit", unit.state)
         self._release(unit)
         failed_on = unit.pilot

@@ -49,7 +49,7 @@ class HubService:
     def __init__(self, hub: "Hub") -> None:
         self._hub = hub
         self.counters = {"register": 0, "pull": 0, "push": 0, "updates": 0, "rejected": 0,
-                         "resync": 0}
+                         "resync": 0, "resent": 0}
         self._warn_rejected = SparseWarning(hub.log, "rpc_rejected")
         self._warn_journal = SparseWarning(hub.log, "journal_behind")
 
@@ -109,25 +109,38 @@ class HubService:
         self._durable()
         return {"ok": True, "pilot": p.uid}
 
-    def pull(self, pilot_uid: str, token: str, max_units: int, wait_s: float) -> dict:
+    def pull(self, pilot_uid: str, token: str, max_units: int, wait_s: float,
+             got: int | None = None) -> dict:
         """Hand out up to ``max_units`` units, bound to this pilot now, as its room allows
-        (binding.py), and pending cancels (long poll ``wait_s``)."""
+        (binding.py), and pending cancels (long poll ``wait_s``).
+
+        Each reply has a number (``seq``); the agent's next pull says which it got last
+        (``got``). A reply the agent never got (its connection dropped as the reply went out)
+        is not lost: its units and cancels go again in this one. An agent that sends no
+        ``got`` gets no such resend."""
         p = self._pilot(pilot_uid, token)
         if isinstance(max_units, bool) or not isinstance(max_units, int) or max_units < 0:
             self._reject(p, "pull: max_units must be an integer >= 0")
         if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or wait_s < 0:
             self._reject(p, "pull: wait_s must be a number >= 0")
+        if got is not None and (isinstance(got, bool) or not isinstance(got, int) or got < 0):
+            self._reject(p, "pull: got must be an integer >= 0 (the last reply's seq)")
         self.counters["pull"] += 1
         p.last_seen = time.time()
         max_units = min(max_units, MAX_PULL)
-        if not p.stopping and not p.cancels and not (
+        if not p.stopping and not p.cancels and not self._lost(p, got) and not (
                 max_units and p.active() and (p.queue or self._hub.binding.ready(p))):
             p.wake.clear()
             p.wake.wait(min(float(wait_s), MAX_WAIT_S))
             p.last_seen = time.time()
-        return self._work(p, max_units)
+        return self._work(p, max_units, got)
 
-    def _work(self, p: "PilotRecord", max_units: int) -> dict:
+    @staticmethod
+    def _lost(p: "PilotRecord", got: int | None) -> bool:
+        """Did the agent miss the last reply, which carried units or cancels?"""
+        return got is not None and got != p.pull_seq and bool(p.unacked[0] or p.unacked[1])
+
+    def _work(self, p: "PilotRecord", max_units: int, got: int | None = None) -> dict:
         hub = self._hub
         out = []
         # An agent on another machine cannot reach client:// paths: the hub moves those.
@@ -142,6 +155,16 @@ class HubService:
             size += len(payload) if payload is not None else 0
             out.append({"uid": unit.uid, "description": desc})
 
+        again: list[str] = []
+        if self._lost(p, got):  # checked after the wait: a pull that ended meanwhile counts
+            for uid in p.unacked[0]:
+                unit = hub.units.get(uid)
+                if unit is not None and uid in p.in_flight and unit.at_agent:
+                    give(unit)
+            again = [u for u in p.unacked[1] if u in p.in_flight]
+            self.counters["resent"] += len(out) + len(again)
+            hub.log.warning("pull_reply_resent", pilot=p.uid, units=len(out),
+                            cancels=len(again), seq=p.pull_seq, got=got)
         if p.active():
             while p.queue and len(out) < max_units and size <= PULL_BYTES:
                 unit = hub.units.get(p.queue.popleft())  # bound, its client:// files moved
@@ -154,10 +177,13 @@ class HubService:
                     if len(out) >= max_units or size > PULL_BYTES:
                         break
         cancels, p.cancels = p.cancels, []
-        cancels = [u for u in cancels if u in p.in_flight]
+        cancels = again + [u for u in cancels if u in p.in_flight and u not in again]
+        p.pull_seq += 1
+        p.unacked = ([u["uid"] for u in out], cancels)
+        reply = {"units": out, "cancel": cancels, "shutdown": p.stopping and p.stop_reason,
+                 "seq": p.pull_seq}
         if out:
             self._durable()  # their BOUND is written before the agent has them
-        reply = {"units": out, "cancel": cancels, "shutdown": p.stopping and p.stop_reason}
         if p.resync:
             reply["resync"] = True  # a restarted hub asks which units the agent holds
         return reply

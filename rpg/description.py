@@ -412,7 +412,7 @@ class UnitDescription(_Description):
         "name": (None, _str(max_len=256)),
         "restartable": (False, _bool),
         # retries=N: a unit that FAILED runs again, up to N times, on another pilot when one
-        # of its manager's fits it (rpg/hub/hub.py, Hub._retry).
+        # of its manager's fits it (rpg/hub/moves.py, Moves.retry).
         "retries": (0, _int(0, 100)),
         # launch="srun": the agent of a SLURM pilot starts the unit as a job step, as `ranks`
         # tasks of cores/ranks cores each, spread over several nodes if one is too small.

@@ -59,11 +59,11 @@ class ClientStagingSteps:
         if states.is_final(unit.state):
             return
         if end is not None:
-            hub.end_unit_as_agent_said(unit, *end)
+            hub.moves.end_as_agent_said(unit, *end)
         elif pilot is not None and pilot.active():
             hub.enqueue(unit, pilot)
         else:  # its pilot ended while the files moved; it never reached the agent
-            hub.unit_left_pilot(unit, f"pilot {unit.pilot} ended before the unit reached it")
+            hub.moves.left_pilot(unit, f"pilot {unit.pilot} ended before the unit reached it")
 
 
 class PilotLifecycle:
@@ -188,13 +188,13 @@ class PilotLifecycle:
                 unit.greenlet = None
             if closing or unit.cancel_reason is not None:
                 hub.ledger.end_unit(unit, unit_state, "hub", unit_why, words)
-            elif walltime and hub.walltime_moves(unit):
-                hub.restart_unit(unit, f"pilot walltime: {words}")
+            elif walltime and hub.moves.walltime_moves(unit):
+                hub.moves.restart(unit, f"pilot walltime: {words}")
             elif not unit.at_agent and hub.binding.could_run_elsewhere(unit):
-                hub.restart_unit(unit, words)  # it never reached the agent: it goes elsewhere
+                hub.moves.restart(unit, words)  # it never reached the agent: it goes elsewhere
             elif unit.desc.get("restartable") and (
                     final == states.FAILED or hub.binding.could_run_elsewhere(unit)):
-                hub.restart_unit(unit, words)  # it may run again: on another pilot
+                hub.moves.restart(unit, words)  # it may run again: on another pilot
             else:
                 hub.ledger.end_unit(unit, unit_state, "hub", unit_why, words)
         p.queue.clear()

@@ -153,7 +153,7 @@ def resynced(hub: "Hub", p: PilotRecord, held: set[str]) -> int:
         if u.cancel_reason is not None:
             hub.ledger.end_unit(u, states.CANCELED, "hub", u.cancel_why, u.cancel_reason)
         else:
-            hub.restart_unit(u, f"its hand-over to pilot {p.uid} was lost when the hub "
+            hub.moves.restart(u, f"its hand-over to pilot {p.uid} was lost when the hub "
                                 f"restarted")
     if lost:
         hub.log.warning("units_lost_in_restart_moved", pilot=p.uid, count=len(lost))

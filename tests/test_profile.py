@@ -225,3 +225,32 @@ def test_profile_event_that_cannot_be_serialised_does_not_block_the_others(tmp_p
     assert recs.damaged == 0 and "tuple key" in recs[1]["unserialisable"]
     w.add(4.0, "unit.000003", "NEW", "hub")
     assert w.flush() == 1 and w.pending() == 0
+
+
+def test_every_event_reads_back_as_json_dumps_would_have_written_it(tmp_path):
+    """The writer formats plain events itself (rpg/log.py's fast path) and hands the rest to
+    json.dumps; either way a line reads back as the event, secrets redacted, bulky fields out."""
+    events = [
+        (1796000000.1234567, "unit.000001", "DONE", "agent",
+         {"exit_code": 0, "stdout": "out", "stderr": "", "sandbox": "/s/unit.000001"}),
+        (1796000001.5, "unit.000002", "BOUND", "hub", {"pilot": "pilot.000001", "cores": 4}),
+        (2.0, "unit.000003", "FAILED", "hub", {"token": "s3cret", "exit_code": None,
+                                               "reason": "exit code 1; {}[] ~ it's"}),
+        (3.0, 'unit"quote', "NEW", "hub", {}),
+        (4.0, "u", "NEW", "hub", {"reason": "caf\u00e9 \\ back\nslash\ttab \x7f"}),
+        (5.0, "u", "NEW", "hub", {"ratio": 0.25, "nan": float("nan"), "flag": True}),
+        (6, "u", "NEW", "hub", {"n": 10 ** 30, "neg": -1}),
+        (7.0, "u\ud800", "NEW", "hub", {"key\"": 1, "list": [1, "a"]}),
+    ]
+    w = ProfileWriter(str(tmp_path / "profile.jsonl"))
+    for t, uid, state, comp, extra in events:
+        w.add(t, uid, state, comp, **extra)
+    assert w.flush() == len(events)
+    got = lines_of(w.path)
+    for (t, uid, state, comp, extra), line in zip(events, got, strict=True):
+        want = {"time": round(t, 6), "uid": uid, "state": state, "component": comp}
+        want.update((k, "<redacted>" if k == "token" else v) for k, v in extra.items()
+                    if k not in ("stdout", "stderr"))
+        assert json.loads(json.dumps(want)) == line or (t == 5.0 and line["nan"] != line["nan"])
+    assert got[0]["time"] == 1796000000.123457 and "stdout" not in got[0]
+    assert got[2]["token"] == "<redacted>" and got[6]["n"] == 10 ** 30

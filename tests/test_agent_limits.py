@@ -160,6 +160,16 @@ def test_failed_output_staging_keeps_exit_code_and_output(session, tmp_path):
 
 # -- RPG_CORES -------------------------------------------------------------------------------------
 
+def _ranges(ids):
+    out = []
+    for i in sorted(set(int(i) for i in ids)):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
 def test_core_ids_format_as_ranges():
     assert format_ids([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
     assert format_ids([11, 10, 3, 2, 1, 0, 8]) == "0-3,8,10-11"  # the order a stack gives
@@ -167,6 +177,13 @@ def test_core_ids_format_as_ranges():
     assert format_ids([]) == ""
     assert format_ids(np.array([4, 6, 8])) == "4,6,8"
     assert format_ids(np.arange(1_000_000)) == "0-999999"
+    assert format_ids([3, 3, 4, 9, 9]) == "3-4,9"  # repeats dropped, on both paths:
+    assert format_ids([3, 3, 4] + [9] * 100) == "3-4,9"  # small (plain Python) and numpy
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 30, 64, 65, 200):  # each side of the small/numpy switch
+        ids = rng.integers(0, 2 * n, n)
+        expect = ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in _ranges(ids))
+        assert format_ids(ids) == format_ids(list(ids)) == expect, ids
     # A million-core unit on a million-core node: allocating and formatting stay fast.
     sched = Scheduler([("n", 1_000_000, 0)])
     t0 = time.perf_counter()

@@ -91,3 +91,28 @@ def test_batcher_withdraw_takes_back_a_call_not_yet_picked_up():
         assert b.calls == 1
     finally:
         lane.close()
+
+
+def test_batcher_gather_carries_calls_that_trickle_in_together():
+    """Calls 1 ms apart: without gather_s each goes alone; with 50 ms they share hand-offs,
+    and a batch whose callers all withdrew during the wait sends nothing to the lane."""
+    lane = Lane("test", threads=2)
+    try:
+        def trickle(b):
+            results = []
+            for i in range(10):
+                results.append(b.submit(i))
+                gevent.sleep(0.001)
+            assert [r.get(timeout=5) for r in results] == list(range(10))
+
+        alone = Batcher(lane, lambda x: x, max_batch=64, parallel=1)
+        trickle(alone)
+        gathered = Batcher(lane, lambda x: x, max_batch=64, parallel=1, gather_s=0.05)
+        trickle(gathered)
+        assert alone.batches >= 5 and gathered.batches <= 2, (alone.batches, gathered.batches)
+        lone = gathered.submit(99)
+        assert gathered.withdraw(lone) is True  # within the gather: taken back, never run
+        gevent.sleep(0.1)
+        assert gathered.calls == 10 and lane.completed == alone.batches + gathered.batches
+    finally:
+        lane.close()

@@ -58,6 +58,7 @@ EXIT_REJECTED = 4
 PUSH_BATCH = 2000  # updates a push carries: packing 10,000 held the loop for tens of ms
 PUSH_BYTES = 24 << 20  # function results a push carries (the hub takes 64 MiB messages)
 PUSH_GATHER_S = 0.005  # updates gathered before a push (as Dask's BatchedSend: 2 ms)
+COLLECT_GATHER_S = 0.002  # outputs read in one lane hand-off per 2 ms, not one per unit
 PULL_BATCH = 256  # units a pull takes: each starts a greenlet in the same loop iteration
 FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
 SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
@@ -577,7 +578,8 @@ class Agent:
         b = self.collectors.get(lane.name)
         if b is None:
             b = self.collectors[lane.name] = Batcher(lane, read_outputs, max_batch=128,
-                                                     parallel=2, timeout=self.staging_timeout)
+                                                     parallel=2, timeout=self.staging_timeout,
+                                                     gather_s=COLLECT_GATHER_S)
         return b
 
     def _stage(self, directives: list[dict], direction: str, sandbox: str,

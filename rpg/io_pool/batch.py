@@ -2,7 +2,8 @@
 
 Each ``call(*args)`` waits for its own result, but calls that arrive while a batch is in flight
 are gathered and handed to the lane as one task (up to ``max_batch``), so a thousand spawns cost
-tens of thread hand-offs instead of a thousand. Up to ``parallel`` batches run at once.
+tens of thread hand-offs instead of a thousand. Up to ``parallel`` batches run at once; with
+``gather_s``, a batch that is not full waits that long for more calls before it goes.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ def _apply_each(fn: Callable[..., Any], calls: list[tuple]) -> list[tuple[bool, 
 
 class Batcher:
     def __init__(self, lane: Lane, fn: Callable[..., Any], max_batch: int = 64,
-                 parallel: int = 2, timeout: float | None = None) -> None:
+                 parallel: int = 2, timeout: float | None = None, gather_s: float = 0.0) -> None:
         self.lane = lane
+        self.gather_s = gather_s  # a batch waits this long for company (a hand-off is ~40 us)
         self.fn = fn
         self.max_batch = max_batch
         self.parallel = parallel
@@ -77,6 +79,10 @@ class Batcher:
     def _drain(self) -> None:
         try:
             while self._pending:
+                if self.gather_s and len(self._pending) < self.max_batch:
+                    gevent.sleep(self.gather_s)
+                    if not self._pending:  # its callers were killed and took their calls back
+                        break
                 batch = [(args, res) for res, args in
                          itertools.islice(self._pending.items(), self.max_batch)]
                 for _, res in batch:

@@ -9,7 +9,8 @@ import os
 import types
 
 import rpg
-from rpg.hub.binding import capacity
+from rpg.hub.binding import PREFETCH_MIN, PREFETCH_S, capacity
+from rpg.hub.records import Pace
 
 
 def _ledgered(ledger: str, then: str = "", **kw) -> rpg.UnitDescription:
@@ -120,4 +121,26 @@ def test_units_wait_unbound_until_a_pilot_has_room(session, tmp_path):
 
 
 def capacity_of(cores: int) -> int:
-    return capacity(types.SimpleNamespace(cores=cores))  # a function of a pilot's cores only
+    # a function of a pilot's cores only, while its units free cores slowly (sleep 30)
+    return capacity(types.SimpleNamespace(cores=cores, pace=Pace()))
+
+
+def test_prefetch_follows_the_pace_at_which_a_pilot_frees_cores():
+    """A pilot that gets through units fast holds PREFETCH_S of its work ready, not a fixed
+    number; when its units stop ending, it falls back to its cores' prefetch."""
+    pace = Pace()
+    pilot = types.SimpleNamespace(cores=2, pace=pace)
+    assert capacity(pilot) == 2 + PREFETCH_MIN
+    pace.start -= Pace.WINDOW_S  # 4,000 cores freed in the last window: 8,000 a second
+    pace.add(4000)
+    assert 7000 < pace.rate < 8100
+    assert capacity(pilot) == 2 + int(pace.rate * PREFETCH_S) > 2 + 500
+    for _ in range(10):  # a slow window after it: the pace is the new one
+        pace.add(1)
+    pace.start -= Pace.WINDOW_S
+    pace.add(1)
+    assert pace.rate < 100 and capacity(pilot) == 2 + PREFETCH_MIN
+    pace.add(3000)  # a burst, then a stall of two windows: the stall counts at once
+    assert capacity(pilot) == 2 + PREFETCH_MIN  # the window is not over: the old rate
+    pace.start -= 2 * Pace.WINDOW_S
+    assert 2 + 200 < capacity(pilot) <= 2 + int(3000 / (2 * Pace.WINDOW_S) * PREFETCH_S)

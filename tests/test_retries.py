@@ -13,6 +13,7 @@ import pytest
 
 import rpg
 from rpg.hub.binding import capacity
+from rpg.hub.records import Pace
 
 
 def _attempts(ledger: str) -> list[str]:
@@ -31,8 +32,9 @@ def _flaky(ledger: str, fail_first: int, **kw) -> rpg.UnitDescription:
 
 
 def capacity_of(pilot: rpg.Pilot) -> int:
-    """The units of 1 core a pilot holds at once: its cores and its agent's prefetch."""
-    return capacity(types.SimpleNamespace(cores=pilot.description.cores))
+    """The units of 1 core a pilot holds at once: its cores and its agent's prefetch, while its
+    units end slowly (its pace adds nothing)."""
+    return capacity(types.SimpleNamespace(cores=pilot.description.cores, pace=Pace()))
 
 
 def _until(check, timeout: float) -> bool:

@@ -11,6 +11,7 @@ import pytest
 
 import rpg
 from rpg.hub.binding import capacity
+from rpg.hub.records import Pace
 
 
 def _runs(ledger) -> list[str]:
@@ -39,7 +40,7 @@ def test_a_pilot_without_the_time_leaves_long_units_to_one_that_has_it(session, 
                            rpg.PilotDescription(cores=1, runtime=60))
     # The long pilot is full (its core and its prefetch) until "go" exists.
     go = tmp_path / "go"
-    full = capacity(types.SimpleNamespace(cores=1))
+    full = capacity(types.SimpleNamespace(cores=1, pace=Pace()))  # blockers free none
     blockers = umgr.submit_units([rpg.UnitDescription(
         executable="/bin/sh", arguments=["-c", f"while [ ! -e {go} ]; do sleep 0.05; done"],
         tags={"pilot": long_.uid}) for _ in range(full)])

@@ -33,10 +33,13 @@ from rpg.states import Why
 if TYPE_CHECKING:
     from rpg.hub.records import PilotRecord, UnitRecord
 
-# Units an agent holds beyond its cores, in cores: at least this many, or as many as its cores.
-# Enough for a pull's round trip at the null-unit rate (bench/throughput.py); few enough that a
-# small pilot does not hoard what a bigger one joining later could run (bench/late_binding.py).
+# Units an agent holds beyond its cores, in cores: at least this many, or as many as its cores,
+# or what it gets through in PREFETCH_S at its pace (a bandwidth-delay product: its cores never
+# wait for a pull and a push to go round, at the null-unit rate either, bench/throughput.py).
+# Few enough that a small pilot does not hoard what a bigger one joining later could run: at
+# most PREFETCH_S of its own work (bench/late_binding.py).
 PREFETCH_MIN = 32
+PREFETCH_S = 0.075
 WAKE_FRACTION = 4  # a busy pilot's pull wakes when this fraction of its capacity is free
 FAIL_SLICE = 500  # units failed per loop iteration when their last pilot goes
 
@@ -60,7 +63,7 @@ def shape_of(unit: "UnitRecord") -> Shape:
 
 def capacity(pilot: "PilotRecord") -> int:
     """The cores' worth of units a pilot may have bound and not final."""
-    return pilot.cores + max(pilot.cores, PREFETCH_MIN)
+    return pilot.cores + max(pilot.cores, PREFETCH_MIN, int(pilot.pace.per_s() * PREFETCH_S))
 
 
 class Binding:

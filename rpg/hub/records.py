@@ -46,12 +46,40 @@ class UnitRecord:
         self.created = 0.0
 
 
+class Pace:
+    """Cores a pilot's units free per second, over windows of about WINDOW_S (the last whole
+    window, or the current one once it is longer): what a pilot gets through while a pull and
+    a push go round. Hub loop only."""
+
+    __slots__ = ("rate", "start", "cores")
+    WINDOW_S = 0.5
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self.start = time.monotonic()
+        self.cores = 0
+
+    def add(self, cores: int) -> None:
+        self.cores += cores
+        now = time.monotonic()
+        if now - self.start >= self.WINDOW_S:
+            self.rate = self.cores / (now - self.start)
+            self.start, self.cores = now, 0
+
+    def per_s(self) -> float:
+        """The rate, with a stall seen: a window twice its length without frees counts."""
+        now = time.monotonic()
+        if now - self.start >= 2 * self.WINDOW_S:
+            return self.cores / (now - self.start)
+        return self.rate
+
+
 class PilotRecord:
     __slots__ = ("uid", "pmgr", "desc", "state", "token", "sandbox", "queue", "in_flight",
                  "cancels", "wake", "last_seen", "registered", "launcher", "greenlet",
                  "load_cores", "agent_info", "stopping", "reason", "reason_code",
                  "final_state_hint", "final_why", "stop_reason", "ends_at", "ending", "resync",
-                 "pull_seq", "unacked", "created")
+                 "pull_seq", "unacked", "created", "pace")
 
     def __init__(self, uid: str, pmgr: str, desc: dict[str, Any], token: str,
                  sandbox: str) -> None:
@@ -70,6 +98,7 @@ class PilotRecord:
         self.launcher: Any = None
         self.greenlet: Any = None
         self.load_cores = 0  # cores of units bound here and not final (binding.py's room)
+        self.pace = Pace()  # cores its units free per second: binding.py's prefetch follows it
         self.agent_info: dict[str, Any] = {}
         self.stopping = False  # the hub asked the agent to shut down
         self.ending = False  # its agent said it is ending (a unit ended under it): no more units
@@ -172,6 +201,7 @@ class Ledger:
         if pilot is not None:
             pilot.in_flight.discard(unit.uid)
             pilot.load_cores -= int(unit.desc["cores"])
+            pilot.pace.add(int(unit.desc["cores"]))
             if self.released is not None:
                 self.released(pilot)
 

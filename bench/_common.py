@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import threading
 import time
@@ -24,6 +26,94 @@ def raw_spawn_rate(n: int = 600, threads: int = 4) -> float:
     for t in ts:
         t.join()
     return per * threads / (time.perf_counter() - t0)
+
+
+def raw_sandbox_spawn_rate(root: str, n: int = 600, threads: int = 4) -> float:
+    """As raw_spawn_rate, each process in a directory of its own with its stdout and stderr in
+    files there (what a pilot system's unit gets: rpg, RADICAL-Pilot); the tree is removed
+    after. Processes per second, the removal not counted."""
+    per = n // threads
+
+    def work(k: int) -> None:
+        for i in range(per):
+            sandbox = os.path.join(root, f"unit.{k}.{i:06d}")
+            os.mkdir(sandbox)
+            with open(os.path.join(sandbox, "STDOUT"), "wb") as out, \
+                    open(os.path.join(sandbox, "STDERR"), "wb") as err:
+                subprocess.run(["/bin/true"], cwd=sandbox, stdout=out, stderr=err, check=True)
+
+    os.makedirs(root, exist_ok=True)
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    rate = per * threads / (time.perf_counter() - t0)
+    shutil.rmtree(root)
+    return rate
+
+
+class CPU:
+    """CPU seconds (user + system) of this process, of its children named by ``match`` (a
+    substring of their command line) and of theirs: ``snap()`` then ``since(old)``."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.pids = {"this process": os.getpid()}
+        for pid in _children(os.getpid()):
+            for name, match in names.items():
+                if match in _cmdline(pid):
+                    self.pids[name] = pid
+        for name in list(self.pids):
+            for pid in _children(self.pids[name]) if name != "this process" else []:
+                self.pids[name + "'s children"] = pid
+
+    def snap(self) -> dict[str, tuple[float, float]]:
+        out = {}
+        for name, pid in self.pids.items():
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    f = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = ((int(f[11]) + int(f[12])) / self.TICK,
+                         (int(f[13]) + int(f[14])) / self.TICK)  # own, reaped children's
+        return out
+
+    @staticmethod
+    def since(old: dict, new: dict) -> dict[str, float]:
+        out = {}
+        for name, (own, kids) in new.items():
+            if name in old:
+                out[name] = own - old[name][0]
+                if kids - old[name][1] > 0.0005:
+                    out[name + " (reaped)"] = kids - old[name][1]
+        return out
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")  # a child is listed under the thread that made it
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(x) for x in fh.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def emit(name: str, result: dict[str, Any], as_json: bool) -> None:

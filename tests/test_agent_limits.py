@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import numpy as np
 import psutil
@@ -23,6 +24,8 @@ from procs import wait_no_pilot_processes
 
 import rpg
 from rpg.agent.scheduler import Scheduler, format_ids
+from rpg.hub.binding import capacity
+from rpg.hub.records import Pace
 from rpg.io_pool.sweep import pilot_key
 from rpg.rpc import wire_safe
 
@@ -343,3 +346,34 @@ def test_a_stdout_replaced_by_a_symlink_is_not_followed(tmp_path):
     assert unit.state == "FAILED", (unit.state, unit.stdout)
     assert "symbolic link" in unit.reason and "STDOUT" in unit.reason
     assert "not the unit's output" not in (unit.stdout or "")
+
+
+# -- the unit sandbox, made before the spawn -------------------------------------------------------
+
+def test_units_find_their_sandbox_and_output_files_and_a_blocked_sandbox_fails_one_unit(
+        session, tmp_path):
+    """The agent makes each unit's sandbox and empty STDOUT/STDERR in a disk lane before the
+    spawn. A unit whose sandbox path is taken by a file FAILS saying so; the others run."""
+    pilot, umgr = local_pilot(session, cores=1)
+    go = tmp_path / "go"
+    # Fill the pilot's room (its core and prefetch), so that the next unit waits in the hub.
+    room = capacity(types.SimpleNamespace(cores=1, pace=Pace()))
+    blockers = umgr.submit_units([rpg.UnitDescription(
+        executable="/bin/sh", arguments=["-c", f"while [ ! -e {go} ]; do sleep 0.05; done"])
+        for _ in range(room)])
+    assert blockers[0].wait(state="EXECUTING", timeout=30) == "EXECUTING"
+    victim, ok = umgr.submit_units([
+        rpg.UnitDescription(executable="/bin/true"),
+        rpg.UnitDescription(executable="/bin/sh", arguments=["-c", "ls; echo err >&2"])])
+    assert victim.state == "NEW" and ok.state == "NEW"
+    taken = os.path.join(pilot.sandbox, victim.uid)
+    with open(taken, "w") as fh:
+        fh.write("not a directory")
+    go.touch()
+    umgr.wait_units(timeout=60)
+    assert victim.state == "FAILED" and "File exists" in victim.reason, victim.reason
+    assert ok.state == "DONE", ok.reason
+    assert ok.stdout.split() == ["STDERR", "STDOUT"] and ok.stderr == "err\n"
+    assert all(u.state == "DONE" for u in blockers)
+    with open(taken) as fh:
+        assert fh.read() == "not a directory"  # left as it was

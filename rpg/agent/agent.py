@@ -61,7 +61,7 @@ PUSH_GATHER_S = 0.005  # updates gathered before a push (as Dask's BatchedSend: 
 PUSH_GATHER_BUSY_S = 0.012  # after a push of PUSH_BUSY updates or more: a zerorpc call costs
 PUSH_BUSY = 64  # ~330 us of CPU on each side, so a busy agent pushes less often, in bulk
 COLLECT_GATHER_S = 0.002  # outputs read in one lane hand-off per 2 ms, not one per unit
-PULL_BATCH = 256  # units a pull takes: each starts a greenlet in the same loop iteration
+PULL_BATCH = 64  # units a pull takes: each starts a greenlet in the same loop iteration
 FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
 SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
 
@@ -116,6 +116,7 @@ class Agent:
                                  self.counters, self.done,
                                  lambda why: self.stop("spawner", states.FAILED, why))
         self.collectors: dict[str, Batcher] = {}
+        self.preparers: dict[str, Batcher] = {}
         self.workers = FunctionWorkers(
             self.pool, int(self.cfg.function_workers or self.cores), self.sandbox,
             worker_env(self.base_env, self.cfg.session_uid, self.uid, self.sandbox),
@@ -440,8 +441,11 @@ class Agent:
         executing = started = False
         try:
             self.report(uid, states.STAGING_IN, sandbox=sandbox)
+            if desc.get("payload") is None:  # its sandbox and output files, batched per disk
+                self._preparer(sandbox).call(sandbox, _own_files(desc))
             if desc["input_staging"]:
-                self._stage(desc["input_staging"], "in", sandbox, create=True)
+                self._stage(desc["input_staging"], "in", sandbox,
+                            create=desc.get("payload") is not None)
             self.report(uid, states.SCHEDULING)
             cores, gpus = int(desc["cores"]), int(desc["gpus"])
             argv = unit_argv(desc)
@@ -579,12 +583,21 @@ class Agent:
 
     def _collector(self, sandbox: str) -> Batcher:
         """Output collection, batched per disk lane."""
+        return self._batcher(self.collectors, read_outputs, sandbox, parallel=2)
+
+    def _preparer(self, sandbox: str) -> Batcher:
+        """Sandboxes made before the spawn (off the spawner's path), batched per disk lane; one
+        batch at a time, so that units go on to their cores in the order they came."""
+        return self._batcher(self.preparers, make_sandbox, sandbox, parallel=1)
+
+    def _batcher(self, batchers: dict[str, Batcher], fn: Any, sandbox: str,
+                 parallel: int) -> Batcher:
         lane = self.pool.for_path(sandbox)
-        b = self.collectors.get(lane.name)
+        b = batchers.get(lane.name)
         if b is None:
-            b = self.collectors[lane.name] = Batcher(lane, read_outputs, max_batch=128,
-                                                     parallel=2, timeout=self.staging_timeout,
-                                                     gather_s=COLLECT_GATHER_S)
+            b = batchers[lane.name] = Batcher(lane, fn, max_batch=32, parallel=parallel,
+                                              timeout=self.staging_timeout,
+                                              gather_s=COLLECT_GATHER_S)
         return b
 
     def _stage(self, directives: list[dict], direction: str, sandbox: str,
@@ -622,6 +635,11 @@ class Agent:
 ENCODING_ERRORS = frozenset({"UnicodeError", "UnicodeEncodeError", "UnicodeDecodeError",
                              "PackException", "PackValueError", "PackOverflowError",
                              "UnpackException", "UnpackValueError", "ExtraData"})
+
+
+def _own_files(desc: dict[str, Any]) -> tuple[str, ...]:
+    """The unit's stdout and stderr names that are files directly in its sandbox."""
+    return tuple(n for n in (desc["stdout"], desc["stderr"]) if n and "/" not in n)
 
 
 def _result_bytes(fields: dict[str, Any]) -> int:

@@ -10,7 +10,7 @@ with ``waitid`` on SIGCHLD, and tells the agent about many starts and exits in o
 
 What it guarantees, as the agent's old in-process spawn did:
 - each unit leads its own session and process group (``setsid``), starts in its sandbox
-  (created if missing) with stdin from /dev/null and stdout/stderr to its files, with default
+  (the agent makes it, with empty stdout and stderr files, in a disk lane; made here if missing) with stdin from /dev/null and stdout/stderr to its files, with default
   signal dispositions and the environment the agent gave;
 - when a unit's leader exits its whole group is SIGKILLed while the leader is still a zombie
   (its pgid cannot be reused yet), then the leader is reaped: nothing is left behind;
@@ -108,8 +108,11 @@ class Server:
         env = dict(self.base_env)
         env.update(extra)
         try:
-            os.makedirs(cwd, exist_ok=True)
-            os.chdir(cwd)
+            try:  # the agent made it (off this process's path); a chdir is all it costs here
+                os.chdir(cwd)
+            except FileNotFoundError:
+                os.makedirs(cwd, exist_ok=True)
+                os.chdir(cwd)
             pid = os.posix_spawn(
                 executable(argv[0], env), argv, env, setsid=True, setsigdef=DEFAULT_IN_CHILD,
                 file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),

@@ -9,9 +9,10 @@ units piled up. This process holds a handful of fds and no pidfd at all, starts 
 with ``waitid`` on SIGCHLD, and tells the agent about many starts and exits in one frame.
 
 What it guarantees, as the agent's old in-process spawn did:
-- each unit leads its own session and process group (``setsid``), starts in its sandbox
-  (the agent makes it, with empty stdout and stderr files, in a disk lane; made here if missing) with stdin from /dev/null and stdout/stderr to its files, with default
-  signal dispositions and the environment the agent gave;
+- each unit leads its own session and process group (``setsid``), starts in its sandbox (the
+  agent makes it, with empty stdout and stderr files, in a disk lane; made here if missing)
+  with stdin from /dev/null and stdout/stderr to its files, with default signal dispositions
+  and the environment the agent gave;
 - when a unit's leader exits its whole group is SIGKILLed while the leader is still a zombie
   (its pgid cannot be reused yet), then the leader is reaped: nothing is left behind;
 - ``kill`` signals a unit's group only while its leader is unreaped (no pid reuse);

@@ -3,8 +3,9 @@
     python bench/concurrency.py [--units 10000] [--sleep 90] [--json]
 
 Prints the time until all K are EXECUTING, hub and agent loop-lag p99 (from their loop
-watches), loop-blocked events, and hub and agent peak RSS. Baseline for the spawn phase: the
-raw subprocess spawn rate from the same run.
+watches), loop-blocked events, hub and agent peak RSS, and the CPU each of the application
+(with the embedded hub), the agent and its spawner spent per unit until all were EXECUTING.
+Baseline for the spawn phase: the raw subprocess spawn rate from the same run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rpg
-from bench._common import emit, raw_spawn_rate
+from bench._common import CPU, emit, raw_spawn_rate
 
 
 def main() -> int:
@@ -39,12 +40,15 @@ def main() -> int:
             umgr = rpg.UnitManager(session)
             umgr.add_pilots(pilot)
             assert pilot.wait(state="ACTIVE", timeout=30) == "ACTIVE", pilot.reason
+            cpu = CPU({"agent": "rpg.agent"})
+            cpu0 = cpu.snap()
             t1 = time.perf_counter()
             units = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep",
                                                            arguments=[str(a.sleep)])
                                        for _ in range(k)])
             umgr.wait_units(state="EXECUTING", timeout=600)
             t_exec = time.perf_counter() - t1
+            used = CPU.since(cpu0, cpu.snap())
             executing = sum(u.state == "EXECUTING" for u in units)
             time.sleep(2.0)  # the loops under the full load, for a moment
             hub = session.hub.stats()["loop"]
@@ -62,6 +66,10 @@ def main() -> int:
         "spawn_rate_per_s": k / t_exec,
         "raw_spawn_per_s": raw,
         "ratio_vs_raw_spawn": k / t_exec / raw,
+        # CPU until all were EXECUTING, per unit (the units' own: sleep's start-up)
+        **{f"cpu_us_per_unit_{n}": round(used[k_] / k * 1e6) for k_, n in
+           (("this process", "app_and_hub"), ("agent", "agent"),
+            ("agent's children", "spawner")) if k_ in used},
         "hub_loop_lag_p99_ms": hub["lag_p99_ms"],
         "hub_loop_blocked_events": hub["blocked_events"],
         "agent_loop_lag_p99_ms": agent["loop"]["lag_p99_ms"],

@@ -29,9 +29,10 @@ SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawn_server.
 HEADER_SIZE = 4
 PIPE_SIZE = 1 << 20  # a pull of 256 units' requests fits in one write
 F_SETPIPE_SZ = 1031
-SPAWNERS = 1  # spawner processes. Measured here (2 cores, 3,000 null units): two gave 437-495
-#              units/s against 394-438 for one, but the hub's loop lag p99 went from 9-11 ms to
-#              17-28 ms (the CPU is full): one, until the hub and agent cost less per unit
+SPAWNERS = 1  # spawner processes. Measured here (2 cores, 2026-12-06, bench/concurrency.py): two
+#              gave 0.59x/0.56x the raw spawn rate for 4,000/10,000 sleep units against
+#              0.53x/0.46x for one, but with loop lag p99 hub 26-34 ms and agent 40-83 ms
+#              against 9-10 and 12-13 (the CPU is full): one, while the CPU is the limit
 SPAWN_TIMEOUT_S = 120.0  # a spawn the spawner did not answer (a stalled disk) fails the unit
 
 

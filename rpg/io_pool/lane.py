@@ -9,8 +9,6 @@ counted as stuck until ``fn`` returns.
 
 from __future__ import annotations
 
-import itertools
-import threading
 from time import monotonic, perf_counter
 from typing import Any, Callable, TypeVar
 
@@ -85,14 +83,17 @@ class Lane:
         self.fail_fast = fail_fast
         self._hub = hub if hub is not None else gevent.get_hub()
         self._pool = ThreadPool(threads, hub=self._hub)
-        self._lock = threading.Lock()
-        self._ids = itertools.count()
-        self._outstanding = 0  # accepted and not finished by a thread (queued + running)
-        self._running: dict[int, float] = {}  # op id -> monotonic start, kept by the threads
-        self._lat = np.zeros(LATENCY_RING, dtype=np.float64)
+        # The hot path takes no lock (it cost a tenth of a round trip), and the lane's threads
+        # do as little as they can (they hold the GIL the loop waits for): the loop thread alone
+        # counts calls accepted, finished and failed (a call its caller left is counted when its
+        # result comes) and keeps the latency ring; each thread writes its own ``_running``.
+        self._accepted = 0  # calls handed to the pool
+        self.completed = 0  # of those, finished by a thread
+        self.errors = 0  # of those, raised
+        self._running: dict[int, float] = {}  # thread ident -> monotonic start of its call
+        self._marked: set[int] = set()  # lane threads counted as rpg's (rpg.threads)
+        self._lat = [0.0] * LATENCY_RING  # seconds from submit to result, as callers saw them
         self._lat_n = 0
-        self.completed = 0
-        self.errors = 0
         self.timeouts = 0
         self.rejected = 0
         self._closed = False
@@ -117,64 +118,68 @@ class Lane:
             raise LaneDegraded(
                 f"lane {self.name!r} is degraded ({self.stuck()} stuck threads) and fails fast"
             )
-        with self._lock:
-            if self._outstanding >= self.threads + self.queue_limit:
-                self.rejected += 1
-                raise LaneFull(
-                    f"lane {self.name!r} is full: {self._outstanding} calls outstanding "
-                    f"(threads={self.threads}, queue_limit={self.queue_limit})"
-                )
-            self._outstanding += 1
-        op = next(self._ids)
+        outstanding = self._accepted - self.completed
+        if outstanding >= self.threads + self.queue_limit:
+            self.rejected += 1
+            raise LaneFull(
+                f"lane {self.name!r} is full: {outstanding} calls outstanding "
+                f"(threads={self.threads}, queue_limit={self.queue_limit})"
+            )
         submitted = perf_counter()
-        queued = False
-        timer = gevent.Timeout._start_new_or_dummy(timeout)
+        timer = gevent.Timeout._start_new_or_dummy(timeout) if timeout is not None else None
+        self._accepted += 1
         try:
-            result = self._pool.spawn(self._call, op, fn, args, kwargs, submitted)
-            queued = True
-            ok, value = result.get()
-            if ok:
-                return value
-            raise value
-        except gevent.Timeout as t:
-            if t is not timer:
-                raise
-            self.timeouts += 1
-            self._log.warning("lane_timeout", what=_name_of(fn), timeout=timeout)
-            raise IOTimeout(self.name, _name_of(fn), timeout or 0.0) from None
+            result = self._pool.spawn(self._call, fn, args, kwargs)
         except BaseException:
-            if keep is not None and queued:
+            self._accepted -= 1
+            if timer is not None:
+                timer.close()
+            raise
+        try:
+            ok, value = result.get()
+        except BaseException as exc:
+            result.rawlink(self._late)  # the thread's result, when it comes, is counted
+            if timer is not None and exc is timer:
+                self.timeouts += 1
+                self._lat[self._lat_n % LATENCY_RING] = perf_counter() - submitted  # a stall
+                self._lat_n += 1
+                self._log.warning("lane_timeout", what=_name_of(fn), timeout=timeout)
+                raise IOTimeout(self.name, _name_of(fn), timeout or 0.0) from None
+            if keep is not None:
                 keep_result(result, keep, _name_of(fn), self._log)
             raise
         finally:
-            timer.close()
-            if not queued:
-                with self._lock:
-                    self._outstanding -= 1
+            if timer is not None:
+                timer.close()
+        self.completed += 1
+        self._lat[self._lat_n % LATENCY_RING] = perf_counter() - submitted
+        self._lat_n += 1
+        if ok:
+            return value
+        self.errors += 1
+        raise value
 
-    def _call(self, op: int, fn: Callable[..., Any], args: tuple, kwargs: dict,
-              submitted: float) -> Any:
+    def _late(self, result: Any) -> None:
+        """The result of a call its caller left (timed out, killed), on the loop."""
+        self.completed += 1
+        if not (result.successful() and result.value[0]):
+            self.errors += 1
+
+    def _call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         # Runs on the lane's native thread.
-        rpg_threads.mark_current()
-        self._running[op] = monotonic()
-        ok = False
+        ident = rpg_threads.get_ident()  # the original: never a patched one
+        if ident not in self._marked:
+            rpg_threads.mark_current()
+            self._marked.add(ident)
+        running = self._running
+        running[ident] = monotonic()
         try:
-            out = fn(*args, **kwargs)
-            ok = True
-            return True, out
+            return True, fn(*args, **kwargs)
         except Exception as exc:
             # Handed back to the caller, who raises it; gevent would print it as a crash.
             return False, exc
         finally:
-            done = perf_counter()
-            with self._lock:
-                self._running.pop(op, None)
-                self._outstanding -= 1
-                self.completed += 1
-                if not ok:
-                    self.errors += 1
-                self._lat[self._lat_n % LATENCY_RING] = done - submitted
-                self._lat_n += 1
+            del running[ident]
 
     # -- health --------------------------------------------------------------------------------
 
@@ -191,14 +196,14 @@ class Lane:
         n = min(self._lat_n, LATENCY_RING)
         if n == 0:
             return 0.0
-        return float(np.percentile(self._lat[:n], q) * 1000.0)
+        return float(np.percentile(np.asarray(self._lat[:n]), q) * 1000.0)
 
     def health(self) -> dict[str, Any]:
         running = len(self._running)
         return {
             "name": self.name,
             "threads": self.threads,
-            "queued": max(0, self._outstanding - running),
+            "queued": max(0, self._accepted - self.completed - running),
             "running": running,
             "stuck": self.stuck(),
             "completed": self.completed,

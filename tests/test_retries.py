@@ -67,9 +67,10 @@ def test_a_unit_that_fails_twice_is_done_on_its_third_attempt(session, tmp_path)
     history = [st for st, _ in unit.history]
     assert history.count("NEW") == 3 and history.count("EXECUTING") == 3, history
     assert "FAILED" not in history  # a retried attempt does not end the unit
-    # The callbacks saw each attempt start over, with the retry's code.
+    # The callbacks saw each attempt start over, with the retry's code (they run on the
+    # callback thread: wait returns once the unit is DONE, maybe before they have all run).
+    assert _until(lambda: seen and seen[-1][0] == "DONE", 10), seen
     assert [code for st, code in seen if st == "NEW"] == ["retry", "retry"], seen
-    assert seen[-1][0] == "DONE"
     # The profile keeps each failed attempt: its exit code and the words.
     session.close()
     with open(os.path.join(session.sandbox, "profile.jsonl")) as f:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 import types
 
 import rpg
@@ -20,8 +21,21 @@ def _ledgered(ledger: str, then: str = "", **kw) -> rpg.UnitDescription:
 
 
 def _runs(ledger: str) -> collections.Counter:
-    with open(ledger) as f:
-        return collections.Counter(f.read().split())
+    try:
+        with open(ledger) as f:
+            return collections.Counter(f.read().split())
+    except FileNotFoundError:
+        return collections.Counter()
+
+
+def _ran(ledger: str, unit: rpg.Unit, timeout: float = 10.0) -> bool:
+    """EXECUTING means its process exists; this waits until its script wrote its line."""
+    deadline = time.monotonic() + timeout
+    while not _runs(ledger)[unit.uid]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_a_pilot_that_joins_later_takes_the_units_the_first_has_no_room_for(session, tmp_path):
@@ -55,6 +69,7 @@ def test_a_canceled_pilot_gives_its_waiting_and_restartable_units_to_another(ses
     runner = umgr.submit_units(_ledgered(ledger, f"while [ ! -e {go} ]; do sleep 0.05; done",
                                          restartable=True))
     assert runner.wait(state="EXECUTING", timeout=30) == "EXECUTING", runner.reason
+    assert _ran(ledger, runner)
     waiting = umgr.submit_units([_ledgered(ledger) for _ in range(6)])
     for u in waiting:
         assert u.wait(state="SCHEDULING", timeout=30) == "SCHEDULING", (u.uid, u.state)
@@ -89,6 +104,7 @@ def test_a_canceled_pilot_with_no_other_cancels_its_units(session, tmp_path):
     umgr.add_pilots(only)
     units = umgr.submit_units([_ledgered(ledger, "sleep 30") for _ in range(3)])
     assert units[0].wait(state="EXECUTING", timeout=30) == "EXECUTING"
+    assert _ran(ledger, units[0])
     only.cancel()
     assert only.wait(timeout=30) == "CANCELED"
     umgr.wait_units(timeout=30)

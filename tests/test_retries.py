@@ -147,6 +147,7 @@ def test_a_unit_canceled_between_attempts_is_not_retried(session, tmp_path):
     unit = umgr.submit_units(rpg.UnitDescription(executable="/bin/sh", arguments=["-c", script],
                                                  retries=5))
     assert unit.wait(state="EXECUTING", timeout=30) == "EXECUTING"
+    assert _until(lambda: len(_attempts(ledger)) == 1, 10)  # its script has begun
     unit.cancel()
     assert unit.wait(timeout=30) == "CANCELED", unit.reason
     go.touch()

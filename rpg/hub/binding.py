@@ -145,8 +145,9 @@ class Binding:
     def ready(self, pilot: "PilotRecord") -> bool:
         """Would a pull by ``pilot`` take a unit now? A busy pilot waits for a WAKE_FRACTION of
         its capacity, so that its pulls come back with many units."""
-        room = capacity(pilot) - pilot.load_cores
-        if room <= 0 or (pilot.load_cores and room < capacity(pilot) // WAKE_FRACTION):
+        cap = capacity(pilot)
+        room = cap - pilot.load_cores
+        if room <= 0 or (pilot.load_cores and room < cap // WAKE_FRACTION):
             return False
         head = self._oldest(self._candidates(pilot))
         return head is not None and int(head[0].desc["cores"]) <= room
@@ -155,12 +156,13 @@ class Binding:
         """Units for ``pilot`` while it has room, the longest-waiting first. The caller binds
         each one it takes (which fills the room) and stops when it has enough."""
         cands = self._candidates(pilot)
+        cap = capacity(pilot)  # its pace does not change while it takes
         while cands:
             head = self._oldest(cands)
             if head is None:
                 return
             unit, q = head
-            if int(unit.desc["cores"]) > capacity(pilot) - pilot.load_cores:
+            if int(unit.desc["cores"]) > cap - pilot.load_cores:
                 return
             q.popleft()
             yield unit

@@ -47,9 +47,10 @@ class UnitRecord:
 
 
 class Pace:
-    """Cores a pilot's units free per second, over windows of about WINDOW_S (the last whole
-    window, or the current one once it is longer): what a pilot gets through while a pull and
-    a push go round. Hub loop only."""
+    """Cores a pilot's units free per second: the rate of the last window of WINDOW_S or more
+    (a window closes at the first free after WINDOW_S), or of the current one once it has run
+    twice that long (a stall). Times PREFETCH_S, what a pilot gets through while a pull and a
+    push go round (binding.py). Hub loop only."""
 
     __slots__ = ("rate", "start", "cores")
     WINDOW_S = 0.5
@@ -199,9 +200,10 @@ class Ledger:
         """The unit no longer counts on its pilot (it ended, or starts over)."""
         pilot = self.pilots.get(unit.pilot) if unit.pilot else None
         if pilot is not None:
+            cores = int(unit.desc["cores"])
             pilot.in_flight.discard(unit.uid)
-            pilot.load_cores -= int(unit.desc["cores"])
-            pilot.pace.add(int(unit.desc["cores"]))
+            pilot.load_cores -= cores
+            pilot.pace.add(cores)
             if self.released is not None:
                 self.released(pilot)
 

@@ -18,7 +18,7 @@ from typing import Any
 # (``python -m rpg.agent.worker``) or the agent does not pay for the whole client.
 _WHERE = {
     "Session": "rpg.session", "SessionClosed": "rpg.session", "SessionError": "rpg.session",
-    "PilotManager": "rpg.session", "UnitManager": "rpg.session", "Pilot": "rpg.session",
+    "PilotManager": "rpg.managers", "UnitManager": "rpg.managers", "Pilot": "rpg.session",
     "Unit": "rpg.session",
     "PilotDescription": "rpg.description", "UnitDescription": "rpg.description",
     "DescriptionError": "rpg.description",

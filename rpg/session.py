@@ -1,4 +1,4 @@
-"""Session, PilotManager, UnitManager: the client side, the same for both places of the hub.
+"""Session: the client side, the same for both places of the hub (its managers: rpg/managers.py).
 
 Every public call is thread-safe and returns at once: it is a call of the client protocol
 (rpg/client.py) to the session's hub, embedded in this process or a hub service. State changes
@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 import weakref
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Sequence
 from urllib.parse import quote
 
 import gevent
@@ -23,12 +23,13 @@ import gevent.event
 from rpg import client, internals, states, threads
 from rpg.callbacks import LoopDelivery, ThreadDelivery
 from rpg.client import SessionClosed, SessionError
-from rpg.description import DescriptionError, PilotDescription, UnitDescription
-from rpg.entities import Pilot, Unit, _Entity, asked_states
+from rpg.description import PilotDescription, UnitDescription
+from rpg.entities import Pilot, Unit, _Entity
 from rpg.hub.events import EventLog
 from rpg.hub.hub import Hub, HubError
 from rpg.hub.session_api import SessionAPI
 from rpg.log import get_logger
+from rpg.managers import PilotManager, UnitManager, _Manager
 from rpg.signals import hold_sigterm as _hold_sigterm
 from rpg.signals import release_sigterm as _release_sigterm
 
@@ -62,7 +63,6 @@ def _close_open_sessions() -> None:
 
 
 atexit.register(_close_open_sessions)
-Callback = Callable[[Any, str], Any]
 
 
 class Session:
@@ -458,163 +458,3 @@ class Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _as_list(x: Any) -> tuple[list[Any], bool]:
-    if isinstance(x, (list, tuple)):
-        return list(x), True
-    return [x], False
-
-
-class _Manager:
-    _kind = ""
-    _entity: Any = None
-
-    def __init__(self, session: Session, _uid: str | None = None) -> None:
-        session._check_open()
-        self._session = session
-        self.uid = _uid or session._call("new_manager", self._kind)
-        self._callbacks: list[Callback] = []
-        self._mine: dict[str, _Entity] = {}
-        session._managers.append(self)
-
-    def register_callback(self, cb: Callback) -> None:
-        """Call ``cb(obj, state)`` on the callback thread at every state change."""
-        if not callable(cb):
-            raise TypeError(f"register_callback: {cb!r} is not callable")
-        self._callbacks.append(cb)
-
-    def _select(self, uids: str | Iterable[str] | None) -> list[Any]:
-        if uids is None:
-            return list(self._mine.values())
-        if isinstance(uids, (str, _Entity)):
-            uids = [uids]
-        out = []
-        for uid in uids:
-            if isinstance(uid, _Entity):  # Unit/Pilot objects are welcome too
-                uid = uid.uid
-            if not isinstance(uid, str):
-                raise TypeError(f"{type(self).__name__}: expected uids or {self._entity.__name__}"
-                                f" objects, got {type(uid).__name__}")
-            if uid not in self._mine:
-                raise KeyError(f"{type(self).__name__}: unknown uid {uid!r}")
-            out.append(self._mine[uid])
-        return out
-
-    def _submit(self, desc_cls: type, method: str, descriptions: Any,
-                wire: Callable[[Any], dict[str, Any]]) -> tuple[list[Any], bool]:
-        """Validate every description first (one bad: none submitted), submit them in one
-        call, and make the objects the reply names."""
-        s = self._session
-        s._check_open()
-        descs, many = _as_list(descriptions)
-        checked = [_validated(desc_cls, d, i) for i, d in enumerate(descs)]
-        uids = s._call(method, self.uid, [wire(d) for d in checked])
-        objs = [self._entity(uid, d, self) for uid, d in zip(uids, checked, strict=True)]
-        for obj in objs:
-            self._mine[obj.uid] = obj
-        s._adopt(objs)
-        return objs, many
-
-    def _wait(self, uids: str | Iterable[str] | None, state: Any,
-              timeout: float | None) -> list[str]:
-        asked_states(self._entity, state)
-        return self._session._wait(self._select(uids), state, timeout)
-
-    def _cancel(self, method: str, uids: str | Iterable[str] | None) -> None:
-        s = self._session
-        if s._closed:
-            return
-        targets = None if uids is None else [o.uid for o in self._select(uids)]
-        try:
-            s._call(method, targets, self.uid)
-        except SessionClosed:
-            pass  # close cancels them anyway
-
-
-class PilotManager(_Manager):
-    _kind = "pilot"
-    _entity = Pilot
-
-    def submit_pilots(self, descriptions: Union[PilotDescription, dict, Sequence[Any]]
-                      ) -> Union[Pilot, list[Pilot]]:
-        """Launch pilots; returns at once with Pilot objects (state NEW)."""
-        pilots, many = self._submit(PilotDescription, "submit_pilots", descriptions,
-                                    PilotDescription.as_dict)
-        return pilots if many else pilots[0]
-
-    def wait_pilots(self, uids: str | Iterable[str] | None = None,
-                    state: str | Sequence[str] | None = None,
-                    timeout: float | None = None) -> list[str]:
-        return self._wait(uids, state, timeout)
-
-    def cancel_pilots(self, uids: str | Iterable[str] | None = None) -> None:
-        """Cancel pilots (all of this manager's by default); returns at once."""
-        self._cancel("cancel_pilots", uids)
-
-    def get_pilots(self, uids: str | Iterable[str] | None = None) -> list[Pilot]:
-        return self._select(uids)
-
-
-class UnitManager(_Manager):
-    _kind = "unit"
-    _entity = Unit
-
-    def add_pilots(self, pilots: Union[Pilot, Sequence[Pilot]]) -> None:
-        """Units of this manager may run on these pilots."""
-        s = self._session
-        s._check_open()
-        lst, _ = _as_list(pilots)
-        for p in lst:
-            if not isinstance(p, Pilot):
-                raise TypeError(f"add_pilots: expected Pilot objects, got {type(p).__name__}")
-            if p._mgr._session is not s:
-                raise ValueError(f"add_pilots: pilot {p.uid} belongs to another session "
-                                 f"({p._mgr._session.uid}); a unit manager takes the pilots "
-                                 f"of its own session only")
-        s._call("add_pilots", self.uid, [p.uid for p in lst])
-
-    def remove_pilots(self, pilots: Union[Pilot, Sequence[Pilot]]) -> None:
-        s = self._session
-        s._check_open()
-        lst, _ = _as_list(pilots)
-        s._call("remove_pilots", self.uid, [p.uid for p in lst])
-
-    def submit_units(self, descriptions: Union[UnitDescription, dict, Sequence[Any]]
-                     ) -> Union[Unit, list[Unit]]:
-        """Submit units; returns at once with Unit objects (state NEW).
-
-        All descriptions are validated first: if one is bad, none is submitted and the error
-        names its index and field.
-        """
-        units, many = self._submit(UnitDescription, "submit_units", descriptions,
-                                   self._session._t.unit_wire)
-        return units if many else units[0]
-
-    def wait_units(self, uids: str | Iterable[str] | None = None,
-                   state: str | Sequence[str] | None = None,
-                   timeout: float | None = None) -> list[str]:
-        """Wait until the units reach ``state`` (default: final) or a final state.
-
-        Returns their states (some may not be there yet if ``timeout`` ran out).
-        """
-        return self._wait(uids, state, timeout)
-
-    def cancel_units(self, uids: str | Iterable[str] | None = None) -> None:
-        """Cancel units (all of this manager's by default). Never blocks; works in callbacks."""
-        self._cancel("cancel_units", uids)
-
-    def get_units(self, uids: str | Iterable[str] | None = None) -> list[Unit]:
-        return self._select(uids)
-
-
-def _validated(cls: type, d: Any, index: int) -> Any:
-    try:
-        if isinstance(d, cls):
-            d.validate()
-            return d
-        if isinstance(d, dict):
-            return cls(d)
-    except DescriptionError as exc:
-        raise DescriptionError(f"{exc.where} #{index}", exc.field, exc.problem) from None
-    raise TypeError(f"#{index}: expected a {cls.__name__} or a dict, got {type(d).__name__}")

@@ -16,7 +16,6 @@ from gevent import config as GEVENT_CONFIG
 from gevent._hub_local import get_hub_if_exists  # private module
 from gevent._monitor import PeriodicMonitoringThread  # private module
 from gevent.events import EventLoopBlocked
-from gevent.threadpool import ThreadPool
 from zope.event import notify
 
 WRITTEN_FOR = {"gevent": "26.9.0", "zerorpc": "0.6.3", "pyzmq": "27.3.0"}
@@ -74,22 +73,6 @@ class QuietMonitor(PeriodicMonitoringThread):
         return (active, report)
 
 
-# -- gevent: stopping a ThreadPool whose threads may be stuck --
-
-def threadpool_workers(pool: ThreadPool) -> int:
-    return len(pool._worker_greenlets)
-
-
-def threadpool_stop_idle(pool: ThreadPool) -> None:
-    """Ask every worker to exit once idle (ThreadPool.kill() waits for all, stuck ones too)."""
-    for _ in range(len(pool._worker_greenlets)):
-        pool.task_queue.put(None)
-
-
-def threadpool_release(pool: ThreadPool) -> None:
-    pool.fork_watcher.close()
-
-
 def check() -> list[str]:
     """The private names rpg relies on that this installation no longer has."""
     missing = []
@@ -110,13 +93,6 @@ def check() -> list[str]:
                            ".did_block_hub")
     finally:
         mon.kill()
-    pool = ThreadPool(1)
-    try:
-        for name in ("_worker_greenlets", "task_queue", "fork_watcher"):
-            if not hasattr(pool, name):
-                missing.append(f"gevent.threadpool.ThreadPool.{name}")
-    finally:
-        pool.kill()
     import zerorpc
 
     ctx = zerorpc.Context()

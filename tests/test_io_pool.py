@@ -212,6 +212,68 @@ def test_closed_lane_refuses_calls(pool):
         lane.run(_noop)
 
 
+def test_closing_a_lane_wakes_the_caller_of_a_stuck_call_and_the_thread_leaves_later(pool):
+    """The caller of a call whose thread is stuck, with no timeout of its own, hears
+    LaneClosed when the lane closes (nothing else would wake it); the thread exits once its
+    call returns."""
+    lane = pool.lane("disk:stuck", threads=1)
+    gate = threading.Event()
+    caller = gevent.spawn(lane.run, gate.wait, 10)
+    _wait_for(lambda: lane.health()["running"] == 1, what="the call to start")
+    assert lane.close(wait=0.1) == 1  # one thread still stuck
+    with pytest.raises(LaneClosed, match="closed while the call was still running"):
+        caller.get(timeout=2)
+    gate.set()
+    _wait_for(lambda: lane.health()["running"] == 0, what="the stuck call to return")
+
+
+def test_a_thread_error_of_any_kind_reaches_the_caller(pool):
+    lane = pool.lane("disk:exit", threads=1)
+
+    def leave() -> None:
+        raise SystemExit(7)
+
+    with pytest.raises(SystemExit) as info:
+        lane.run(leave)
+    assert info.value.code == 7
+    assert lane.run(_noop) == 1  # the thread lived on
+    assert lane.health()["errors"] == 1
+
+
+def test_an_idle_lane_lets_its_loop_finish_and_a_busy_one_keeps_it():
+    """On a loop of its own (a thread's): after its calls, a lane holds no watcher that keeps
+    the loop running (the embedded hub's thread joins its loop before it ends)."""
+    from rpg import threads as rpg_threads
+    from rpg.io_pool import Lane
+
+    out: dict[str, object] = {}
+
+    def body() -> None:
+        hub = gevent.get_hub()
+        lane = Lane("own", threads=2, hub=hub)
+        try:
+            assert lane.run(_noop) == 1
+            out["idle_joined"] = hub.join(timeout=2.0)
+            gate = threading.Event()
+            gevent.spawn(lane.run, gate.wait, 5)
+            gevent.sleep(0.05)
+            t0 = monotonic()
+            gevent.spawn_later(0.3, gate.set)
+            out["busy_joined"] = hub.join(timeout=3.0)
+            out["busy_join_s"] = monotonic() - t0
+        finally:
+            out["stuck"] = lane.close(wait=2.0)
+            hub.destroy(destroy_loop=True)
+
+    t = rpg_threads.Thread(body, name="lane-loop-test")
+    t.start()
+    assert t.join(timeout=20)
+    assert out["idle_joined"] is True
+    # The loop ran on while a call was out, and finished once it came back.
+    assert out["busy_joined"] is True and out["busy_join_s"] >= 0.25, out
+    assert out["stuck"] == 0
+
+
 def test_stalled_fifo_lane_does_not_hold_other_lanes_or_the_loop(pool, tmp_path):
     fifo = str(tmp_path / "dying-disk")
     os.mkfifo(fifo)

@@ -1,22 +1,27 @@
 """Lanes: named, bounded pools of real OS threads that run blocking calls for a gevent loop.
 
 A greenlet calls ``lane.run(fn, *args, timeout=...)``; ``fn`` runs on one of the lane's native
-threads, and the calling greenlet sleeps (cooperatively) until the thread is done; the loop is
-woken by gevent's async watcher (``gevent.threadpool``). A call that outlives its timeout raises
-``IOTimeout`` in the caller; the thread stays stuck in ``fn`` (a thread cannot be killed) and is
-counted as stuck until ``fn`` returns.
+threads, and the calling greenlet sleeps (cooperatively) until the thread is done. A call that
+outlives its timeout raises ``IOTimeout`` in the caller; the thread stays stuck in ``fn`` (a
+thread cannot be killed) and is counted as stuck until ``fn`` returns.
+
+The lane is its own small thread pool, not gevent's ``ThreadPool``: that one starts, stops and
+closes an async watcher, takes a semaphore and builds an ``AsyncResult`` for every call, and its
+task queue is a Python ``Condition``. Here a call is a ``Waiter`` put on a native
+``SimpleQueue``; a thread appends ``(waiter, outcome)`` to one deque and wakes the loop through
+the lane's one async watcher, and the loop hands every outcome there to its caller in one go.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from time import monotonic, perf_counter
 from typing import Any, Callable, TypeVar
 
 import gevent
 import numpy as np
-from gevent.threadpool import ThreadPool
+from gevent.hub import Waiter
 
-from rpg import internals
 from rpg import threads as rpg_threads
 from rpg.log import get_logger
 
@@ -61,7 +66,10 @@ def _name_of(fn: Callable[..., Any]) -> str:
 
 
 class Lane:
-    """A named pool of ``threads`` native threads with a bounded queue of ``queue_limit`` calls."""
+    """A named pool of ``threads`` native threads with a bounded queue of ``queue_limit`` calls.
+
+    Made anywhere; used (``run``, ``close``) from the thread of the loop it belongs to.
+    """
 
     def __init__(
         self,
@@ -82,16 +90,19 @@ class Lane:
         self.stall_after = stall_after
         self.fail_fast = fail_fast
         self._hub = hub if hub is not None else gevent.get_hub()
-        self._pool = ThreadPool(threads, hub=self._hub)
-        # The hot path takes no lock (it cost a tenth of a round trip), and the lane's threads
-        # do as little as they can (they hold the GIL the loop waits for): the loop thread alone
-        # counts calls accepted, finished and failed (a call its caller left is counted when its
-        # result comes) and keeps the latency ring; each thread writes its own ``_running``.
-        self._accepted = 0  # calls handed to the pool
+        self._tasks = rpg_threads.SimpleQueue()  # (waiter, fn, args, kwargs); None: exit
+        self._done: deque[tuple[Waiter, tuple[bool, Any]]] = deque()  # filled by the threads
+        self._wake: Any = None  # the loop's async watcher, made on the first call (its thread)
+        self._wake_lock = rpg_threads.Lock()  # a thread's send against the loop's close
+        self._workers: list[rpg_threads.Thread] = []
+        self._waiting: set[Waiter] = set()  # calls whose callers wait (woken if the lane closes)
+        # The loop thread alone counts calls accepted, finished and failed (a call its caller
+        # left is counted when its outcome comes) and keeps the latency ring; a lane thread only
+        # stamps its own call's start in ``_running`` (it holds the GIL the loop waits for).
+        self._accepted = 0  # calls handed to the threads
         self.completed = 0  # of those, finished by a thread
         self.errors = 0  # of those, raised
         self._running: dict[int, float] = {}  # thread ident -> monotonic start of its call
-        self._marked: set[int] = set()  # lane threads counted as rpg's (rpg.threads)
         self._lat = [0.0] * LATENCY_RING  # seconds from submit to result, as callers saw them
         self._lat_n = 0
         self.timeouts = 0
@@ -125,20 +136,20 @@ class Lane:
                 f"lane {self.name!r} is full: {outstanding} calls outstanding "
                 f"(threads={self.threads}, queue_limit={self.queue_limit})"
             )
+        if outstanding == 0:
+            self._busy()  # the wake watcher keeps the loop alive while calls are out
+        if outstanding >= len(self._workers) and len(self._workers) < self.threads:
+            self._start_thread()
         submitted = perf_counter()
-        timer = gevent.Timeout._start_new_or_dummy(timeout) if timeout is not None else None
+        waiter = Waiter(self._hub)
+        self._tasks.put((waiter, fn, args, kwargs))
         self._accepted += 1
+        waiting = self._waiting
+        waiting.add(waiter)
+        timer = gevent.Timeout._start_new_or_dummy(timeout) if timeout is not None else None
         try:
-            result = self._pool.spawn(self._call, fn, args, kwargs)
-        except BaseException:
-            self._accepted -= 1
-            if timer is not None:
-                timer.close()
-            raise
-        try:
-            ok, value = result.get()
+            ok, value = waiter.get()
         except BaseException as exc:
-            result.rawlink(self._late)  # the thread's result, when it comes, is counted
             if timer is not None and exc is timer:
                 self.timeouts += 1
                 self._lat[self._lat_n % LATENCY_RING] = perf_counter() - submitted  # a stall
@@ -146,40 +157,68 @@ class Lane:
                 self._log.warning("lane_timeout", what=_name_of(fn), timeout=timeout)
                 raise IOTimeout(self.name, _name_of(fn), timeout or 0.0) from None
             if keep is not None:
-                keep_result(result, keep, _name_of(fn), self._log)
+                keep_result(waiter, keep, _name_of(fn), self._log)
             raise
         finally:
+            waiting.discard(waiter)
             if timer is not None:
                 timer.close()
-        self.completed += 1
         self._lat[self._lat_n % LATENCY_RING] = perf_counter() - submitted
         self._lat_n += 1
         if ok:
             return value
-        self.errors += 1
         raise value
 
-    def _late(self, result: Any) -> None:
-        """The result of a call its caller left (timed out, killed), on the loop."""
-        self.completed += 1
-        if not (result.successful() and result.value[0]):
-            self.errors += 1
+    def _busy(self) -> None:
+        wake = self._wake
+        if wake is None:
+            with self._wake_lock:
+                wake = self._wake = self._hub.loop.async_()
+            wake.start(self._deliver)
+        wake.ref = True
 
-    def _call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        # Runs on the lane's native thread.
-        ident = rpg_threads.get_ident()  # the original: never a patched one
-        if ident not in self._marked:
-            rpg_threads.mark_current()
-            self._marked.add(ident)
-        running = self._running
-        running[ident] = monotonic()
-        try:
-            return True, fn(*args, **kwargs)
-        except Exception as exc:
-            # Handed back to the caller, who raises it; gevent would print it as a crash.
-            return False, exc
-        finally:
+    def _deliver(self) -> None:
+        """On the loop: the outcomes the threads left, each to its caller (a caller that left
+        has none waiting; its outcome is only counted). Its callers run their next steps
+        before it returns, so it takes only what is there when it starts: calls those steps
+        make are delivered on a later wake, and other greenlets get their turn between."""
+        done = self._done
+        for _ in range(len(done)):  # those there now: a thread's later append wakes it again
+            waiter, outcome = done.popleft()
+            self.completed += 1
+            if not outcome[0]:
+                self.errors += 1
+            waiter.switch(outcome)
+        if self._accepted == self.completed and self._wake is not None:
+            self._wake.ref = False  # an idle lane does not keep its loop alive
+
+    def _start_thread(self) -> None:
+        t = rpg_threads.Thread(self._work, name=f"rpg-lane-{self.name}"[:15])
+        t.start()
+        self._workers.append(t)
+
+    def _work(self) -> None:
+        # A lane thread: runs calls until it takes an exit marker.
+        ident = rpg_threads.get_ident()
+        tasks, done, running = self._tasks, self._done, self._running
+        while True:
+            task = tasks.get()
+            if task is None:
+                return
+            waiter, fn, args, kwargs = task
+            task = None
+            running[ident] = monotonic()
+            try:
+                outcome = (True, fn(*args, **kwargs))
+            except BaseException as exc:  # handed back to the caller, who raises it
+                outcome = (False, exc)
             del running[ident]
+            fn = args = kwargs = None  # type: ignore[assignment]  # held no longer than needed
+            done.append((waiter, outcome))
+            waiter = outcome = None  # type: ignore[assignment]
+            with self._wake_lock:
+                if self._wake is not None:
+                    self._wake.send()
 
     # -- health --------------------------------------------------------------------------------
 
@@ -221,31 +260,40 @@ class Lane:
         """Stop accepting calls and let the threads exit; returns how many are still stuck.
 
         Must be called from the loop that owns the lane. Waits cooperatively up to ``wait``
-        seconds for idle threads to exit; a thread stuck in a blocking call cannot be killed
-        and is reported (and logged) instead.
+        seconds for running calls to finish; a thread stuck in a blocking call cannot be killed
+        and is reported (and logged) instead, and its caller, if still waiting, gets
+        ``LaneClosed``.
         """
         if self._closed:
             return len(self._running)
         self._closed = True
-        pool = self._pool
-        # Not ThreadPool.kill(): it waits for *every* worker, and a stuck one never comes back.
-        # One stop marker per worker; each idle thread takes one and exits.
-        internals.threadpool_stop_idle(pool)
+        for _ in self._workers:
+            self._tasks.put(None)  # one exit marker per thread; each takes one when idle
         deadline = monotonic() + wait
-        # Idle threads leave at once; a running call gets until the deadline to finish.
-        while internals.threadpool_workers(pool) and monotonic() < deadline:
+        while any(t.is_alive() for t in self._workers) and monotonic() < deadline:
             gevent.sleep(0.005)
-        internals.threadpool_release(pool)
+        self._deliver()
+        with self._wake_lock:
+            wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.stop()
+            wake.close()
         left = len(self._running)
+        for waiter in list(self._waiting):  # their threads are stuck: nothing else wakes them
+            self._hub.loop.run_callback(waiter.switch, (False, LaneClosed(
+                f"lane {self.name!r} closed while the call was still running "
+                f"(its thread is stuck)")))
+        self._workers = [t for t in self._workers if t.is_alive()]
         if left:
             self._log.warning("lane_closed_with_stuck_threads", stuck=left)
         return left
 
 
-def keep_result(result: Any, keep: Callable[[Any], Any], what: str, log: Any) -> None:
-    """A killed caller's last duty: wait for the call's result and hand it to ``keep``."""
+def keep_result(waiter: Waiter, keep: Callable[[Any], Any], what: str, log: Any) -> None:
+    """A killed caller's last duty: wait for the call's outcome and hand it to ``keep``."""
     try:
-        ok, value = result.get(timeout=KEEP_WAIT_S)
+        with gevent.Timeout(KEEP_WAIT_S):
+            ok, value = waiter.get()
     except BaseException as exc:
         log.error("lane_result_not_kept", what=what, error=repr(exc))
         return

@@ -227,6 +227,23 @@ def test_closing_a_lane_wakes_the_caller_of_a_stuck_call_and_the_thread_leaves_l
     _wait_for(lambda: lane.health()["running"] == 0, what="the stuck call to return")
 
 
+def test_a_lane_called_from_another_thread_says_so(pool):
+    lane = pool.lane("disk:mine", threads=1)
+    got: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            lane.run(_noop)
+        except BaseException as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(timeout=10)
+    assert len(got) == 1 and "belongs to the loop of another thread" in str(got[0])
+    assert lane.run(_noop) == 1
+
+
 def test_a_thread_error_of_any_kind_reaches_the_caller(pool):
     lane = pool.lane("disk:exit", threads=1)
 

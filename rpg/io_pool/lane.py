@@ -124,6 +124,9 @@ class Lane:
         """
         if self._closed:
             raise LaneClosed(f"lane {self.name!r} is closed")
+        if rpg_threads.get_ident() != self._hub.thread_ident:
+            raise IOPoolError(f"lane {self.name!r} belongs to the loop of another thread; "
+                              f"call it from that thread's greenlets")
         if self.fail_fast and self.stuck() > 0:
             self.rejected += 1
             raise LaneDegraded(

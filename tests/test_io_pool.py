@@ -227,6 +227,18 @@ def test_closing_a_lane_wakes_the_caller_of_a_stuck_call_and_the_thread_leaves_l
     _wait_for(lambda: lane.health()["running"] == 0, what="the stuck call to return")
 
 
+def test_an_outcome_that_came_just_before_close_still_reaches_its_caller(pool):
+    """The thread finished and woke the loop, but the loop had not run yet when close came."""
+    lane = pool.lane("disk:late", threads=1)
+    gate = threading.Event()
+    caller = gevent.spawn(lane.run, lambda: gate.wait(10) and "finished")
+    _wait_for(lambda: lane.health()["running"] == 1, what="the call to start")
+    gate.set()
+    blocking.sleep(0.1)  # the loop blocked: the thread leaves its outcome, nobody takes it yet
+    assert lane.close(wait=0) == 0
+    assert caller.get(timeout=2) == "finished"
+
+
 def test_a_lane_called_from_another_thread_says_so(pool):
     lane = pool.lane("disk:mine", threads=1)
     got: list[BaseException] = []

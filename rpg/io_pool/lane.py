@@ -195,6 +195,12 @@ class Lane:
         if self._accepted == self.completed and self._wake is not None:
             self._wake.ref = False  # an idle lane does not keep its loop alive
 
+    def _closed_wake(self) -> None:
+        self._deliver()
+        for waiter in list(self._waiting):  # their threads are stuck: nothing else wakes them
+            waiter.switch((False, LaneClosed(f"lane {self.name!r} closed while the call was "
+                                             f"still running (its thread is stuck)")))
+
     def _start_thread(self) -> None:
         t = rpg_threads.Thread(self._work, name=f"rpg-lane-{self.name}"[:15])
         t.start()
@@ -275,17 +281,15 @@ class Lane:
         deadline = monotonic() + wait
         while any(t.is_alive() for t in self._workers) and monotonic() < deadline:
             gevent.sleep(0.005)
-        self._deliver()
         with self._wake_lock:
             wake, self._wake = self._wake, None
         if wake is not None:
             wake.stop()
             wake.close()
+        # On the loop (a Waiter is switched from there only): outcomes that came since its last
+        # wake go to their callers; the callers of calls still stuck hear LaneClosed.
+        self._hub.loop.run_callback(self._closed_wake)
         left = len(self._running)
-        for waiter in list(self._waiting):  # their threads are stuck: nothing else wakes them
-            self._hub.loop.run_callback(waiter.switch, (False, LaneClosed(
-                f"lane {self.name!r} closed while the call was still running "
-                f"(its thread is stuck)")))
         self._workers = [t for t in self._workers if t.is_alive()]
         if left:
             self._log.warning("lane_closed_with_stuck_threads", stuck=left)

@@ -162,6 +162,55 @@ def _set_os_name(name: str) -> None:
         pass
 
 
+# sched_setattr/sched_getattr by machine (Linux); struct sched_attr, SCHED_ATTR_SIZE_VER1.
+_SCHED_CALLS = {"x86_64": (314, 315), "aarch64": (274, 275), "ppc64le": (355, 356),
+                "s390x": (345, 346)}
+_SCHED_ATTR = "IIQiIQQQII"  # size, policy, flags, nice, priority, runtime, deadline, period, ...
+_SCHED_FLAG_RESET_ON_FORK = 0x01  # threads and processes it starts get the default slice
+
+
+def request_short_slice(seconds: float) -> float | None:
+    """Ask the kernel for time slices of ``seconds`` on the calling thread; returns the slice
+    the kernel keeps (it clamps to 0.1-100 ms), or None where it has no such request.
+
+    Linux's EEVDF scheduler (6.12 and later) gives a task with a shorter slice an earlier
+    deadline, so on waking it preempts a task with a longer one instead of waiting out that
+    task's slice; its share of the CPU stays the same, and no privilege is needed. A loop
+    thread that sleeps most of the time and must answer at once (the agent's, the hub's) asks
+    for this; a compute task would pay for it in context switches. The threads and processes
+    the caller starts (lane threads, and through them spawners and units) get the default
+    slice (SCHED_FLAG_RESET_ON_FORK). A thread with real-time scheduling or a negative nice
+    value (which that flag would not pass on) is left as it is.
+    """
+    import ctypes
+    import os
+    import platform
+    import struct
+
+    calls = _SCHED_CALLS.get(platform.machine())
+    if calls is None or not sys.platform.startswith("linux"):
+        return None
+    set_call, get_call = calls
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(struct.calcsize(_SCHED_ATTR))
+        if libc.syscall(get_call, 0, buf, len(buf), 0) != 0:
+            return None
+        size, policy, _, nice, prio, *_ = struct.unpack(_SCHED_ATTR, buf.raw)
+        if policy != os.SCHED_OTHER or nice < 0:
+            return None  # what it was given stays, for it and for what it starts
+        want = struct.pack(_SCHED_ATTR, len(buf), policy, _SCHED_FLAG_RESET_ON_FORK, nice, prio,
+                           max(1, int(seconds * 1e9)), 0, 0, 0, 0)
+        if libc.syscall(set_call, 0, ctypes.c_char_p(want), 0) != 0:
+            return None
+        if libc.syscall(get_call, 0, buf, len(buf), 0) != 0:
+            return None
+        runtime = struct.unpack(_SCHED_ATTR, buf.raw)[5]
+    except (OSError, AttributeError, struct.error):
+        return None
+    return runtime / 1e9 if runtime else None
+
+
 def _native_id() -> int:
     import threading  # get_native_id is never patched
 

@@ -385,6 +385,53 @@ def test_for_path_gives_a_lane_per_device(pool):
 # -- the loop watch -------------------------------------------------------------------------------
 
 
+def _slice_ns(tid: int | str = "self") -> int:
+    path = "/proc/thread-self/sched" if tid == "self" else f"/proc/{tid}/sched"
+    with open(path) as fh:
+        return next(int(line.split(":")[1]) for line in fh if line.startswith("se.slice"))
+
+
+def test_a_loop_thread_gets_short_slices_and_what_it_starts_keeps_the_default():
+    """LoopWatch asks the kernel for 0.3 ms slices for its loop's thread; the lane threads it
+    starts, and the processes they start (spawners, units), keep the default slice."""
+    from rpg import threads as rpg_threads
+    from rpg.io_pool import Lane
+    from rpg.io_pool.loop_watch import LOOP_SLICE_S
+
+    default = _slice_ns()
+    out: dict[str, object] = {}
+
+    def body() -> None:
+        hub = gevent.get_hub()
+        watch = LoopWatch("slice").start()
+        lane = Lane("slice", threads=1, hub=hub)
+        try:
+            out["granted"] = watch.slice_s
+            out["stats"] = watch.stats()["slice_ms"]
+            out["loop"] = _slice_ns()
+            out["lane"] = lane.run(_slice_ns)
+            child = subprocess.Popen(["sleep", "5"])
+            try:
+                out["child"] = _slice_ns(child.pid)
+            finally:
+                child.kill()
+                child.wait()
+        finally:
+            lane.close(wait=2.0)
+            watch.stop()
+            del lane, watch
+            hub.destroy(destroy_loop=True)
+
+    t = rpg_threads.Thread(body, name="slice-test")
+    t.start()
+    assert t.join(timeout=20)
+    if out.get("granted") is None:
+        pytest.skip("this kernel takes no slice requests (EEVDF custom slices: Linux 6.12+)")
+    assert out["granted"] == pytest.approx(LOOP_SLICE_S) and out["stats"] == 0.3
+    assert out["loop"] == int(LOOP_SLICE_S * 1e9)
+    assert out["lane"] == default and out["child"] == default, (default, out)
+
+
 def test_loop_watch_counts_a_real_block():
     watch = LoopWatch("test-positive").start()
     try:

@@ -76,6 +76,7 @@ def main() -> int:
         "agent_loop_blocked_events": agent["loop"]["blocked_events"],
         "hub_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "agent_peak_rss_mb": agent["peak_rss_mb"],
+        "agent_full_collections": (agent.get("gc") or {}).get("full_collections"),
         "canceled_after": canceled,
         "total_s": t_total,
         "sandbox": sandbox,

@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("agent_config_incomplete", path=args.config, missing=["token_file"])
         return 2
     from rpg.agent.agent import Agent
+    from rpg.agent.gc_policy import FullCollections
 
-    code = Agent(cfg).run()
+    # This process is the agent's alone: it may choose when its full collections run.
+    code = Agent(cfg, gc_policy=FullCollections().install()).run()
     if cfg.exit_code_file:  # for launchers that watch the agent from afar (ssh)
         try:
             with open(cfg.exit_code_file, "w", encoding="utf-8") as fh:  # the loop is done

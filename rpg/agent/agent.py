@@ -33,6 +33,7 @@ from rpg.agent.function_workers import (
     function_outcome,
     worker_env,
 )
+from rpg.agent.gc_policy import FullCollections
 from rpg.agent.hub_link import HubLink, _HubLost, _Rejected
 from rpg.agent.resources import (
     ResourceError,
@@ -63,7 +64,7 @@ SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before 
 class Agent(HubLink):
     """One pilot's agent: its loops, its units' lifecycles (the hub link is HubLink's)."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, gc_policy: FullCollections | None = None) -> None:
         if cfg.token is None:
             raise ValueError("agent config: no token (token_file was not read)")
         self.cfg = cfg
@@ -93,6 +94,7 @@ class Agent(HubLink):
         self.base_env.update(cfg.environment)
         self.counters = {"units": 0, "pushes": 0, "updates": 0, "pulls": 0, "fd_waits": 0}
         self.fd_limit: dict[str, int] = {}
+        self.gc_policy = gc_policy  # the agent's own process runs its full collections
         self._link_init()
 
     # -- main ------------------------------------------------------------------------------------
@@ -135,6 +137,8 @@ class Agent(HubLink):
             if registering.get() is not None:
                 raise registering.value
             loops += [gevent.spawn(self._pull_loop), gevent.spawn(self._push_loop)]
+            if self.gc_policy is not None:
+                loops.append(gevent.spawn(self._full_collections, self.gc_policy))
             runtime = float(self.cfg.runtime_s or 0)
             if runtime > 0:
                 self.ends_at = time.monotonic() + runtime
@@ -222,10 +226,16 @@ class Agent(HubLink):
 
         return gevent.spawn(watch)
 
+    def _full_collections(self, policy: FullCollections) -> None:
+        while True:
+            gevent.sleep(1.0)
+            policy.tick(self.counters["units"], len(self.units))
+
     def _write_stats(self, code: int) -> None:
         """Leave the agent's own numbers (loop lag, lanes, peak RSS) in its sandbox."""
         stats = {"exit_code": code, "counters": self.counters, "loop": self.watch.stats(),
                  "fd_limit": self.fd_limit,
+                 "gc": self.gc_policy.stats() if self.gc_policy is not None else None,
                  "lanes": self.pool.health(),
                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         path = os.path.join(self.sandbox, "agent.stats.json")

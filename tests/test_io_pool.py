@@ -398,7 +398,12 @@ def test_a_loop_thread_gets_short_slices_and_what_it_starts_keeps_the_default():
     from rpg.io_pool import Lane
     from rpg.io_pool.loop_watch import LOOP_SLICE_S
 
-    default = _slice_ns()
+    probe = subprocess.Popen(["sleep", "5"])  # the kernel's default, whatever this thread has
+    try:
+        default = _slice_ns(probe.pid)
+    finally:
+        probe.kill()
+        probe.wait()
     out: dict[str, object] = {}
 
     def body() -> None:

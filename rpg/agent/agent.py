@@ -255,6 +255,7 @@ class Agent(HubLink):
             g.kill(block=False)
         gevent.joinall(list(self.units.values()), timeout=self.kill_grace + 10)
 
+    # -- one unit --------------------------------------------------------------------------------
 
     def _unit(self, uid: str, desc: dict[str, Any]) -> None:
         sandbox = os.path.join(self.sandbox, uid)

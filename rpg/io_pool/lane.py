@@ -202,7 +202,7 @@ class Lane:
                                              f"still running (its thread is stuck)")))
 
     def _start_thread(self) -> None:
-        t = rpg_threads.Thread(self._work, name=f"rpg-lane-{self.name}"[:15])
+        t = rpg_threads.Thread(self._work, name=f"rpg-lane-{self.name}")  # the OS keeps 15
         t.start()
         self._workers.append(t)
 

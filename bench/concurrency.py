@@ -1,16 +1,21 @@
 """Many concurrent sleeping units: K units of `sleep S` on a pilot with K (virtual) cores.
 
-    python bench/concurrency.py [--units 10000] [--sleep 90] [--json]
+    python bench/concurrency.py [--units 10000] [--sleep 90] [--collector python|rpg] [--json]
 
 Prints the time until all K are EXECUTING, hub and agent loop-lag p99 (from their loop
 watches), loop-blocked events, hub and agent peak RSS, and the CPU each of the application
 (with the embedded hub), the agent and its spawner spent per unit until all were EXECUTING.
 Baseline for the spawn phase: the raw subprocess spawn rate from the same run.
+
+``--collector rpg``: this process (the application, with the embedded hub) opts in to
+``rpg.gc_policy`` (full collections when the hub is quiet); ``python`` (default): CPython's own.
+The agent's process runs the policy either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -22,14 +27,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rpg
 from bench._common import CPU, emit, raw_spawn_rate
+from rpg import gc_policy
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--units", type=int, default=10000)
     ap.add_argument("--sleep", type=float, default=90.0)
+    ap.add_argument("--collector", choices=("python", "rpg"), default="python")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.collector == "rpg":
+        gc_policy.install()
+    full = [0]  # this process's full collections while the units start and run
+    gc.callbacks.append(lambda phase, info: full.__setitem__(0, full[0] + (
+        phase == "stop" and info["generation"] == 2)))
     raw = raw_spawn_rate()
     k = a.units
     with tempfile.TemporaryDirectory() as d:
@@ -72,6 +84,8 @@ def main() -> int:
             ("agent's children", "spawner")) if k_ in used},
         "hub_loop_lag_p99_ms": hub["lag_p99_ms"],
         "hub_loop_blocked_events": hub["blocked_events"],
+        "app_collector": a.collector,
+        "app_full_collections": full[0],
         "agent_loop_lag_p99_ms": agent["loop"]["lag_p99_ms"],
         "agent_loop_blocked_events": agent["loop"]["blocked_events"],
         "hub_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

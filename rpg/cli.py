@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from rpg import states
+from rpg import gc_policy, states
 from rpg.mapreduce import command as hist_command
 
 STATE_ORDER = [*states.UNIT_PATH, states.FAILED, states.CANCELED]
@@ -116,6 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"rpg run: --sandbox {sandbox}: cannot create it: {exc.strerror}", file=sys.stderr)
         return 2
+    gc_policy.install()  # rpg's own process: full collections when its hub's loop is quiet
     ctrl_c = _CtrlC()
     main = threading.current_thread() is threading.main_thread()  # signals go to it only
     previous = signal.signal(signal.SIGINT, ctrl_c) if main else None
@@ -325,6 +326,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
                 print(f"rpg hub serve: dashboard at {server.dashboard.url()} (give it a "
                       f"user's token)", file=sys.stderr, flush=True)
 
+        gc_policy.install()  # the service's process is rpg's own (see rpg/gc_policy.py)
         try:
             server = HubServer(args.sandbox, args.address, args.max_units_per_user,
                                args.dashboard, journal=not args.no_journal)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("agent_config_incomplete", path=args.config, missing=["token_file"])
         return 2
     from rpg.agent.agent import Agent
-    from rpg.agent.gc_policy import FullCollections
+    from rpg.gc_policy import FullCollections
 
     # This process is the agent's alone: it may choose when its full collections run.
     code = Agent(cfg, gc_policy=FullCollections().install()).run()

@@ -33,7 +33,6 @@ from rpg.agent.function_workers import (
     function_outcome,
     worker_env,
 )
-from rpg.agent.gc_policy import FullCollections
 from rpg.agent.hub_link import HubLink, _HubLost, _Rejected
 from rpg.agent.resources import (
     ResourceError,
@@ -44,6 +43,7 @@ from rpg.agent.resources import (
 )
 from rpg.agent.scheduler import Scheduler, format_ids
 from rpg.agent.unit_process import Spawners, unit_argv
+from rpg.gc_policy import FullCollections
 from rpg.internals import route_loop_errors
 from rpg.io_pool import Batcher, IOPool, IOPoolError, LoopWatch, SpawnError
 from rpg.io_pool.sweep import pilot_key

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.lock
 
-from rpg import states
+from rpg import gc_policy, states
 from rpg.client import SessionClosed
 from rpg.description import DescriptionError, PilotDescription, UnitDescription
 from rpg.hub.hub import HubError
@@ -250,6 +250,7 @@ class Front:
                 out.append(d)
         return {"user": user, "owner": self._server.owner, "address": self._server.address,
                 "sessions": out, "loop": self._server.watch.stats(),
+                "gc": policy.stats() if (policy := gc_policy.installed()) is not None else None,
                 "refused": dict(self.refused)}
 
     def stop_hub(self, token: str) -> dict[str, Any]:

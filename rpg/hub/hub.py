@@ -21,7 +21,7 @@ import gevent
 import zerorpc
 from gevent.event import Event
 
-from rpg import states, threads
+from rpg import gc_policy, states, threads
 from rpg.hub.binding import Binding
 from rpg.hub.events import EventLog
 from rpg.hub.lifecycle import ClientStagingSteps, PilotLifecycle
@@ -40,6 +40,7 @@ CANCEL_WORDS = {Why.CANCELED: "canceled by the application", Why.SESSION_CLOSED:
                 Why.HUB_STOPPED: "hub stopped"}
 SUBMIT_SLICE = 500  # units a submit takes per loop iteration: 20,000 at once held it 0.45 s
 CLOSE_FORCE_S = 60.0  # past the graceful timeout: killing agents and units, reaping them
+GC_TICK_S = 1.0  # how often the hub ticks the process's collection policy (rpg.gc_policy)
 
 
 class HubError(RuntimeError):
@@ -143,7 +144,7 @@ class Hub:
     def _main(self) -> None:
         """The hub's work, in a greenlet of its loop (see loop_thread_target)."""
         self.loop = gevent.get_hub().loop
-        ctx = server = server_g = flusher = None
+        ctx = server = server_g = flusher = collector = None
         try:
             self._stop = Event()
             self.watch = LoopWatch("hub").start() if self._host is None else self._host[1]
@@ -165,6 +166,7 @@ class Hub:
             self.address = bound_address(server)
             server_g = gevent.spawn(server.run)
             flusher = gevent.spawn(self._flush_loop)
+            collector = gevent.spawn(self._collections_loop)
             if self._dashboard_address is not None:
                 self._start_dashboard(self._dashboard_address)
             self.log.info("hub_started", address=self.address, sandbox=self.sandbox)
@@ -181,7 +183,7 @@ class Hub:
         finally:
             if self.dashboard is not None:
                 self.dashboard.stop()
-            for g in (flusher, server_g):
+            for g in (collector, flusher, server_g):
                 if g is not None:
                     g.kill(block=True, timeout=2)
             if server is not None:
@@ -321,6 +323,22 @@ class Hub:
                 self._flush_profile()
             except Exception as exc:  # a full disk: the writer keeps the events and retries
                 warn(error=str(exc), pending=self.profile.pending())
+
+    def _collections_loop(self) -> None:
+        """Tick the process's full-collection policy, if one is installed (rpg.gc_policy): the
+        hub's activity is its event count, what it holds its units not yet final."""
+        source = f"hub {self.session_uid} {id(self):x}"
+        try:
+            while True:  # the first tick at once: from then on the policy is in charge
+                policy = gc_policy.installed()
+                if policy is not None:
+                    ledger = self.ledger
+                    policy.tick(len(self.events), len(ledger.units) - ledger.units_final, source)
+                gevent.sleep(GC_TICK_S)
+        finally:
+            policy = gc_policy.installed()
+            if policy is not None:
+                policy.forget(source)
 
     # -- what the agent says ---------------------------------------------------------------------
 
@@ -473,6 +491,9 @@ class Hub:
             out["lanes"] = self.pool.health()
         if self.service is not None:
             out["rpc"] = dict(self.service.counters)
+        policy = gc_policy.installed()
+        if policy is not None:
+            out["gc"] = policy.stats()
         return out
 
     # -- shutdown ----------------------------------------------------------------------------------

@@ -227,9 +227,9 @@ class Agent(HubLink):
         return gevent.spawn(watch)
 
     def _full_collections(self, policy: FullCollections) -> None:
-        while True:
-            gevent.sleep(1.0)
+        while True:  # the first tick at once: from then on the policy is in charge
             policy.tick(self.counters["units"], len(self.units))
+            gevent.sleep(1.0)
 
     def _write_stats(self, code: int) -> None:
         """Leave the agent's own numbers (loop lag, lanes, peak RSS) in its sandbox."""

@@ -55,6 +55,30 @@ def test_a_unit_gets_its_path_sandbox_and_default_signals(session, tmp_path):
     assert stdin.stdout == ""
 
 
+def test_each_unit_leads_its_own_group_in_the_spawners_session_without_a_terminal(session):
+    """Its own process group: cancel kills the whole tree. The spawner's session, not one of
+    its own: with autogroup scheduling every session is a scheduling entity, and a unit a
+    session each made 4,000 starting or dying units outweigh the agent's and hub's loops."""
+    _, pilot, umgr = local_pilot(session, cores=2)
+    units = umgr.submit_units([rpg.UnitDescription(
+        executable="/bin/sh", arguments=["-c", "read -r line < /proc/$$/stat; echo $line; "
+                                                "sh -c 'read -r l < /proc/$$/stat; echo $l'"])
+        for _ in range(2)])
+    assert umgr.wait_units(timeout=30) == ["DONE"] * 2, [u.reason for u in units]
+    spawner = spawner_of(pilot).pid
+    groups = []
+    for u in units:
+        lines = u.stdout.splitlines()
+        # /proc/PID/stat: pid (name) state ppid pgrp session tty_nr ...
+        leader, child = ([int(f) for f in line.rsplit(")", 1)[1].split()[1:5]] for line in lines)
+        ppid, pgrp, sid, tty = leader
+        assert pgrp == int(lines[0].split(" (", 1)[0]), lines  # it leads its group
+        assert ppid == spawner and sid == spawner and tty == 0, leader
+        assert child[1:] == [pgrp, sid, 0], (leader, child)  # its child: same group
+        groups.append(pgrp)
+    assert len(set(groups)) == 2 and spawner not in groups
+
+
 def test_a_killed_spawner_fails_its_running_units_and_a_new_one_serves(session):
     _, pilot, umgr = local_pilot(session)
     sleepers = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["60"])

@@ -284,7 +284,7 @@ def test_cancel_pilot_kills_remote_units(tmp_path):
 
 
 def test_agent_killed_hard_units_swept(tmp_path):
-    # SIGKILL the agent on the remote: its units (own sessions) are orphans now. The launcher
+    # SIGKILL the agent on the remote: its units (own process groups) are orphans now. The launcher
     # notices, the pilot ends FAILED with the reason, and the sweep kills the orphans.
     session, pilot, umgr = start(tmp_path, pilot_desc(cores=2))
     with session:

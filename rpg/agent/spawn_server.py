@@ -8,11 +8,15 @@ units piled up. This process holds a handful of fds and no pidfd at all, starts 
 ``os.posix_spawn`` (glibc: ``clone(CLONE_VM|CLONE_VFORK)``, no page-table copy), finds exits
 with ``waitid`` on SIGCHLD, and tells the agent about many starts and exits in one frame.
 
-What it guarantees, as the agent's old in-process spawn did:
-- each unit leads its own session and process group (``setsid``), starts in its sandbox (the
-  agent makes it, with empty stdout and stderr files, in a disk lane; made here if missing)
-  with stdin from /dev/null and stdout/stderr to its files, with default signal dispositions
-  and the environment the agent gave;
+What it guarantees:
+- each unit leads its own process group (``setpgid``: cancel kills its whole tree) in this
+  process's session, which has no controlling terminal. Not a session of its own: with
+  autogroup scheduling (on in most distributions' kernels) every session is one scheduling
+  entity, and 4,000 units starting or dying at once, a session each, outweighed the agent's
+  and the hub's loops (their lag during such bursts); the units share one entity now;
+- each starts in its sandbox (the agent makes it, with empty stdout and stderr files, in a
+  disk lane; made here if missing) with stdin from /dev/null and stdout/stderr to its files,
+  with default signal dispositions and the environment the agent gave;
 - when a unit's leader exits its whole group is SIGKILLed while the leader is still a zombie
   (its pgid cannot be reused yet), then the leader is reaped: nothing is left behind;
 - ``kill`` signals a unit's group only while its leader is unreaped (no pid reuse);
@@ -121,7 +125,7 @@ class Server:
                 os.makedirs(cwd, exist_ok=True)
                 os.chdir(cwd)
             pid = os.posix_spawn(
-                executable(argv[0], env), argv, env, setsid=True, setsigdef=DEFAULT_IN_CHILD,
+                executable(argv[0], env), argv, env, setpgroup=0, setsigdef=DEFAULT_IN_CHILD,
                 file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                               (os.POSIX_SPAWN_OPEN, 1, out, OUT_FLAGS, 0o666),
                               (os.POSIX_SPAWN_OPEN, 2, err, OUT_FLAGS, 0o666)])

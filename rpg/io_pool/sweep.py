@@ -1,7 +1,7 @@
 """Find and kill unit processes of a pilot: by the marker every unit carries in its environment,
 and by working directory inside the pilot sandbox.
 
-Units run in their own sessions (so cancel can kill a whole tree); if their agent dies hard they
+Units lead their own process groups (so cancel can kill a whole tree); if their agent dies hard they
 are reparented away from it. Each unit's environment has ``RPG_PILOT_KEY`` (session uid and
 pilot uid: pilot uids repeat across sessions); scanning /proc for it finds the orphans wherever
 they went. A daemon that cleared its environment (``env -i setsid ...``) loses the marker, so a

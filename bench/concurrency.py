@@ -2,8 +2,9 @@
 
     python bench/concurrency.py [--units 10000] [--sleep 90] [--collector python|rpg] [--json]
 
-Prints the time until all K are EXECUTING, hub and agent loop-lag p99 (from their loop
-watches), loop-blocked events, hub and agent peak RSS, and the CPU each of the application
+Prints the time until all K are EXECUTING and until all are CANCELED after a 2 s hold, hub and
+agent loop-lag p99 (from their loop watches, each over the whole run: start, hold and cancel),
+loop-blocked events, hub and agent peak RSS, and the CPU each of the application
 (with the embedded hub), the agent and its spawner spent per unit until all were EXECUTING.
 Baseline for the spawn phase: the raw subprocess spawn rate from the same run.
 
@@ -63,9 +64,11 @@ def main() -> int:
             used = CPU.since(cpu0, cpu.snap())
             executing = sum(u.state == "EXECUTING" for u in units)
             time.sleep(2.0)  # the loops under the full load, for a moment
-            hub = session.hub.stats()["loop"]
+            t2 = time.perf_counter()
             umgr.cancel_units()
             umgr.wait_units(timeout=600)
+            t_cancel = time.perf_counter() - t2
+            hub = session.hub.stats()["loop"]  # over the same span as the agent's: cancel too
             canceled = sum(u.state == "CANCELED" for u in units)
             sandbox = pilot.sandbox or os.path.join(d, "s", pilot.uid)
         t_total = time.perf_counter() - t0
@@ -92,6 +95,7 @@ def main() -> int:
         "agent_peak_rss_mb": agent["peak_rss_mb"],
         "agent_full_collections": (agent.get("gc") or {}).get("full_collections"),
         "canceled_after": canceled,
+        "time_to_all_canceled_s": t_cancel,
         "total_s": t_total,
         "sandbox": sandbox,
     }

@@ -245,6 +245,28 @@ def test_sigterm_ignoring_unit_is_killed_after_grace(session):
     assert no_pilot_processes(pilot) == []
 
 
+def test_units_canceled_then_their_pilot_canceled_during_the_grace_end_canceled(session):
+    """A canceled unit's process gets SIGTERM and its greenlet waits for the exit; the pilot's
+    cancel then comes within the kill grace and ends the waiting units itself."""
+    pmgr, pilot, umgr = local_pilot(session, cores=3, kill_grace=2.0)
+    stubborn = umgr.submit_units([rpg.UnitDescription(
+        executable="/bin/sh", arguments=["-c", "trap '' TERM; echo ready; sleep 60"])
+        for _ in range(2)])
+    polite = umgr.submit_units(rpg.UnitDescription(executable="/bin/sleep", arguments=["60"]))
+    for u in (*stubborn, polite):
+        assert u.wait(state="EXECUTING", timeout=20) == "EXECUTING"
+    time.sleep(0.3)  # the shells have set their trap
+    umgr.cancel_units()
+    assert polite.wait(timeout=10) == "CANCELED" and polite.exit_code == -15  # SIGTERM: at once
+    assert [u.state for u in stubborn] == ["EXECUTING"] * 2  # their grace runs
+    pilot.cancel()
+    assert pilot.wait(timeout=30) == "CANCELED"
+    assert umgr.wait_units(timeout=30) == ["CANCELED"] * 3
+    assert [u.exit_code for u in stubborn] == [-9, -9]
+    assert all(u.reason == "canceled by the application" for u in (*stubborn, polite))
+    assert no_pilot_processes(pilot) == []
+
+
 def test_pilot_cancel_with_units_running(session):
     pmgr, pilot, umgr = local_pilot(session, cores=2)
     units = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["60"])

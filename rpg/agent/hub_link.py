@@ -113,14 +113,13 @@ class HubLink:
                 if uid not in self.units:
                     self.units[uid] = gevent.spawn(self._unit, uid, item["description"])
                     self.counters["units"] += 1
+            signaled: list[Any] = []
             for i, uid in enumerate(resp["cancel"]):
                 if i and i % CANCEL_SLICE == 0:
                     gevent.sleep(0.001)  # 4,000 kills at once held the loop 70 ms
-                g = self.units.get(uid)
-                if g is not None:
-                    self.cancel_reasons.setdefault(
-                        uid, (states.CANCELED, "canceled by the application"))
-                    g.kill(block=False)
+                self.cancel_unit(uid, states.CANCELED, "canceled by the application", signaled)
+            if signaled:
+                self.escalate_later(signaled)
             if resp["shutdown"]:
                 self.stop("shutdown", states.CANCELED, str(resp["shutdown"]))
             elif resp.get("resync"):

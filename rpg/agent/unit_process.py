@@ -46,6 +46,9 @@ def unit_argv(desc: Mapping[str, Any]) -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
+KILL_WAIT_S = 30.0  # how long a SIGKILLed group may take to go before the unit ends anyway
+
+
 class SpawnerGone(SpawnError):
     """The spawner process died: the units it had started were killed with it."""
 
@@ -85,7 +88,7 @@ class UnitProcess:
         self._exited.wait(grace)
         if self.returncode is None and self.error is None:
             self.signal_group(signal.SIGKILL)
-            self._exited.wait(30)
+            self._exited.wait(KILL_WAIT_S)
         return self.returncode
 
 

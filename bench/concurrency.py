@@ -3,7 +3,8 @@
     python bench/concurrency.py [--units 10000] [--sleep 90] [--collector python|rpg] [--json]
 
 Prints the time until all K are EXECUTING and until all are CANCELED after a 2 s hold, hub and
-agent loop-lag p99 (from their loop watches, each over the whole run: start, hold and cancel),
+agent loop-lag p99 (from their loop watches: over the whole run, and by phase: from submit to
+all EXECUTING, the 2 s hold, the cancel),
 loop-blocked events, hub and agent peak RSS, and the CPU each of the application
 (with the embedded hub), the agent and its spawner spent per unit until all were EXECUTING.
 Baseline for the spawn phase: the raw subprocess spawn rate from the same run.
@@ -26,9 +27,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np
+
 import rpg
 from bench._common import CPU, emit, raw_spawn_rate
 from rpg import gc_policy
+from rpg.io_pool.loop_watch import lag_window
 
 
 def main() -> int:
@@ -67,13 +71,22 @@ def main() -> int:
             t2 = time.perf_counter()
             umgr.cancel_units()
             umgr.wait_units(timeout=600)
-            t_cancel = time.perf_counter() - t2
+            t3 = time.perf_counter()
+            t_cancel = t3 - t2
             hub = session.hub.stats()["loop"]  # over the same span as the agent's: cancel too
+            hub_ticks = session.hub.watch.ticks()
             canceled = sum(u.state == "CANCELED" for u in units)
             sandbox = pilot.sandbox or os.path.join(d, "s", pilot.uid)
         t_total = time.perf_counter() - t0
         with open(os.path.join(d, "s", pilot.uid, "agent.stats.json")) as fh:
             agent = json.load(fh)
+        agent_ticks = np.load(os.path.join(d, "s", pilot.uid, "agent.loop_ticks.npy"))
+    # The loops' lag by phase (their ticks cut by this process's clock): while the units start
+    # (submit to all EXECUTING), while they all run (the hold), while they are canceled.
+    phases = {"start": (t1, t1 + t_exec), "hold": (t1 + t_exec, t2), "cancel": (t2, t3)}
+    by_phase = {f"{who}_loop_lag_p99_ms_{name}": lag_window(ticks, *span)["lag_p99_ms"]
+                for name, span in phases.items()
+                for who, ticks in (("hub", hub_ticks), ("agent", agent_ticks))}
     r = {
         "units": k,
         "executing_at_once": executing,
@@ -86,6 +99,7 @@ def main() -> int:
            (("this process", "app_and_hub"), ("agent", "agent"),
             ("agent's children", "spawner")) if k_ in used},
         "hub_loop_lag_p99_ms": hub["lag_p99_ms"],
+        **by_phase,
         "hub_loop_blocked_events": hub["blocked_events"],
         "app_collector": a.collector,
         "app_full_collections": full[0],

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import psutil
 import pytest
 from pilots import local_pilot
@@ -195,11 +196,15 @@ def test_stalled_disk_lane_holds_only_its_own_units(tmp_path):
             hub_blocked = session.hub.stats()["loop"]["blocked_events"]
         with open(tmp_path / "s" / pilot.uid / "agent.stats.json") as fh:
             agent_stats = json.load(fh)
+        agent_ticks = np.load(tmp_path / "s" / pilot.uid / "agent.loop_ticks.npy")
     finally:
         _unstick(fifo)
     done = sum(u.state == "DONE" for u in healthy)
     failed = [u for u in stalled if u.state == "FAILED"]
     agent_blocked = agent_stats["loop"]["blocked_events"]
+    # Its loop's ticks, each with the time it woke: as many as its stats counted (ring allowing)
+    assert agent_ticks.shape == (min(agent_stats["loop"]["ticks"], 8192), 2)
+    assert (np.diff(agent_ticks[:, 0]) > 0).all()
     print(f"\nstalled lane: healthy DONE {done}/1000, stalled FAILED {len(failed)}/3, "
           f"loop-blocked events hub={hub_blocked} agent={agent_blocked}")
     assert done == 1000

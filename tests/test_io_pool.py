@@ -31,6 +31,7 @@ from rpg.io_pool import (
     loop_blocked_total,
     spawn,
 )
+from rpg.io_pool.loop_watch import lag_window
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -447,6 +448,27 @@ def test_loop_watch_counts_a_real_block():
         assert watch.blocked_events >= 1
         assert loop_blocked_total() - before >= 1
         assert watch.stats()["lag_max_ms"] >= 400
+    finally:
+        watch.stop()
+
+
+def test_loop_watch_ticks_carry_their_times_so_a_window_finds_a_block():
+    watch = LoopWatch("test-window").start()
+    try:
+        gevent.sleep(0.2)
+        t_block = perf_counter()
+        blocking.sleep(0.08)  # the one late tick wakes after this
+        gevent.sleep(0.2)
+        t_end = perf_counter()
+        ticks = watch.ticks()
+        assert ticks.shape[1] == 2 and (ticks[1:, 0] > ticks[:-1, 0]).all()  # oldest first
+        late = ticks[ticks[:, 1] >= 0.06]
+        assert len(late) == 1 and t_block + 0.08 <= late[0, 0] <= t_end, late
+        around = lag_window(ticks, t_block, t_block + 0.1)
+        assert around["ticks"] >= 1 and around["lag_max_ms"] >= 60
+        before = lag_window(ticks, 0.0, t_block)
+        assert before["ticks"] >= 5 and before["lag_max_ms"] < 60
+        assert lag_window(ticks, t_end + 1, t_end + 2)["ticks"] == 0
     finally:
         watch.stop()
 

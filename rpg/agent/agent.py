@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import gevent
+import numpy as np
 import zerorpc
 from gevent import GreenletExit
 from gevent.event import Event
@@ -242,8 +243,10 @@ class Agent(HubLink):
                  "lanes": self.pool.health(),
                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         path = os.path.join(self.sandbox, "agent.stats.json")
+        ticks = os.path.join(self.sandbox, "agent.loop_ticks.npy")  # bench/concurrency.py
         try:
             self.pool.for_path(path).run(_write_json, path, stats, timeout=10)
+            self.pool.for_path(ticks).run(np.save, ticks, self.watch.ticks(), timeout=10)
         except Exception as exc:
             self.log.warning("agent_stats_not_written", error=str(exc))
 

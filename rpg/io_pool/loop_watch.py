@@ -73,6 +73,7 @@ class LoopWatch:
         self.blocked_events = 0
         self.max_blocked_s = 0.0
         self._lags = np.zeros(ring, dtype=np.float64)
+        self._ends = np.zeros(ring, dtype=np.float64)  # perf_counter when each tick woke
         self._n = 0
         self._hub: Any = None
         self._monitor: Any = None
@@ -111,8 +112,11 @@ class LoopWatch:
         while True:
             t0 = perf_counter()
             gevent.sleep(tick)
-            lag = perf_counter() - t0 - tick
-            self._lags[self._n % ring] = lag if lag > 0 else 0.0
+            t1 = perf_counter()
+            lag = t1 - t0 - tick
+            i = self._n % ring
+            self._lags[i] = lag if lag > 0 else 0.0
+            self._ends[i] = t1
             self._n += 1
 
     def lag_ms(self, q: float) -> float:
@@ -124,6 +128,14 @@ class LoopWatch:
     def max_lag_ms(self) -> float:
         n = min(self._n, len(self._lags))
         return float(self._lags[:n].max() * 1000.0) if n else 0.0
+
+    def ticks(self) -> np.ndarray:
+        """The ticks kept, oldest first: rows of (perf_counter when it woke, lag in s). The
+        clock is CLOCK_MONOTONIC, the same in every process of the machine, so a benchmark can
+        cut another process's ticks by its own times (``lag_window``)."""
+        n = min(self._n, len(self._lags))
+        order = np.arange(self._n - n, self._n) % len(self._lags)
+        return np.column_stack((self._ends[order], self._lags[order]))
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -149,3 +161,15 @@ class LoopWatch:
             self._own_monitor = False
         if self._hub is not None:
             _watches.pop(self._hub, None)
+
+
+def lag_window(ticks: np.ndarray, start: float, end: float) -> dict[str, Any]:
+    """Loop-lag percentiles of the ticks (``LoopWatch.ticks``) that woke between ``start`` and
+    ``end`` (perf_counter seconds)."""
+    lags = ticks[(ticks[:, 0] >= start) & (ticks[:, 0] <= end), 1] if len(ticks) else ticks
+    if not len(lags):
+        return {"ticks": 0, "lag_p50_ms": 0.0, "lag_p99_ms": 0.0, "lag_max_ms": 0.0}
+    return {"ticks": int(len(lags)),
+            "lag_p50_ms": round(float(np.percentile(lags, 50)) * 1000, 3),
+            "lag_p99_ms": round(float(np.percentile(lags, 99)) * 1000, 3),
+            "lag_max_ms": round(float(lags.max()) * 1000, 3)}

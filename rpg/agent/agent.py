@@ -350,6 +350,8 @@ class Agent(HubLink):
                 if uid in self.signaled:  # canceled, and then its spawner died
                     raise GreenletExit from None
                 raise
+            finally:
+                del self.running[uid]  # a cancel from now on kills it where it is
             if uid in self.signaled:  # canceled while it ran: ended as a kill ends it
                 raise GreenletExit
             timed_out = rc is None
@@ -401,7 +403,6 @@ class Agent(HubLink):
                 self.executing -= 1
             self.units.pop(uid, None)
             self.cancel_reasons.pop(uid, None)
-            self.running.pop(uid, None)
             self.signaled.discard(uid)
 
     def _check_time(self, desc: dict) -> None:

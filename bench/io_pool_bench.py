@@ -72,9 +72,12 @@ def bench_lane(ops: int, greenlets: int, threads: int) -> dict[str, Any]:
         lane = pool.lane("bench", threads=threads)
         _rate(min(ops, 2000), lambda: raw.spawn(_noop).get(), greenlets)  # warm up
         _rate(min(ops, 2000), lambda: lane.run(_noop), greenlets)
-        for _ in range(ROUNDS):
-            raw_rates.append(_rate(ops, lambda: raw.spawn(_noop).get(), greenlets))
-            lane_rates.append(_rate(ops, lambda: lane.run(_noop), greenlets))
+        for i in range(ROUNDS):  # each side first in every other round (ABBA...)
+            for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+                if side == 0:
+                    raw_rates.append(_rate(ops, lambda: raw.spawn(_noop).get(), greenlets))
+                else:
+                    lane_rates.append(_rate(ops, lambda: lane.run(_noop), greenlets))
         health = lane.health()
     finally:
         raw.kill()

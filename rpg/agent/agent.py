@@ -242,11 +242,12 @@ class Agent(HubLink):
                  "gc": self.gc_policy.stats() if self.gc_policy is not None else None,
                  "lanes": self.pool.health(),
                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        ticks = self.watch.ticks()  # the same ticks as the stats count (no yield between)
         path = os.path.join(self.sandbox, "agent.stats.json")
-        ticks = os.path.join(self.sandbox, "agent.loop_ticks.npy")  # bench/concurrency.py
+        ticks_path = os.path.join(self.sandbox, "agent.loop_ticks.npy")  # bench/concurrency.py
         try:
             self.pool.for_path(path).run(_write_json, path, stats, timeout=10)
-            self.pool.for_path(ticks).run(np.save, ticks, self.watch.ticks(), timeout=10)
+            self.pool.for_path(ticks_path).run(np.save, ticks_path, ticks, timeout=10)
         except Exception as exc:
             self.log.warning("agent_stats_not_written", error=str(exc))
 

@@ -3,15 +3,15 @@
 CPython runs a full (generation 2) collection whenever the objects that survived into the oldest
 generation have grown by a quarter. An agent starting 10,000 units grows by a quarter about 9
 times, and each of those collections walks every object of every running unit: 9 pauses of its
-loop of up to 99 ms each (measured; they were most of its loop lag p99 there). So the agent
+loop of up to 99 ms each (measured; they were most of its loop lag p99 there). So the policy
 turns the automatic full collections off (the young ones stay: they reclaim most cycles) and
 runs them itself:
 
-- when no unit has started for ``QUIET_S``, at most every ``EVERY_S``; and every ``LONGEST_S``
-  whatever the load, so a pilot that never rests still gets them;
+- when no loop's activity has moved for ``QUIET_S``, at most every ``EVERY_S``; and every
+  ``LONGEST_S`` whatever the load, so a pilot that never rests still gets them;
 - each freezes what survived it (``gc.freeze``), so the next one walks only what came since;
-- when the agent holds no unit, or every ``UNFREEZE_S``, it unfreezes first, so that cycles
-  that died among the frozen objects are reclaimed.
+- when no loop holds a unit, or every ``UNFREEZE_S``, it unfreezes first, so that cycles that
+  died among the frozen objects are reclaimed.
 
 The policy changes the interpreter's collector for the whole process, so only rpg's own
 processes install it by themselves: the agent (``python -m rpg.agent``), ``rpg hub serve`` and
@@ -35,7 +35,7 @@ import threading
 from time import monotonic
 from typing import Any, Callable
 
-QUIET_S = 1.0  # no unit started for this long: the loop is quiet
+QUIET_S = 1.0  # no loop's activity moved for this long: the process is quiet
 EVERY_S = 30.0  # at most one full collection this often while units come
 LONGEST_S = 120.0  # and at least one this often, quiet or not
 UNFREEZE_S = 600.0  # frozen objects are walked again (their dead cycles reclaimed) this often

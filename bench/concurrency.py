@@ -1,6 +1,7 @@
 """Many concurrent sleeping units: K units of `sleep S` on a pilot with K (virtual) cores.
 
-    python bench/concurrency.py [--units 10000] [--sleep 90] [--collector python|rpg] [--json]
+    python bench/concurrency.py [--units 10000] [--sleep 90] [--collector python|rpg]
+                                [--unit-nice N] [--json]
 
 Prints the time until all K are EXECUTING and until all are CANCELED after a 2 s hold, hub and
 agent loop-lag p99 (from their loop watches: over the whole run, and by phase: from submit to
@@ -9,8 +10,10 @@ loop-blocked events, hub and agent peak RSS, and the CPU each of the application
 (with the embedded hub), the agent and its spawner spent per unit until all were EXECUTING.
 Baseline for the spawn phase: the raw subprocess spawn rate from the same run.
 
-``--collector rpg``: this process (the application, with the embedded hub) opts in to
-``rpg.gc_policy`` (full collections when the hub is quiet); ``python`` (default): CPython's own.
+``--unit-nice 0`` runs the units at the loops' own priority (the A/B of the pilot's default
+``unit_nice``, 19). ``--collector rpg``: this process (the application, with the embedded
+hub) opts in to ``rpg.gc_policy`` (full collections when the hub is quiet); ``python``
+(default): CPython's own.
 The agent's process runs the policy either way.
 """
 
@@ -40,6 +43,8 @@ def main() -> int:
     ap.add_argument("--units", type=int, default=10000)
     ap.add_argument("--sleep", type=float, default=90.0)
     ap.add_argument("--collector", choices=("python", "rpg"), default="python")
+    ap.add_argument("--unit-nice", type=int, default=None,
+                    help="the pilot's unit_nice (default: PilotDescription's)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.collector == "rpg":
@@ -53,7 +58,8 @@ def main() -> int:
         t0 = time.perf_counter()
         with rpg.Session(sandbox=os.path.join(d, "s")) as session:
             pmgr = rpg.PilotManager(session)
-            pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=k, runtime=30))
+            nice = {} if a.unit_nice is None else {"unit_nice": a.unit_nice}
+            pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=k, runtime=30, **nice))
             umgr = rpg.UnitManager(session)
             umgr.add_pilots(pilot)
             assert pilot.wait(state="ACTIVE", timeout=30) == "ACTIVE", pilot.reason
@@ -102,6 +108,7 @@ def main() -> int:
         **by_phase,
         "hub_loop_blocked_events": hub["blocked_events"],
         "app_collector": a.collector,
+        "unit_nice": pilot.description.unit_nice,
         "app_full_collections": full[0],
         "agent_loop_lag_p99_ms": agent["loop"]["lag_p99_ms"],
         "agent_loop_blocked_events": agent["loop"]["blocked_events"],

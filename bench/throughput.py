@@ -24,11 +24,11 @@ import rpg
 from bench._common import CPU, emit, raw_sandbox_spawn_rate, raw_spawn_rate
 
 
-def run(units: int, cores: int, sandbox: str) -> dict:
+def run(units: int, cores: int, sandbox: str, nice: dict) -> dict:
     t0 = time.perf_counter()
     with rpg.Session(sandbox=sandbox) as session:
         pmgr = rpg.PilotManager(session)
-        pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=cores, runtime=30))
+        pilot = pmgr.submit_pilots(rpg.PilotDescription(cores=cores, runtime=30, **nice))
         umgr = rpg.UnitManager(session)
         umgr.add_pilots(pilot)
         assert pilot.wait(state="ACTIVE", timeout=30) == "ACTIVE", pilot.reason
@@ -64,14 +64,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--units", type=int, default=3000)
     ap.add_argument("--cores", type=int, default=8)
+    ap.add_argument("--unit-nice", type=int, default=None,
+                    help="the pilot's unit_nice (default: PilotDescription's)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         raw = raw_spawn_rate()
         raw_sandbox = raw_sandbox_spawn_rate(os.path.join(d, "raw"))
-        r = run(a.units, a.cores, os.path.join(d, "s"))
+        nice = {} if a.unit_nice is None else {"unit_nice": a.unit_nice}
+        r = run(a.units, a.cores, os.path.join(d, "s"), nice)
         raw = max(raw, raw_spawn_rate())
         raw_sandbox = max(raw_sandbox, raw_sandbox_spawn_rate(os.path.join(d, "raw")))
+    r["unit_nice"] = rpg.PilotDescription(**nice).unit_nice
     r["raw_spawn_per_s"] = raw
     r["ratio_vs_raw_spawn"] = r["units_per_s"] / raw
     r["raw_spawn_with_sandbox_files_per_s"] = raw_sandbox

@@ -539,6 +539,9 @@ class PilotDescription(_Description):
         "heartbeat_timeout": (10.0, _num(0.05, 86400.0)),
         "staging_timeout": (300.0, _num(0.0, 86400.0)),
         "kill_grace": (2.0, _num(0.0, 3600.0, open_lo=False)),
+        # the nice value of the units' processes against other sessions on the node (Linux
+        # autogroup: rpg/agent/spawn_server.py); rpg's own loops keep 0
+        "unit_nice": (19, _int(0, 19)),
         "tags": ({}, _tags),
         "keep_sandbox": (False, _bool),
         # function units: warm workers (None: one per core) and the RSS (MiB) after a unit

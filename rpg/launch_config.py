@@ -39,6 +39,7 @@ class AgentConfig:
     function_workers: int | None = None  # warm function workers; None: one per core
     function_worker_memory: float = 4096.0  # MiB of RSS after a unit that retires a worker
     exit_code_file: str | None = None  # for launchers that watch the agent from afar (ssh)
+    unit_nice: int = 0  # the units' autogroup nice value (spawn_server.py); 0: left as it is
 
     def to_json(self) -> dict[str, Any]:
         """What goes into agent.json: every key but the token, None values left out."""
@@ -59,7 +60,7 @@ class AgentConfig:
                    and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
         if missing:
             raise AgentConfigError(f"missing key(s): {', '.join(missing)}")
-        for name in ("cores", "gpus", "hub_pid", "function_workers"):
+        for name in ("cores", "gpus", "hub_pid", "function_workers", "unit_nice"):
             v = data.get(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise AgentConfigError(f"{name} must be an integer, got {v!r}")
@@ -68,4 +69,6 @@ class AgentConfig:
             v = data[name]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise AgentConfigError(f"{name} must be a number, got {v!r}")
+        if not 0 <= data.get("unit_nice", 0) <= 19:
+            raise AgentConfigError(f"unit_nice must be in 0..19, got {data['unit_nice']!r}")
         return cls(**data)

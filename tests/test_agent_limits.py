@@ -377,3 +377,18 @@ def test_units_find_their_sandbox_and_output_files_and_a_blocked_sandbox_fails_o
     assert all(u.state == "DONE" for u in blockers)
     with open(taken) as fh:
         assert fh.read() == "not a directory"  # left as it was
+
+
+@pytest.mark.parametrize("value, problem", [(20, "in 0..19"), (-1, "in 0..19"),
+                                            ("19", "an integer"), (True, "an integer")])
+def test_agent_json_with_a_bad_unit_nice_is_refused_naming_it(value, problem):
+    from rpg.launch_config import AgentConfig, AgentConfigError
+
+    cfg = {"pilot_uid": "pilot.000000", "session_uid": "s", "hub_address": "tcp://127.0.0.1:9",
+           "sandbox": "/tmp/x", "cores": 1, "gpus": 0, "heartbeat_interval": 1.0,
+           "heartbeat_timeout": 30.0, "runtime_s": 0, "staging_timeout": 10.0,
+           "kill_grace": 1.0}
+    assert AgentConfig.from_json(cfg).unit_nice == 0  # not given: left as it is
+    assert AgentConfig.from_json({**cfg, "unit_nice": 19}).unit_nice == 19
+    with pytest.raises(AgentConfigError, match=f"unit_nice must be {problem}"):
+        AgentConfig.from_json({**cfg, "unit_nice": value})

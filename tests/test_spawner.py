@@ -3,13 +3,22 @@ happens when it or the agent dies."""
 
 from __future__ import annotations
 
+import json
+import marshal
 import os
+import select
+import shutil
 import signal
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
+import pytest
 
 import rpg
+from rpg.agent.unit_process import SERVER
 from rpg.io_pool.sweep import pilot_key
 from tests.pilots import local_pilot
 from tests.procs import wait_no_pilot_processes
@@ -120,3 +129,129 @@ def test_an_agent_killed_hard_takes_its_units_with_it(session):
     assert wait_no_pilot_processes(key, timeout=0) == []
     assert pilot.wait(timeout=30) == "FAILED"
     assert umgr.wait_units(timeout=30) == ["FAILED"] * 2
+
+
+def autogroup_nice(text: str) -> int:
+    """The nice value in a /proc/PID/autogroup line: ``/autogroup-123 nice 19``."""
+    name, word, value = text.split()
+    assert name.startswith("/autogroup-") and word == "nice", text
+    return int(value)
+
+
+def test_units_run_at_the_pilots_unit_nice_and_rpgs_loops_do_not(session):
+    """The units' session (the spawner's) gets the pilot's unit_nice (19 unless said), which a
+    unit's own children keep; the agent's session and the application's keep theirs."""
+    with open("/proc/self/autogroup") as fh:
+        ours = fh.read()
+    _, pilot, umgr = local_pilot(session)
+    zero_pmgr = rpg.PilotManager(session)
+    zero = zero_pmgr.submit_pilots(rpg.PilotDescription(cores=1, unit_nice=0))
+    zero_umgr = rpg.UnitManager(session)
+    zero_umgr.add_pilots(zero)
+    show = rpg.UnitDescription(executable="/bin/sh", arguments=[
+        "-c", "cat /proc/self/autogroup; sh -c 'cat /proc/self/autogroup'"])
+    unit, = umgr.submit_units([show])
+    plain, = zero_umgr.submit_units([show])
+    assert unit.wait(timeout=30) == "DONE" and plain.wait(timeout=30) == "DONE"
+    assert [autogroup_nice(line) for line in unit.stdout.splitlines()] == [19, 19]
+    assert [autogroup_nice(line) for line in plain.stdout.splitlines()] == [0, 0]
+    for p in (pilot, zero):
+        with open(f"/proc/{p.pid}/autogroup") as fh:
+            assert autogroup_nice(fh.read()) == 0  # the agent's loop
+    with open("/proc/self/autogroup") as fh:
+        assert fh.read() == ours  # the application's session: untouched
+    for p in (pilot, zero):
+        p.cancel()
+        assert p.wait(timeout=30) == "CANCELED"
+    stats = [json.loads((Path(session.sandbox) / p.uid / "agent.stats.json").read_text())
+             for p in (pilot, zero)]
+    assert stats[0]["unit_nice"] == [{"value": 19, "error": None}]
+    assert stats[1]["unit_nice"] == [None]  # 0: not asked for
+
+
+# nobody's interpreter: Debian's (.ci/run installs it); the tests' own may sit under /root
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture
+def server_copy():
+    """spawn_server.py (stdlib only) where user nobody can read it: a checkout may sit in a
+    directory only root can enter."""
+    d = tempfile.mkdtemp(prefix="rpg-spawner-")
+    try:
+        os.chmod(d, 0o755)
+        path = shutil.copy(SERVER, d)
+        os.chmod(path, 0o644)
+        yield path
+    finally:
+        shutil.rmtree(d)
+
+
+class ServerAsNobody:
+    """rpg/agent/spawn_server.py run by hand as user nobody, in a session of its own (as the
+    agent starts it): frames in, frames out."""
+
+    def __init__(self, server: str) -> None:
+        req_r, self.req_w = os.pipe()
+        self.rep_r, rep_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [SYSTEM_PYTHON, "-I", "-S", server, str(req_r), str(rep_w)],
+            pass_fds=(req_r, rep_w), user=65534, group=65534, extra_groups=[],
+            start_new_session=True, cwd="/tmp")
+        os.close(req_r)
+        os.close(rep_w)
+        self.buf = b""
+
+    def send(self, *messages: list) -> None:
+        body = marshal.dumps(list(messages))
+        os.write(self.req_w, len(body).to_bytes(4, "little") + body)
+
+    def reply(self, timeout: float = 10.0) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.buf) < 4 or len(self.buf) < 4 + int.from_bytes(self.buf[:4], "little"):
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([self.rep_r], [], [], left)[0], "no reply"
+            chunk = os.read(self.rep_r, 65536)
+            assert chunk, f"the server exited: {self.proc.wait(timeout=5)}"
+            self.buf += chunk
+        size = int.from_bytes(self.buf[:4], "little")
+        messages, self.buf = marshal.loads(self.buf[4:4 + size]), self.buf[4 + size:]
+        return messages
+
+    def close(self) -> int:
+        os.close(self.req_w)  # the agent is gone: the server kills what runs and exits
+        try:
+            return self.proc.wait(timeout=10)
+        finally:
+            os.close(self.rep_r)
+
+
+def test_the_spawner_sets_its_nice_as_an_ordinary_user_through_the_kernels_rate_limit(
+        server_copy):
+    """Unprivileged, the kernel takes one autogroup nice change per 100 ms machine-wide (EAGAIN
+    otherwise): two spawners starting together both get theirs, the second a moment later. A
+    value the kernel refuses is reported, and the spawner goes on serving."""
+    servers = [ServerAsNobody(server_copy), ServerAsNobody(server_copy)]
+    try:
+        for s in servers:
+            s.send(["nice", 19])
+        assert [s.reply() for s in servers] == [[["niced", 19, None]]] * 2
+        for s in servers:
+            with open(f"/proc/{s.proc.pid}/autogroup") as fh:
+                assert autogroup_nice(fh.read()) == 19
+        first = servers[0]
+        first.send(["nice", 99], ["nice", "x"])  # out of range; not a number
+        assert [m[:2] for m in first.reply()] == [["niced", "x"]]  # the later ask wins
+        first.send(["nice", 99])
+        (op, value, error), = first.reply()
+        assert (op, value) == ("niced", 99) and "Invalid argument" in error, error
+        with open(f"/proc/{first.proc.pid}/autogroup") as fh:
+            assert autogroup_nice(fh.read()) == 19  # as it was
+        first.send(["env", {"PATH": "/usr/bin:/bin"}],
+                   ["spawn", 1, ["/bin/true"], "/tmp", {}, os.devnull, os.devnull])
+        got = []
+        while not any(m[0] == "exited" for m in got):
+            got += first.reply()
+        assert [m[0] for m in got] == ["started", "exited"] and got[1][2] == 0, got
+    finally:
+        assert [s.close() for s in servers] == [0, 0]

@@ -111,7 +111,8 @@ class Agent(HubLink):
         self.srun = SrunPlacer(self.sched) if self.resource_manager == "slurm" else None
         self.spawners = Spawners(self.pool, self.base_env, self.sandbox, self.log,
                                  self.counters, self.done,
-                                 lambda why: self.stop("spawner", states.FAILED, why))
+                                 lambda why: self.stop("spawner", states.FAILED, why),
+                                 nice=int(self.cfg.unit_nice))
         self.collectors: dict[str, Batcher] = {}
         self.preparers: dict[str, Batcher] = {}
         self.workers = FunctionWorkers(
@@ -238,7 +239,7 @@ class Agent(HubLink):
     def _write_stats(self, code: int) -> None:
         """Leave the agent's own numbers (loop lag, lanes, peak RSS) in its sandbox."""
         stats = {"exit_code": code, "counters": self.counters, "loop": self.watch.stats(),
-                 "fd_limit": self.fd_limit,
+                 "fd_limit": self.fd_limit, "unit_nice": self.spawners.niced(),
                  "gc": self.gc_policy.stats() if self.gc_policy is not None else None,
                  "lanes": self.pool.health(),
                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

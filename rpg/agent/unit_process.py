@@ -97,8 +97,11 @@ class Spawner:
     rest runs on the agent's loop."""
 
     def __init__(self, base_env: Mapping[str, str], home: str, own_env: Mapping[str, str],
-                 log: Any, on_gone: Callable[["Spawner", str, list], None]) -> None:
+                 log: Any, on_gone: Callable[["Spawner", str, list], None],
+                 nice: int = 0) -> None:
         self.base_env = dict(base_env)
+        self.nice = nice  # the units' autogroup nice value (spawn_server.py); 0: as it is
+        self.niced: dict[str, Any] | None = None  # what the spawner said it did
         self.home = home
         self.own_env = dict(own_env)
         self.log = log
@@ -133,7 +136,7 @@ class Spawner:
         os.set_blocking(req_w, False)
         os.set_blocking(rep_r, False)
         self.req_fd, self.rep_fd = req_w, rep_r
-        self.outbox.insert(0, ["env", self.base_env])
+        self.outbox[:0] = [["env", self.base_env]] + ([["nice", self.nice]] if self.nice else [])
 
     def run(self) -> None:
         """Start the writer and reader greenlets (on the loop, after ``start``)."""
@@ -209,10 +212,17 @@ class Spawner:
                     self._apply(msg)
 
     def _apply(self, msg: list) -> None:
+        op = msg[0]
+        if op == "niced":
+            self.niced = {"value": msg[1], "error": msg[2]}
+            if msg[2] is None:
+                self.log.info("units_nice_set", nice=msg[1])
+            else:  # the units compete with the loops at nice 0: slower loops, nothing lost
+                self.log.warning("units_nice_not_set", nice=msg[1], error=msg[2])
+            return
         proc = self.procs.get(msg[1])
         if proc is None:
             return
-        op = msg[0]
         if op == "started":
             proc.pid = msg[2]
             proc._started.set()
@@ -266,8 +276,9 @@ class Spawners:
 
     def __init__(self, pool: Any, base_env: Mapping[str, str], home: str, log: Any,
                  counters: dict, stopping: Any, fatal: Callable[[str], None],
-                 count: int = SPAWNERS) -> None:
+                 count: int = SPAWNERS, nice: int = 0) -> None:
         self.pool, self.base_env, self.home, self.log = pool, base_env, home, log
+        self.nice = nice
         self.counters, self.stopping, self.fatal = counters, stopping, fatal
         self.slots: list[Spawner | None] = [None] * count
         self.turn = 0
@@ -279,7 +290,7 @@ class Spawners:
     def _start(self, slot: int) -> None:
         # Without RPG_PILOT_KEY: a sweep finds units, and the spawner ends with the agent
         # (its request pipe closes), killing what still runs.
-        spawner = Spawner(self.base_env, self.home, os.environ, self.log, self._gone)
+        spawner = Spawner(self.base_env, self.home, os.environ, self.log, self._gone, self.nice)
         self.pool.spawn.run(spawner.start, timeout=30)
         spawner.run()
         self.slots[slot] = spawner
@@ -314,6 +325,11 @@ class Spawners:
         self.turn += 1
         return live[self.turn % len(live)].spawn(uid, argv, sandbox, env, stdout, stderr,
                                                  SPAWN_TIMEOUT_S)
+
+    def niced(self) -> list[dict[str, Any] | None]:
+        """Per spawner: the autogroup nice value it set, or why not (None: not asked, or
+        no answer yet)."""
+        return [s.niced if s is not None else None for s in self.slots]
 
     def close(self) -> None:
         for spawner in self.slots:

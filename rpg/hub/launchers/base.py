@@ -155,6 +155,7 @@ class Launcher:
             environment=d["environment"],
             function_workers=d.get("function_workers"),
             function_worker_memory=float(d.get("function_worker_memory") or 4096.0),
+            unit_nice=d.get("unit_nice", 0),  # a pilot journaled before it: as it is
         )
 
     def agent_files(self, cfg: AgentConfig) -> list[AgentFile]:

@@ -255,3 +255,24 @@ def test_the_spawner_sets_its_nice_as_an_ordinary_user_through_the_kernels_rate_
         assert [m[0] for m in got] == ["started", "exited"] and got[1][2] == 0, got
     finally:
         assert [s.close() for s in servers] == [0, 0]
+
+
+def test_a_kernel_without_autogroups_is_said_so_and_the_spawner_serves_on(server_copy):
+    """No /proc/self/autogroup (a kernel built without it): the reply says so, at once."""
+    text = Path(server_copy).read_text()
+    assert 'AUTOGROUP = "/proc/self/autogroup"' in text
+    Path(server_copy).write_text(text.replace('AUTOGROUP = "/proc/self/autogroup"',
+                                              'AUTOGROUP = "/proc/self/no-autogroup-here"'))
+    server = ServerAsNobody(server_copy)
+    try:
+        server.send(["nice", 19], ["env", {}],
+                    ["spawn", 1, ["/bin/true"], "/tmp", {}, os.devnull, os.devnull])
+        got = []
+        while not any(m[0] == "exited" for m in got):
+            got += server.reply()
+        niced = [m for m in got if m[0] == "niced"]
+        assert len(niced) == 1 and niced[0][1] == 19, got
+        assert "No such file" in niced[0][2] and "no autogroup scheduling" in niced[0][2], got
+        assert [m[0] for m in got if m[0] != "niced"] == ["started", "exited"], got
+    finally:
+        assert server.close() == 0

@@ -60,7 +60,7 @@ class AgentConfig:
                    and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
         if missing:
             raise AgentConfigError(f"missing key(s): {', '.join(missing)}")
-        for name in ("cores", "gpus", "hub_pid", "function_workers", "unit_nice"):
+        for name in ("cores", "gpus", "hub_pid", "function_workers"):
             v = data.get(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise AgentConfigError(f"{name} must be an integer, got {v!r}")
@@ -69,6 +69,9 @@ class AgentConfig:
             v = data[name]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise AgentConfigError(f"{name} must be a number, got {v!r}")
-        if not 0 <= data.get("unit_nice", 0) <= 19:
-            raise AgentConfigError(f"unit_nice must be in 0..19, got {data['unit_nice']!r}")
+        nice = data.get("unit_nice", 0)  # not optional: null is refused too
+        if isinstance(nice, bool) or not isinstance(nice, int):
+            raise AgentConfigError(f"unit_nice must be an integer, got {nice!r}")
+        if not 0 <= nice <= 19:
+            raise AgentConfigError(f"unit_nice must be in 0..19, got {nice!r}")
         return cls(**data)

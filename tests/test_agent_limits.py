@@ -380,7 +380,8 @@ def test_units_find_their_sandbox_and_output_files_and_a_blocked_sandbox_fails_o
 
 
 @pytest.mark.parametrize("value, problem", [(20, "in 0..19"), (-1, "in 0..19"),
-                                            ("19", "an integer"), (True, "an integer")])
+                                            ("19", "an integer"), (True, "an integer"),
+                                            (None, "an integer")])
 def test_agent_json_with_a_bad_unit_nice_is_refused_naming_it(value, problem):
     from rpg.launch_config import AgentConfig, AgentConfigError
 

@@ -30,6 +30,7 @@ from rpg.io_pool import (
     blocking,
     loop_blocked_total,
     spawn,
+    yield_to_loop,
 )
 from rpg.io_pool.loop_watch import lag_window
 
@@ -471,6 +472,44 @@ def test_loop_watch_ticks_carry_their_times_so_a_window_finds_a_block():
         assert lag_window(ticks, t_end + 1, t_end + 2)["ticks"] == 0
     finally:
         watch.stop()
+
+
+def _slices_and_a_due_timer(pause) -> list[str]:
+    """A greenlet does two slices of work with ``pause`` between them; the first slice wakes a
+    waiting greenlet, and a timer falls due while it runs. The order things happened in."""
+    order: list[str] = []
+    woken = gevent.event.Event()
+
+    def waiter() -> None:
+        woken.wait()
+        order.append("woken")
+
+    def timer() -> None:
+        gevent.sleep(0.001)
+        order.append("timer")
+
+    def worker() -> None:
+        woken.set()
+        end = perf_counter() + 0.02  # the timer is due long before the slice ends
+        while perf_counter() < end:
+            pass
+        order.append("slice 1")
+        pause()
+        order.append("slice 2")
+
+    gs = [gevent.spawn(waiter), gevent.spawn(timer)]
+    gevent.sleep(0)  # both wait now
+    gs.append(gevent.spawn(worker))
+    gevent.joinall(gs, timeout=5, raise_error=True)
+    return order
+
+
+def test_yield_to_loop_lets_due_timers_and_what_the_slice_woke_run_before_the_next_slice():
+    """The reason for yield_to_loop: with sleep(0) between slices, a timer that fell due waits
+    for the next slice (gevent runs the callbacks queued meanwhile in the same pass); the loop's
+    lag is then the sum of the slices."""
+    assert _slices_and_a_due_timer(gevent.sleep) == ["slice 1", "woken", "slice 2", "timer"]
+    assert _slices_and_a_due_timer(yield_to_loop) == ["slice 1", "woken", "timer", "slice 2"]
 
 
 # -- processes ------------------------------------------------------------------------------------

@@ -25,9 +25,8 @@ import math
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import gevent
-
 from rpg import states
+from rpg.io_pool import yield_to_loop
 from rpg.states import Why
 
 if TYPE_CHECKING:
@@ -242,7 +241,7 @@ class Binding:
                     self._end(q.popleft(), *verdict)
                     done += 1
                     if done % FAIL_SLICE == 0:
-                        gevent.sleep(0)  # 20,000 units failing at once must not hold the loop
+                        yield_to_loop()  # 20,000 units failing at once must not hold the loop
                         _drop_ended(q)
                 if not q and shapes.get(shape) is q:
                     del shapes[shape]

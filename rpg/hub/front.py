@@ -23,6 +23,7 @@ from rpg.description import DescriptionError, PilotDescription, UnitDescription
 from rpg.hub.hub import HubError
 from rpg.hub.service import ProtocolError, require
 from rpg.hub.session_api import EVENTS_MAX, SessionAPI
+from rpg.io_pool import yield_to_loop
 from rpg.log import SparseWarning
 from rpg.staging import relay
 
@@ -321,7 +322,7 @@ class Front:
         out = []
         for i, d in enumerate(descs):
             if i and i % VALIDATE_SLICE == 0:
-                gevent.sleep(0)  # a big submit must not hold the loop for the others
+                yield_to_loop()  # a big submit must not hold the loop for the others
             require(isinstance(d, dict), f"descriptions[{i}] must be a dict")
             try:
                 out.append(cls(d).as_dict())

@@ -30,6 +30,7 @@ from rpg import states
 from rpg.hub.journal import Restored
 from rpg.hub.lifecycle import PilotLifecycle
 from rpg.hub.records import PilotRecord, UnitRecord
+from rpg.io_pool import yield_to_loop
 from rpg.states import Why
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def resume(hub: "Hub", r: Restored) -> None:
     waiting = 0
     for i, u in enumerate(list(led.units.values())):
         if i and i % SLICE == 0:
-            gevent.sleep(0)
+            yield_to_loop()
         if u.state == states.NEW:
             hub.binding.wait(u)
             waiting += 1

@@ -11,10 +11,9 @@ import hmac
 import time
 from typing import TYPE_CHECKING, Any
 
-import gevent
-
 from rpg import calls, states
 from rpg.hub.journal import JournalError
+from rpg.io_pool import yield_to_loop
 from rpg.log import SparseWarning
 from rpg.staging.directives import without_client_staging
 from rpg.states import Why
@@ -219,7 +218,7 @@ class HubService:
         errors: list[list[str]] = []
         for i, upd in enumerate(updates):
             if i and i % YIELD_EVERY == 0:
-                gevent.sleep(0)  # a big batch must not hold the loop
+                yield_to_loop()  # a big batch must not hold the loop
             try:
                 uid, state, ts, fields = self._valid_update(p, upd)
                 unit = hub.units[uid]

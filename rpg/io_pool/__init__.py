@@ -9,7 +9,7 @@ from rpg.io_pool.lane import (
     LaneDegraded,
     LaneFull,
 )
-from rpg.io_pool.loop_watch import LoopWatch, loop_blocked_total
+from rpg.io_pool.loop_watch import LoopWatch, loop_blocked_total, yield_to_loop
 from rpg.io_pool.pool import NET, SPAWN, IOPool, read_mounts
 from rpg.io_pool.process import Child, SpawnError, spawn
 
@@ -30,4 +30,5 @@ __all__ = [
     "spawn",
     "LoopWatch",
     "loop_blocked_total",
+    "yield_to_loop",
 ]

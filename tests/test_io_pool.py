@@ -633,3 +633,22 @@ def test_works_under_monkey_patching_in_a_subprocess(tmp_path):
     assert out["max_gap_ms"] < 100.0
     assert out["blocked_events"] == 0
     assert out["stuck"] == 0
+
+
+def test_read_tail_reads_the_end_and_refuses_what_is_not_a_regular_file(tmp_path):
+    from rpg.io_pool.tails import read_tail
+
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "text").write_bytes(b"abc\xffdef")
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # nobody writes it: reading must not hang
+    os.symlink(tmp_path / "text", tmp_path / "link")
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    assert read_tail(str(tmp_path / "empty")) == ""
+    assert read_tail(str(tmp_path / "missing")) == ""
+    assert read_tail(str(tmp_path / "text")) == "abc\ufffddef"
+    assert read_tail(str(tmp_path / "text"), limit=3) == "def"
+    for name, words in (("dir", "Is a directory"), ("fifo", "not a regular file"),
+                        ("link", "symbolic link"), ("dangling", "symbolic link")):
+        with pytest.raises(OSError, match=words):
+            read_tail(str(tmp_path / name))

@@ -18,7 +18,14 @@ def read_tail(path: str, limit: int = TAIL_BYTES) -> str:
     dropped silently. A FIFO, device or directory is refused (never read): opening is
     non-blocking, so a unit that leaves a FIFO in place of its output cannot hang the reading
     thread. A symbolic link is not followed (as staging never leaves the sandbox through one).
+    An empty regular file (most units' stderr, a null unit's both) costs one ``lstat``.
     """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        return ""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:

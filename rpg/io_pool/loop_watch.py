@@ -11,6 +11,7 @@ the units fill, waiting out another task's slice was most of the agent's loop la
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from time import perf_counter
@@ -30,19 +31,32 @@ _total_blocked = 0
 _watches: "weakref.WeakKeyDictionary[Any, LoopWatch]" = weakref.WeakKeyDictionary()
 LOOP_SLICE_S = 0.0003  # 4,000 units starting on 2 cores: agent lag p99 16-19 -> 12 ms (0.1: 14-17)
 TURN_S = 1e-6  # a timer already due when the loop next looks: it polls, runs due timers, goes on
+_last_turn: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
 
 
 def yield_to_loop() -> None:
-    """End a slice of work on a loop: the loop polls and runs its due timers and IO before this
-    greenlet goes on. ``gevent.sleep(0)`` is not that: it queues the greenlet as a callback,
-    and gevent runs the callbacks queued meanwhile in the same pass, looking at the clock only
-    every 50 callbacks; ten 1 ms slices of a push ran back to back while the loop's timers
-    waited (hub loop lag 16-19 ms while 10,000 units were canceled). A positive sleep is a
-    timer, and gevent runs it at the next turn of the loop. The ``sleep(0)`` before it lets
-    what the slice woke run first: a reader that wakes units faster than they run made a
-    backlog of 9,000 callbacks, and CPython's young collection took 5-13 ms over them."""
+    """End a slice of work on a loop: what the slice woke runs, and, once a switch interval
+    has gone by since the last time, the loop polls and runs its due timers and IO before this
+    greenlet goes on.
+
+    ``gevent.sleep(0)`` alone lets only the callbacks run: gevent runs the callbacks queued
+    meanwhile in the same pass, looking at the clock only every 50, and ten 1 ms slices of a
+    push ran back to back while the loop's timers waited (hub loop lag 16-19 ms while 10,000
+    units were canceled). A positive sleep is a timer, which gevent runs at the next turn of
+    the loop. The ``sleep(0)`` first: a reader that woke units faster than they ran made a
+    backlog of 9,000 callbacks, and CPython's young collection took 5-13 ms over them.
+
+    Why not turn the loop after every slice: its poll releases the GIL for a moment, and each
+    such release restarts the wait of a thread that wants the GIL (CPython asks the holder to
+    let go only once a waiter has waited a whole switch interval). Turns 1 ms apart starved
+    the application's threads for the whole of a 20,000-unit submit; turns a switch interval
+    and a quarter apart leave them the GIL as before."""
     gevent.sleep(0)
-    gevent.sleep(TURN_S)
+    hub = gevent.get_hub()
+    now = perf_counter()
+    if now - _last_turn.get(hub, 0.0) >= sys.getswitchinterval() * 1.25:
+        gevent.sleep(TURN_S)
+        _last_turn[hub] = perf_counter()
 
 
 def loop_blocked_total() -> int:

@@ -21,7 +21,7 @@ import rpg
 from rpg.agent.unit_process import SERVER
 from rpg.io_pool.sweep import pilot_key
 from tests.pilots import local_pilot
-from tests.procs import wait_no_pilot_processes
+from tests.procs import wait_no_pilot_processes, wait_pilot_processes
 
 
 def spawner_of(pilot) -> psutil.Process:
@@ -120,7 +120,7 @@ def test_an_agent_killed_hard_takes_its_units_with_it(session):
         assert u.wait(state="EXECUTING", timeout=20) == "EXECUTING", u.reason
     spawner = spawner_of(pilot)
     key = pilot_key(session.uid, pilot.uid)
-    assert len(wait_no_pilot_processes(key, timeout=0)) == 6  # sh and two sleeps each
+    assert len(wait_pilot_processes(key, 6)) == 6  # sh and two sleeps each
     os.kill(pilot.pid, signal.SIGKILL)
     spawner.wait(timeout=10)  # it exited by itself (and was reaped by init)
     deadline = time.monotonic() + 5

@@ -32,7 +32,7 @@ PUSH_BYTES = 24 << 20  # function results a push carries (the hub takes 64 MiB m
 PUSH_GATHER_S = 0.005  # updates gathered before a push (as Dask's BatchedSend: 2 ms)
 PUSH_GATHER_BUSY_S = 0.012  # after a push of PUSH_BUSY updates or more: a zerorpc call costs
 PUSH_BUSY = 64  # ~330 us of CPU on each side, so a busy agent pushes less often, in bulk
-CANCEL_SLICE = 128  # units a pull's cancels kill per loop iteration
+CANCEL_SLICE = 128  # units a pull's cancels kill per slice (yield_to_loop between)
 PULL_BATCH = 64  # units a pull takes: each starts a greenlet in the same loop iteration
 
 ENCODING_ERRORS = frozenset({"UnicodeError", "UnicodeEncodeError", "UnicodeDecodeError",

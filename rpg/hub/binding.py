@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 PREFETCH_MIN = 32
 PREFETCH_S = 0.075
 WAKE_FRACTION = 4  # a busy pilot's pull wakes when this fraction of its capacity is free
-FAIL_SLICE = 500  # units failed per loop iteration when their last pilot goes
+FAIL_SLICE = 500  # units failed per slice (yield_to_loop) when their last pilot goes
 
 # Units of runtimes within this factor share a queue: few queues however many estimates differ.
 RUNTIME_STEP = 1.25

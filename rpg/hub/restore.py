@@ -36,7 +36,7 @@ from rpg.states import Why
 if TYPE_CHECKING:
     from rpg.hub.hub import Hub
 
-SLICE = 2000  # units set going per loop iteration
+SLICE = 2000  # units set going per slice (yield_to_loop)
 
 
 def rebuild(hub: "Hub", r: Restored) -> None:

@@ -26,7 +26,7 @@ MAX_PULL = 5000
 MAX_PUSH = 20000
 MAX_WAIT_S = 5.0
 MAX_TEXT = 1 << 20
-YIELD_EVERY = 50  # updates of a push applied per loop iteration (see PUSH_BATCH, hub_link.py)
+YIELD_EVERY = 50  # updates of a push applied per slice (yield_to_loop; see PUSH_BATCH, hub_link.py)
 UNIT_FIELDS = {"exit_code": int, "stdout": str, "stderr": str, "reason": str, "sandbox": str,
                "reason_code": str, "results": list}
 PULL_BYTES = 24 << 20  # function payloads a pull hands out (but always one unit)

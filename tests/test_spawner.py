@@ -140,10 +140,22 @@ def autogroup_nice(text: str) -> int:
 
 def test_units_run_at_the_pilots_unit_nice_and_rpgs_loops_do_not(session):
     """The units' session (the spawner's) gets the pilot's unit_nice (19 unless said), which a
-    unit's own children keep; the agent's session and the application's keep theirs."""
+    unit's own children keep; the agent's session and the application's keep theirs. The
+    kernel takes one autogroup change per 100 ms machine-wide, so the change can land after
+    the first units started (they share the session, so they get it then): the unit here is
+    submitted once it has landed (a clean-clone CI run had its first line at 0, its child's
+    at 19)."""
     with open("/proc/self/autogroup") as fh:
         ours = fh.read()
     _, pilot, umgr = local_pilot(session)
+    assert pilot.wait(state="ACTIVE", timeout=30) == "ACTIVE", pilot.reason
+    spawner = spawner_of(pilot)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{spawner.pid}/autogroup") as fh:
+            if autogroup_nice(fh.read()) == 19:
+                break
+        time.sleep(0.05)
     zero_pmgr = rpg.PilotManager(session)
     zero = zero_pmgr.submit_pilots(rpg.PilotDescription(cores=1, unit_nice=0))
     zero_umgr = rpg.UnitManager(session)

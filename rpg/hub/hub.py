@@ -39,8 +39,8 @@ PROFILE_FLUSH_S = 0.2
 CANCEL_WORDS = {Why.CANCELED: "canceled by the application", Why.SESSION_CLOSED: "session closed",
                 Why.HUB_STOPPED: "hub stopped"}
 SUBMIT_SLICE = 500  # units a submit takes per slice (yield_to_loop): 20,000 at once held it 0.45 s
-# Units a cancel takes per slice (yield_to_loop): while thousands of processes die at once, a slice of
-# the loop's CPU takes about ten times as long in wall time (the cores are full).
+# Units a cancel takes per slice (yield_to_loop): while thousands of processes die at once, a
+# slice of the loop's CPU takes about ten times as long in wall time (the cores are full).
 CANCEL_SLICE = 100
 CLOSE_FORCE_S = 60.0  # past the graceful timeout: killing agents and units, reaping them
 GC_TICK_S = 1.0  # how often the hub ticks the process's collection policy (rpg.gc_policy)

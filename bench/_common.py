@@ -56,30 +56,39 @@ def raw_sandbox_spawn_rate(root: str, n: int = 600, threads: int = 4) -> float:
 
 class CPU:
     """CPU seconds (user + system) of this process, of its children named by ``match`` (a
-    substring of their command line) and of theirs: ``snap()`` then ``since(old)``."""
+    substring of their command line) and of theirs, each name's processes summed (an agent with
+    several spawners): ``snap()`` then ``since(old)``."""
 
     TICK = os.sysconf("SC_CLK_TCK")
 
     def __init__(self, names: dict[str, str]) -> None:
-        self.pids = {"this process": os.getpid()}
+        self.pids: dict[str, list[int]] = {"this process": [os.getpid()]}
         for pid in _children(os.getpid()):
             for name, match in names.items():
                 if match in _cmdline(pid):
-                    self.pids[name] = pid
+                    self.pids.setdefault(name, []).append(pid)
         for name in list(self.pids):
-            for pid in _children(self.pids[name]) if name != "this process" else []:
-                self.pids[name + "'s children"] = pid
+            if name != "this process":
+                kids = [k for pid in self.pids[name] for k in _children(pid)]
+                if kids:
+                    self.pids[name + "'s children"] = kids
 
     def snap(self) -> dict[str, tuple[float, float]]:
         out = {}
-        for name, pid in self.pids.items():
-            try:
-                with open(f"/proc/{pid}/stat") as fh:
-                    f = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            out[name] = ((int(f[11]) + int(f[12])) / self.TICK,
-                         (int(f[13]) + int(f[14])) / self.TICK)  # own, reaped children's
+        for name, pids in self.pids.items():
+            own = kids = 0.0
+            seen = False
+            for pid in pids:
+                try:
+                    with open(f"/proc/{pid}/stat") as fh:
+                        f = fh.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                seen = True
+                own += (int(f[11]) + int(f[12])) / self.TICK
+                kids += (int(f[13]) + int(f[14])) / self.TICK  # reaped children's
+            if seen:
+                out[name] = (own, kids)
         return out
 
     @staticmethod

@@ -36,8 +36,8 @@ _last_turn: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary(
 
 def yield_to_loop() -> None:
     """End a slice of work on a loop: what the slice woke runs, and, once a switch interval
-    has gone by since the last time, the loop polls and runs its due timers and IO before this
-    greenlet goes on.
+    and a quarter have gone by since the last turn, the loop polls and runs its due timers and
+    IO before this greenlet goes on.
 
     ``gevent.sleep(0)`` alone lets only the callbacks run: gevent runs the callbacks queued
     meanwhile in the same pass, looking at the clock only every 50, and ten 1 ms slices of a

@@ -42,6 +42,31 @@ UNFREEZE_S = 600.0  # frozen objects are walked again (their dead cycles reclaim
 NO_AUTOMATIC_FULL = 10**9  # gen-1 collections before an automatic full one: never
 
 _installed: "FullCollections | None" = None
+
+
+# -- what rpg holds, kept out of every collector's way ---------------------------------------
+# A tuple or dict that holds a dict stays tracked by the collector for as long as it lives, and
+# every object that survives two young collections, even one freed a moment later, counts
+# toward the next full collection (CPython runs one once those reach a quarter of the oldest
+# generation). A flat tuple of strings and numbers is untracked at the first collection it
+# survives: it neither counts nor is walked. So what rpg keeps per state (the event stream, the
+# profile's buffer) holds its fields flat. With CPython's own collector in the application (no
+# policy installed), 10,000 units canceled at once set off a full collection of 40-100 ms on
+# the embedded hub's time in 3 of 4 runs, most of it for the profile's buffered lines.
+
+def flat_fields(fields: dict[str, Any] | None) -> tuple | None:
+    """``fields`` as ``(k1, v1, k2, v2, ...)``, or None if there are none."""
+    if not fields:
+        return None
+    flat: list[Any] = []
+    for kv in fields.items():
+        flat += kv
+    return tuple(flat)
+
+
+def fields_of(flat: tuple | None) -> dict[str, Any]:
+    """The dict ``flat_fields`` was made from (a new one)."""
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)} if flat else {}
 _install_lock = threading.RLock()
 
 

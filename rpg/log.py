@@ -20,6 +20,8 @@ from typing import Any
 
 import structlog
 
+from rpg.gc_policy import fields_of, flat_fields
+
 _configured_lock = threading.Lock()
 _configured = False
 
@@ -144,8 +146,9 @@ class ProfileWriter:
         self.dropped = 0
 
     def add(self, time: float, uid: str, state: str, component: str, **extra: Any) -> None:
-        # Cheap on the loop: the record is kept as a tuple and serialised at flush, in a lane.
-        self._buf.append((time, uid, state, component, extra))
+        # Cheap on the loop: the record is kept as a tuple and serialised at flush, in a lane;
+        # its fields flat, so that the buffer counts toward no full collection (gc_policy).
+        self._buf.append((time, uid, state, component, flat_fields(extra)))
 
     def pending(self) -> int:
         """Events not yet in the file: new ones and those a failed write kept."""
@@ -246,7 +249,9 @@ def _fast_line(time: Any, uid: Any, state: Any, component: Any, extra: dict) -> 
 def _line(ev: tuple) -> bytes:
     """One event as a JSON line; an event whose fields cannot be serialised is kept as text."""
     time, uid, state, component, extra = ev
-    fast = _fast_line(time, uid, state, component, extra or {})
+    if type(extra) is tuple or extra is None:  # as add() keeps it
+        extra = fields_of(extra)
+    fast = _fast_line(time, uid, state, component, extra)
     if fast is not None:
         return fast
     try:

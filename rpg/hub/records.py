@@ -27,11 +27,16 @@ class UnitRecord:
     def __init__(self, uid: str, umgr: str, desc: dict[str, Any]) -> None:
         self.uid = uid
         self.umgr = umgr
-        # Its lists kept as tuples (read-only here; sent as arrays all the same): a tuple of
-        # strings, or an empty one, is not walked by the application's full collections, and
-        # four lists a unit (arguments, pre_exec, the staging directives) were a quarter of
-        # what 10,000 units made them walk.
-        self.desc = {k: tuple(v) if type(v) is list else v for k, v in desc.items()}
+        # The record owns the description it is given (a submit's own copy), and keeps its
+        # lists as tuples (read-only here; sent as arrays all the same): a tuple of strings,
+        # or an empty one, is not walked by the application's full collections, and four
+        # lists a unit (arguments, pre_exec, the staging directives) were a quarter of what
+        # 10,000 units made them walk. Changed in place: a copy of the dict (832 bytes, from
+        # malloc) left the freed originals' holes behind, 0.8 MB more RSS a 1,000 units.
+        for k, v in desc.items():
+            if type(v) is list:
+                desc[k] = tuple(v)
+        self.desc = desc
         self.state = states.NEW
         self.pilot: str | None = None
         self.greenlet: Any = None  # only while the hub moves its client:// files (lifecycle.py)

@@ -185,3 +185,36 @@ def test_executor_from_a_remote_client_of_the_hub_service(hub_service):
             with pytest.raises(ValueError, match="remote") as ei:
                 ex.submit(boom, "remote").result(timeout=60)
             assert isinstance(ei.value.__cause__, rpg.RemoteTraceback)
+
+
+def my_autogroup_nice(wait_for, seconds=10.0):
+    """The nice value of this worker's session (/proc/self/autogroup), once it is ``wait_for``
+    or ``seconds`` have gone by: the kernel takes one autogroup change per 100 ms machine-wide,
+    so the agent's change can land after the worker's first unit started."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with open("/proc/self/autogroup") as fh:
+            value = int(fh.read().split()[-1])
+        if value == wait_for or time.monotonic() > deadline:
+            return value, os.getsid(0) == os.getpid()
+        time.sleep(0.05)
+
+
+def test_function_workers_run_at_the_pilots_unit_nice_in_sessions_of_their_own(session):
+    """A function unit's worker gets the pilot's unit_nice (19 unless said), as executable
+    units do; with unit_nice=0 it is left at 0. The agent's session is not touched."""
+    _, pilot, umgr = local_pilot(session, cores=2)
+    pmgr0 = rpg.PilotManager(session)
+    zero = pmgr0.submit_pilots(rpg.PilotDescription(cores=1, unit_nice=0))
+    umgr0 = rpg.UnitManager(session)
+    umgr0.add_pilots(zero)
+    niced = umgr.submit_units([rpg.UnitDescription(function=my_autogroup_nice, args=(19,))
+                               for _ in range(2)])
+    plain = umgr0.submit_units(rpg.UnitDescription(function=my_autogroup_nice, args=(0, 1.0)))
+    assert umgr.wait_units(timeout=60) == ["DONE"] * 2, [u.reason for u in niced]
+    assert plain.wait(timeout=60) == "DONE", plain.reason
+    assert [u.result for u in niced] == [(19, True)] * 2
+    assert plain.result == (0, True)
+    for p in (pilot, zero):
+        with open(f"/proc/{p.pid}/autogroup") as fh:
+            assert int(fh.read().split()[-1]) == 0  # the agent's loop

@@ -118,7 +118,8 @@ class Agent(HubLink):
         self.workers = FunctionWorkers(
             self.pool, int(self.cfg.function_workers or self.cores), self.sandbox,
             worker_env(self.base_env, self.cfg.session_uid, self.uid, self.sandbox),
-            float(self.cfg.function_worker_memory), self.log, self.counters)
+            float(self.cfg.function_worker_memory), self.log, self.counters,
+            nice=int(self.cfg.unit_nice))
         ctx = self.ctx = zerorpc.Context()
         timeout = max(1.0, self.hb_timeout)  # a silent hub is noticed within hb_timeout
         self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)

@@ -12,6 +12,7 @@ limit is retired (recycled) between units. ``close`` ends them all with the pilo
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import signal
@@ -19,12 +20,14 @@ import sys
 import time
 from typing import Any
 
+import gevent
 from gevent.lock import Semaphore
 from gevent.socket import wait_read, wait_write
 
 from rpg import calls
+from rpg.agent.spawn_server import NICE_RETRY_S, NICE_TRIES, nice_problem, set_autogroup_nice
 from rpg.agent.worker import HEADER, MAX_FRAME
-from rpg.io_pool import Child, IOPool, spawn
+from rpg.io_pool import Child, IOPool, IOPoolError, spawn
 from rpg.io_pool.sweep import pilot_key
 
 
@@ -149,15 +152,18 @@ class FunctionWorkers:
     """Up to ``count`` workers, started on demand, each running one unit at a time."""
 
     def __init__(self, pool: IOPool, count: int, sandbox: str, env: dict[str, str],
-                 memory_mb: float, log: Any, counters: dict[str, int]) -> None:
+                 memory_mb: float, log: Any, counters: dict[str, int], nice: int = 0) -> None:
         self.pool = pool
+        self.nice = nice  # the pilot's unit_nice: each worker's session gets it (_nice)
+        self._nicers: set[Any] = set()  # greenlets still setting a worker's
         self.count = count
         self.sandbox = sandbox
         self.env = env
         self.memory_mb = memory_mb
         self.log = log
         self.counters = counters
-        for k in ("workers_started", "workers_recycled", "worker_kills", "worker_deaths"):
+        for k in ("workers_started", "workers_recycled", "worker_kills", "worker_deaths",
+                  "workers_niced"):
             counters.setdefault(k, 0)
         self.slots = Semaphore(count)
         self.idle: list[Worker] = []
@@ -177,7 +183,39 @@ class FunctionWorkers:
             keep=lambda r: (r[0].kill_group(signal.SIGKILL), os.close(r[1]), os.close(r[2])))
         self.counters["workers_started"] += 1
         self.log.info("function_worker_started", worker=n, pid=child.pid)
+        if self.nice:
+            g = gevent.spawn(self._nice, n, child)
+            self._nicers.add(g)
+            g.link(self._nicers.discard)
         return Worker(n, child, to_fd, from_fd)
+
+    def _nice(self, n: int, child: Child) -> None:
+        """The worker's session (one of its own) at the pilot's ``unit_nice``, as the units'
+        session is (rpg/agent/spawn_server.py): a function unit's CPU must not outweigh the
+        loops more than an executable unit's does. Written from here while the worker is
+        unreaped (so its pid is its own), and tried again while the kernel's machine-wide rate
+        limit (one change per 100 ms) refuses it; the worker serves units meanwhile."""
+        path = f"/proc/{child.pid}/autogroup"
+        for _ in range(NICE_TRIES):
+            if child.returncode is not None or self.closed:
+                return
+            try:
+                self.pool.spawn.run(set_autogroup_nice, self.nice, path, timeout=5)
+            except IOPoolError as exc:  # the lane timed out, is closing or stuck
+                self.log.warning("function_worker_nice_not_set", worker=n, error=str(exc))
+                return
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    gevent.sleep(NICE_RETRY_S)
+                    continue
+                self.log.warning("function_worker_nice_not_set", worker=n,
+                                 error=nice_problem(exc, path))
+                return
+            self.counters["workers_niced"] += 1
+            self.log.info("function_worker_niced", worker=n, nice=self.nice)
+            return
+        self.log.warning("function_worker_nice_not_set", worker=n,
+                         error=f"{path}: the kernel refused it {NICE_TRIES} times (EAGAIN)")
 
     def run(self, uid: str, payload: bytes, ncalls: int, sandbox: str, env: dict[str, str],
             timeout: float | None, on_start: Any) -> tuple[list[list[Any]], str | None]:
@@ -248,6 +286,7 @@ class FunctionWorkers:
     def close(self) -> None:
         """End every worker (the pilot ends): idle ones exit at EOF, busy ones are killed."""
         self.closed = True
+        gevent.killall(list(self._nicers))
         for w in list(self.busy):
             w.kill()
         idle, self.idle = self.idle, []

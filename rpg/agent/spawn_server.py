@@ -63,6 +63,21 @@ NICE_RETRY_S = 0.12
 NICE_TRIES = 50
 
 
+def set_autogroup_nice(value: object, path: str = AUTOGROUP) -> None:
+    """Write ``value`` as the autogroup nice value of the session ``path`` names (ours, or a
+    process of this user's: ``/proc/PID/autogroup``). Raises OSError: EAGAIN is the kernel's
+    rate limit (try again after NICE_RETRY_S), ENOENT a kernel without autogroups."""
+    text = str(int(value))  # type: ignore[call-overload]
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def nice_problem(exc: OSError, path: str = AUTOGROUP) -> str:
+    """Why ``set_autogroup_nice`` failed, in words."""
+    return f"{path}: {exc.strerror or exc}" + (
+        " (no autogroup scheduling in this kernel)" if exc.errno == errno.ENOENT else "")
+
+
 class Server:
     def __init__(self, req_fd: int, rep_fd: int) -> None:
         self.req_fd, self.rep_fd = req_fd, rep_fd
@@ -145,17 +160,13 @@ class Server:
             return
         value, error = self.nice, None
         try:
-            text = str(int(value))  # type: ignore[call-overload]
-            with open(AUTOGROUP, "w") as fh:
-                fh.write(text)
+            set_autogroup_nice(value)
         except OSError as exc:
             self.nice_tries += 1
             if exc.errno == errno.EAGAIN and self.nice_tries < NICE_TRIES:
                 self.nice_next = time.monotonic() + NICE_RETRY_S
                 return
-            error = (f"{AUTOGROUP}: {exc.strerror or exc}" + (
-                " (no autogroup scheduling in this kernel)" if exc.errno == errno.ENOENT
-                else ""))
+            error = nice_problem(exc)
         except Exception as exc:  # a malformed value: say so, never die of it
             error = f"{type(exc).__name__}: {exc}"
         self.nice = None

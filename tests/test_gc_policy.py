@@ -13,7 +13,6 @@ import pytest
 import rpg
 import rpg.hub.hub as hub_module
 from rpg import gc_policy
-from rpg.log import read_profile
 from rpg.gc_policy import (
     EVERY_S,
     LONGEST_S,
@@ -21,6 +20,7 @@ from rpg.gc_policy import (
     QUIET_S,
     FullCollections,
 )
+from rpg.log import read_profile
 
 
 class _Node:

@@ -42,6 +42,7 @@ UNFREEZE_S = 600.0  # frozen objects are walked again (their dead cycles reclaim
 NO_AUTOMATIC_FULL = 10**9  # gen-1 collections before an automatic full one: never
 
 _installed: "FullCollections | None" = None
+_install_lock = threading.RLock()
 
 
 # -- what rpg holds, kept out of every collector's way ---------------------------------------
@@ -67,7 +68,6 @@ def flat_fields(fields: dict[str, Any] | None) -> tuple | None:
 def fields_of(flat: tuple | None) -> dict[str, Any]:
     """The dict ``flat_fields`` was made from (a new one)."""
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)} if flat else {}
-_install_lock = threading.RLock()
 
 
 def install() -> "FullCollections":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import time
 import weakref
+from collections import Counter
 
 import pytest
 
@@ -196,10 +197,7 @@ def test_what_a_session_keeps_per_unit_is_mostly_out_of_the_collectors_way(tmp_p
         assert [u.state for u in units] == ["DONE"] * n
         gc.collect()
         new = [o for o in gc.get_objects() if id(o) not in before]
-        kinds: dict[str, int] = {}
-        for o in new:
-            kinds[type(o).__qualname__] = kinds.get(type(o).__qualname__, 0) + 1
-        assert len(new) <= 6 * n, sorted(kinds.items(), key=lambda kv: -kv[1])[:8]
+        assert len(new) <= 6 * n, Counter(type(o).__qualname__ for o in new).most_common(8)
         # and every field still reached the application, each state once, in order
         u = units[-1]
         assert (u.exit_code, u.stdout, u.pilot) == (0, "hi\n", pilot.uid)

@@ -19,6 +19,7 @@ import gevent
 import psutil
 import pytest
 
+import rpg
 from rpg.io_pool import (
     IOPool,
     IOTimeout,
@@ -33,6 +34,7 @@ from rpg.io_pool import (
     yield_to_loop,
 )
 from rpg.io_pool.loop_watch import lag_window
+from tests.pilots import local_pilot
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -451,6 +453,74 @@ def test_loop_watch_counts_a_real_block():
         assert watch.stats()["lag_max_ms"] >= 400
     finally:
         watch.stop()
+
+
+def test_loop_watch_rests_while_its_loop_holds_no_work_and_wakes_when_work_comes():
+    """With ``busy``, the ticker ticks every ``idle_tick`` while it says no (a tick is a wake-up
+    of the loop's thread), every ``tick`` once it says yes; ``wake`` ends a rest at once. A
+    rest's timer still measures lag: a block during it is seen."""
+    held: list[int] = []
+    watch = LoopWatch("test-rest", busy=lambda: bool(held), idle_tick=0.1).start()
+    try:
+        gevent.sleep(0.55)
+        idle = watch.stats()
+        assert 3 <= idle["rests"] <= 6 and idle["ticks"] == idle["rests"], idle
+        held.append(1)
+        t_woke = perf_counter()
+        watch.wake()
+        gevent.sleep(0.2)
+        busy = watch.stats()
+        assert busy["rests"] == idle["rests"], busy  # woken: no rest ran out meanwhile
+        assert busy["ticks"] - idle["ticks"] >= 8, busy  # every 10 ms from the wake on
+        first = watch.ticks()[idle["ticks"], 0]
+        assert first - t_woke < 0.05, first - t_woke  # not after what was left of the rest
+        held.clear()
+        gevent.sleep(0.15)  # the ticker goes back to resting
+        blocking.sleep(0.25)  # inside a rest
+        gevent.sleep(0.15)
+        after = watch.stats()
+        assert after["rests"] > busy["rests"] and after["lag_max_ms"] >= 100, after
+    finally:
+        watch.stop()
+
+
+def test_a_busy_test_that_raises_leaves_the_ticker_ticking_as_if_busy():
+    calls = []
+
+    def broken() -> bool:
+        calls.append(1)
+        raise RuntimeError("no ledger")
+
+    watch = LoopWatch("test-broken-busy", busy=broken, idle_tick=0.1).start()
+    try:
+        gevent.sleep(0.3)
+        stats = watch.stats()
+        assert len(calls) == 1 and watch.busy is None  # asked once, then never again
+        assert stats["ticks"] >= 10 and stats["rests"] == 0, stats
+    finally:
+        watch.stop()
+
+
+def test_an_idle_sessions_loops_rest_and_a_submit_wakes_them(session):
+    """The embedded hub's ticker and its agent's rest while they hold no unit, and tick every
+    10 ms while units run (their lag is measured where there is work)."""
+    _, pilot, umgr = local_pilot(session, cores=2)
+    assert pilot.wait(state="ACTIVE", timeout=30) == "ACTIVE", pilot.reason
+    before = session.hub.stats()["loop"]
+    threading.Event().wait(0.6)
+    idle = session.hub.stats()["loop"]
+    assert idle["ticks"] - before["ticks"] <= 12, (before, idle)  # 60 at 10 ms
+    assert idle["rests"] > before["rests"], idle
+    units = umgr.submit_units([rpg.UnitDescription(executable="/bin/sleep", arguments=["0.5"])
+                               for _ in range(2)])
+    assert umgr.wait_units(timeout=30) == ["DONE"] * 2, [u.reason for u in units]
+    busy = session.hub.stats()["loop"]
+    assert busy["ticks"] - idle["ticks"] >= 30, (idle, busy)  # 0.5 s at 10 ms: 50
+    pilot.cancel()
+    assert pilot.wait(timeout=30) == "CANCELED"
+    with open(os.path.join(session.sandbox, pilot.uid, "agent.stats.json")) as fh:
+        loop = json.load(fh)["loop"]
+    assert loop["rests"] >= 1 and loop["ticks"] - loop["rests"] >= 30, loop
 
 
 def test_loop_watch_ticks_carry_their_times_so_a_window_finds_a_block():

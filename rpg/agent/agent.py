@@ -105,7 +105,7 @@ class Agent(HubLink):
 
     def run(self) -> int:
         route_loop_errors(gevent.get_hub(), SparseWarning(self.log, "greenlet_failed"))
-        self.watch = LoopWatch("agent").start()
+        self.watch = LoopWatch("agent", busy=lambda: bool(self.units)).start()
         self.pool = IOPool()
         self.sched = Scheduler([(str(n[0]), int(n[1]), int(n[2])) for n in self.nodes])
         self.srun = SrunPlacer(self.sched) if self.resource_manager == "slurm" else None

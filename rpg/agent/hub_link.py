@@ -5,7 +5,7 @@ restarted hub's question of which units it holds.
 ``HubLink`` is a part of ``Agent`` (rpg/agent/agent.py), kept here so that the wire and the
 unit lifecycle each fit in one file; it uses the agent's identity (``uid``, ``token``,
 ``cfg``), its clients (``ctx``, ``rpc_pull``, ``rpc_push``), its units (``units``,
-``executing``, ``cancel_reasons``, ``_unit``) and ``stop``.
+``executing``, ``cancel_reasons``, ``_unit``), its loop watch (``watch``) and ``stop``.
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ class HubLink:
             self.last_ok = time.monotonic()
             self.counters["pulls"] += 1
             self.pull_got = resp.get("seq", self.pull_got)  # the hub resends a lost reply
+            if resp["units"]:
+                self.watch.wake()  # its loop-lag ticker rested while it held no unit
             for item in resp["units"]:
                 uid = item["uid"]
                 if uid not in self.units:

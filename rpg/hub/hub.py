@@ -124,6 +124,11 @@ class Hub:
         self.events.journal = journal
         return journal
 
+    def holds_work(self) -> bool:
+        """Units submitted and not final yet (the loop-lag ticker rests while there are none)."""
+        ledger = self.ledger
+        return bool(self.pending_units) or len(ledger.units) > ledger.units_final
+
     def next_uid(self, prefix: str) -> str:
         """A new uid of this session (``unit.000042``); safe from any thread."""
         return f"{prefix}.{next(self._uids):06d}"
@@ -150,7 +155,8 @@ class Hub:
         ctx = server = server_g = flusher = collector = None
         try:
             self._stop = Event()
-            self.watch = LoopWatch("hub").start() if self._host is None else self._host[1]
+            self.watch = (LoopWatch("hub", busy=self.holds_work).start() if self._host is None
+                          else self._host[1])
             self.pool = IOPool()
             if self.restored is None:  # a restored session's sandbox is its own already
                 self.pool.for_path(self.sandbox).run(_make_session_sandbox, self.sandbox,
@@ -393,6 +399,8 @@ class Hub:
     def submit_units(self, umgr: str, items: list[tuple[str, dict[str, Any]]]) -> None:
         """Make a record per unit and queue it for a pilot, in slices that let other calls
         run."""
+        if self.watch is not None:
+            self.watch.wake()  # its loop-lag ticker rested while no unit was held
         pending = self.pending_units
         for uid, _ in items:
             pending[uid] = [umgr, None]

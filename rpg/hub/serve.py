@@ -110,6 +110,10 @@ class HubServer:
 
     # -- sessions --------------------------------------------------------------------------------
 
+    def _holds_work(self) -> bool:
+        """Does any session hold units not yet final? (The loop-lag ticker rests otherwise.)"""
+        return any(e.hub.holds_work() for e in self.sessions.values())
+
     def open_session(self, user: str, uid: str | None) -> SessionEntry:
         uid = uid or "rpg.session.{}.{}.{:04d}".format(
             time.strftime("%Y%m%d-%H%M%S"), os.getpid(), next(self._ids))
@@ -250,7 +254,7 @@ class HubServer:
         access_path = os.path.join(self.sandbox, ACCESS_FILE)
         old = read_access_file(access_path)
         token = self._access_token(access_path)
-        self.watch = LoopWatch("hub-front").start()
+        self.watch = LoopWatch("hub-front", busy=self._holds_work).start()
         self.pool = IOPool()
         ctx = zerorpc.Context()
         front = Front(self)

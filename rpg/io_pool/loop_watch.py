@@ -6,8 +6,9 @@ total). The ticker greenlet sleeps ``tick`` seconds at a time and records how la
 which gives the loop-lag percentiles the benchmarks report. Given ``busy`` (a callable: does
 the loop hold work, units not yet final?), the ticker rests while it says no: one tick every
 ``IDLE_TICK_S``, not every ``tick``, until it says yes or ``wake()`` is called (work came). A
-tick costs about 80 us of CPU on this VM (a wake-up of a halted vCPU each time): an idle
-agent spent 13 ms of CPU a second, 8 of them on its ticker. Starting the watch also asks the
+tick costs 80-130 us of CPU on this VM (a bare gevent loop sleeping 10 ms at a time spends
+8-13 ms a second): an idle agent spent 19-21 ms a second with its ticker at 10 ms, 12-13
+resting (``bench/idle.py``). Starting the watch also asks the
 kernel for short time slices for the loop's thread (``rpg.threads.request_short_slice``): a
 loop sleeps most of the time and must run as soon as it wakes, and on a machine whose cores
 the units fill, waiting out another task's slice was most of the agent's loop lag.

@@ -7,10 +7,12 @@
 2. The event stream to one client: a client attaches to the finished session of 1. with
    10,000 units and replays its whole stream (events/s; goal >= 20,000).
 3. 10,000 units submitted in one call through a remote client: seconds (goal < 1 s).
-4. ``--clients`` clients at once (threads of this process, each its own Session and pilot),
-   ``--per-client`` units each, on a fresh service: its loop's lag p99 over the run (goal
-   < 20 ms). On two cores the ten agents, their units and the clients share the CPU with the
-   service's one loop.
+4. ``--clients`` clients at once (threads of this process, each its own Session and 2-core
+   pilot), ``--per-client`` units each, submitted together once every pilot is ACTIVE, on a
+   fresh service: its loop's lag p99 over the run (goal < 20 ms), units/s, and the CPU per
+   unit of the service, the agents, their spawners, the units and the clients from that
+   submit until all are DONE. On two cores the ten agents, their units and the clients share
+   the CPU with the service's one loop.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import sys
 import tempfile
 import threading
 import time
+
+import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,6 +59,29 @@ class Service:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(120)
         self.log.close()
+
+
+def service_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the service, its agents, their spawners, the units the spawners
+    reaped, and this process (the clients)."""
+    def used(p: psutil.Process, reaped: bool = False) -> float:
+        t = p.cpu_times()
+        return t.children_user + t.children_system if reaped else t.user + t.system
+
+    svc = psutil.Process(pid)
+    out = {"service": used(svc), "agents": 0.0, "spawners": 0.0, "units": 0.0,
+           "clients": used(psutil.Process())}
+    for child in svc.children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            if "rpg.agent" in cmd:
+                out["agents"] += used(child)
+            elif "spawn_server" in cmd:
+                out["spawners"] += used(child)
+                out["units"] += used(child, reaped=True)
+        except psutil.Error:  # a unit that ended meanwhile
+            continue
+    return out
 
 
 def run_units(session: rpg.Session, n: int, cores: int) -> tuple[float, str]:
@@ -116,27 +143,57 @@ def main() -> int:
         # 4. many clients at once, on a service of their own (its loop's lag is theirs only)
         svc = Service(os.path.join(d, "hub4"))
         try:
+            n = a.clients
+            active = threading.Barrier(n + 1, timeout=300)  # every pilot ACTIVE: all submit
+            finished = threading.Barrier(n + 1, timeout=600)  # all DONE, pilots still up
             rates: list[float] = []
 
             def client() -> None:
-                with rpg.Session(hub=svc.access) as cs:
-                    rates.append(run_units(cs, a.per_client, 2)[0])
+                try:
+                    with rpg.Session(hub=svc.access) as cs:
+                        pilot = rpg.PilotManager(cs).submit_pilots(
+                            rpg.PilotDescription(cores=2, runtime=120))
+                        umgr = rpg.UnitManager(cs)
+                        umgr.add_pilots(pilot)
+                        assert pilot.wait(state="ACTIVE", timeout=60) == "ACTIVE", pilot.reason
+                        active.wait()
+                        t0 = time.perf_counter()
+                        units = umgr.submit_units([rpg.UnitDescription(executable="/bin/true")
+                                                   for _ in range(a.per_client)])
+                        umgr.wait_units(timeout=600)
+                        rates.append(a.per_client / (time.perf_counter() - t0))
+                        assert all(u.state == "DONE" for u in units)
+                        finished.wait()  # the CPU is read while every pilot still runs
+                except BaseException:
+                    active.abort()  # nobody waits for a client that failed
+                    finished.abort()
+                    raise
 
             before = svc.status()
-            ts = [threading.Thread(target=client) for _ in range(a.clients)]
+            ts = [threading.Thread(target=client) for _ in range(n)]
             t0 = time.perf_counter()
             for t in ts:
                 t.start()
-            for t in ts:
-                t.join()
+            try:
+                active.wait()
+                cpu0, t1 = service_cpu(svc.proc.pid), time.perf_counter()
+                finished.wait()
+                cpu1, run_s = service_cpu(svc.proc.pid), time.perf_counter() - t1
+            finally:
+                for t in ts:
+                    t.join()
             wall = time.perf_counter() - t0
             after = svc.status()
             old = {x["uid"] for x in before["sessions"]}
             lags = [x["loop"]["lag_p99_ms"] for x in after["sessions"]
                     if x["uid"] not in old and x["loop"]]
-            r.update(clients=a.clients, units_per_client=a.per_client,
+            total = n * a.per_client
+            r.update(clients=n, units_per_client=a.per_client,
                      clients_done=len(rates), clients_wall_s=wall,
-                     clients_units_per_s=a.clients * a.per_client / wall,
+                     clients_units_per_s=total / wall,
+                     clients_run_s=run_s, clients_run_units_per_s=total / run_s,
+                     **{f"cpu_us_per_unit_{k}": round((cpu1[k] - cpu0.get(k, 0.0)) / total * 1e6)
+                        for k in cpu1},
                      session_hub_lag_p99_ms_max=max(lags),
                      front_loop_lag_p99_ms=after["loop"]["lag_p99_ms"],
                      front_loop_blocked=after["loop"]["blocked_events"])

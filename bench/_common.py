@@ -63,15 +63,17 @@ def raw_sandbox_spawn_rate(root: str, n: int = 600, threads: int = 4,
 
 
 class CPU:
-    """CPU seconds (user + system) of this process, of its children named by ``match`` (a
-    substring of their command line) and of theirs, each name's processes summed (an agent with
-    several spawners): ``snap()`` then ``since(old)``."""
+    """CPU seconds (user + system) of this process (or of ``root``, still named "this
+    process"), of its children named by ``match`` (a substring of their command line) and of
+    theirs, each name's processes summed (an agent with several spawners): ``snap()`` then
+    ``since(old)``."""
 
     TICK = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, names: dict[str, str]) -> None:
-        self.pids: dict[str, list[int]] = {"this process": [os.getpid()]}
-        for pid in _children(os.getpid()):
+    def __init__(self, names: dict[str, str], root: int | None = None) -> None:
+        root = os.getpid() if root is None else root
+        self.pids: dict[str, list[int]] = {"this process": [root]}
+        for pid in _children(root):
             for name, match in names.items():
                 if match in _cmdline(pid):
                     self.pids.setdefault(name, []).append(pid)

@@ -27,12 +27,10 @@ import tempfile
 import threading
 import time
 
-import psutil
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rpg
-from bench._common import emit
+from bench._common import CPU, emit
 
 
 class Service:
@@ -61,27 +59,9 @@ class Service:
         self.log.close()
 
 
-def service_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds so far of the service, its agents, their spawners, the units the spawners
-    reaped, and this process (the clients)."""
-    def used(p: psutil.Process, reaped: bool = False) -> float:
-        t = p.cpu_times()
-        return t.children_user + t.children_system if reaped else t.user + t.system
-
-    svc = psutil.Process(pid)
-    out = {"service": used(svc), "agents": 0.0, "spawners": 0.0, "units": 0.0,
-           "clients": used(psutil.Process())}
-    for child in svc.children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-            if "rpg.agent" in cmd:
-                out["agents"] += used(child)
-            elif "spawn_server" in cmd:
-                out["spawners"] += used(child)
-                out["units"] += used(child, reaped=True)
-        except psutil.Error:  # a unit that ended meanwhile
-            continue
-    return out
+SERVICE_NAMES = {"this process": "service", "agents": "agents", "agents's children": "spawners",
+                 "agents's children (reaped)": "units"}
+CLIENT_NAMES = {"this process": "clients"}
 
 
 def run_units(session: rpg.Session, n: int, cores: int) -> tuple[float, str]:
@@ -176,9 +156,12 @@ def main() -> int:
                 t.start()
             try:
                 active.wait()
-                cpu0, t1 = service_cpu(svc.proc.pid), time.perf_counter()
+                # the service (as "this process"), its agents, their spawners and the units
+                # those reaped; and the clients, this process
+                service, clients = CPU({"agents": "rpg.agent"}, root=svc.proc.pid), CPU({})
+                cpu0, t1 = (service.snap(), clients.snap()), time.perf_counter()
                 finished.wait()
-                cpu1, run_s = service_cpu(svc.proc.pid), time.perf_counter() - t1
+                cpu1, run_s = (service.snap(), clients.snap()), time.perf_counter() - t1
             finally:
                 for t in ts:
                     t.join()
@@ -192,8 +175,10 @@ def main() -> int:
                      clients_done=len(rates), clients_wall_s=wall,
                      clients_units_per_s=total / wall,
                      clients_run_s=run_s, clients_run_units_per_s=total / run_s,
-                     **{f"cpu_us_per_unit_{k}": round((cpu1[k] - cpu0.get(k, 0.0)) / total * 1e6)
-                        for k in cpu1},
+                     **{f"cpu_us_per_unit_{name}": round(used.get(key, 0.0) / total * 1e6)
+                        for used, names in ((CPU.since(cpu0[0], cpu1[0]), SERVICE_NAMES),
+                                            (CPU.since(cpu0[1], cpu1[1]), CLIENT_NAMES))
+                        for key, name in names.items()},
                      session_hub_lag_p99_ms_max=max(lags),
                      front_loop_lag_p99_ms=after["loop"]["lag_p99_ms"],
                      front_loop_blocked=after["loop"]["blocked_events"])

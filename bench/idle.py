@@ -24,14 +24,9 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rpg
-from bench._common import emit
+from bench._common import CPU, emit
 
 TICKER = "import gevent\nwhile True:\n    gevent.sleep(0.01)\n"
-
-
-def cpu_s(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system
 
 
 def switches(proc: psutil.Process) -> int:
@@ -44,11 +39,12 @@ def bare_ticker(seconds: float) -> tuple[float, float]:
     proc = subprocess.Popen([sys.executable, "-c", TICKER])
     try:
         time.sleep(1.0)
-        p = psutil.Process(proc.pid)
-        c0, s0, t0 = cpu_s(p), switches(p), time.perf_counter()
+        cpu = CPU({"ticker": "gevent.sleep(0.01)"})
+        c0, s0, t0 = cpu.snap(), switches(psutil.Process(proc.pid)), time.perf_counter()
         time.sleep(seconds)
         dt = time.perf_counter() - t0
-        return (cpu_s(p) - c0) / dt * 1000, (switches(p) - s0) / dt
+        used = CPU.since(c0, cpu.snap())["ticker"]
+        return used / dt * 1000, (switches(psutil.Process(proc.pid)) - s0) / dt
     finally:
         proc.kill()
         proc.wait()
@@ -68,16 +64,16 @@ def main() -> int:
         assert pilot.wait(state="ACTIVE", timeout=60) == "ACTIVE", pilot.reason
         time.sleep(2.0)  # start-up done: the loops settle
         procs = {"app_and_hub": psutil.Process(), "agent": psutil.Process(pilot.pid)}
-        c0 = {k: cpu_s(p) for k, p in procs.items()}
-        s0 = {k: switches(p) for k, p in procs.items()}
+        cpu = CPU({"agent": "rpg.agent"})
+        c0, s0 = cpu.snap(), {k: switches(p) for k, p in procs.items()}
         t0 = time.perf_counter()
         time.sleep(a.seconds)
         dt = time.perf_counter() - t0
-        c1 = {k: cpu_s(p) for k, p in procs.items()}
+        used = CPU.since(c0, cpu.snap())
         s1 = {k: switches(p) for k, p in procs.items()}
         loop = session.hub.stats()["loop"]
-    for k in procs:
-        r[f"{k}_cpu_ms_per_s"] = (c1[k] - c0[k]) / dt * 1000
+    for k, name in (("app_and_hub", "this process"), ("agent", "agent")):
+        r[f"{k}_cpu_ms_per_s"] = used[name] / dt * 1000
         r[f"{k}_wakeups_per_s"] = (s1[k] - s0[k]) / dt
         r[f"ratio_{k}_vs_bare_ticker"] = r[f"{k}_cpu_ms_per_s"] / max(
             r["bare_ticker_cpu_ms_per_s"], 0.1)

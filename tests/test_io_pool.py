@@ -386,6 +386,24 @@ def test_for_path_gives_a_lane_per_device(pool):
     assert pool.for_path("/srv/node/sdb/../sdc/x").name == "disk:sdc"
 
 
+def test_for_path_remembers_directories_but_not_across_mount_points_or_assign(pool):
+    """A directory's lane is remembered for the paths in it; a mount point (or an assigned
+    prefix) is never answered from its parent's entry, and ``assign`` forgets what it knew."""
+    root = pool.for_path("/rpg-no-such-dir-a")
+    proc = pool.for_path("/proc")  # a mount point, in the same directory ("/") as the above
+    assert proc is not root
+    assert pool.for_path("/rpg-no-such-dir-b") is root  # "/" still gives the root's lane
+    assert pool.for_path("/proc/self") is proc and pool.for_path("/proc") is proc
+
+    before = pool.for_path("/srv/node/sdd/objects/1")
+    assert before.name != "disk:sdd"
+    pool.assign("/srv/node/sdd", "disk:sdd")
+    assert pool.for_path("/srv/node/sdd/objects/1").name == "disk:sdd"  # not the old entry
+    assert pool.for_path("/srv/node/sdd").name == "disk:sdd"  # the prefix itself
+    assert pool.for_path("/srv/node/sdde") is before  # its sibling, from /srv/node's entry
+    assert pool.for_path("/srv/node/sdd/../x") is before
+
+
 # -- the loop watch -------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from rpg.io_pool.lane import Lane
 
 SPAWN = "spawn"
 NET = "net"
+DIR_CACHE = 4096  # directories whose lane is remembered (cleared when full, or on assign)
 
 
 def _unescape_mount(path: str) -> str:
@@ -66,6 +67,12 @@ class IOPool:
         self._assigned: list[tuple[str, str]] = []  # (prefix, lane name), longest first
         # procfs is memory, not disk: reading it here cannot stall on a dying device.
         self._mounts = read_mounts()
+        # A path that is no mount point nor assigned prefix has its directory's lane: the
+        # agent asks for each unit sandbox's lane twice, and the scan of a mount table (tens
+        # of entries in a container, hundreds on an HPC node) was a third of the Python calls
+        # its loop made for a unit.
+        self._points = {m for m, _ in self._mounts}
+        self._by_dir: dict[str, str] = {}
         self.lane(SPAWN, threads=spawn_threads)
         self.lane(NET, threads=net_threads)
 
@@ -99,6 +106,8 @@ class IOPool:
         self._assigned = [a for a in self._assigned if a[0] != prefix]
         self._assigned.append((prefix, lane_name))
         self._assigned.sort(key=lambda a: len(a[0]), reverse=True)
+        self._points.add(prefix)
+        self._by_dir.clear()
 
     def device_of(self, path: str) -> str:
         """The device id ("major:minor") of the mount that holds ``path`` (no disk access)."""
@@ -110,6 +119,17 @@ class IOPool:
 
     def lane_name_for(self, path: str) -> str:
         path = os.path.abspath(path)
+        if path in self._points:  # a mount point's lane is not its directory's
+            return self._scan(path)
+        parent = path.rpartition("/")[0]
+        name = self._by_dir.get(parent)
+        if name is None:
+            if len(self._by_dir) >= DIR_CACHE:
+                self._by_dir.clear()
+            name = self._by_dir[parent] = self._scan(path)
+        return name
+
+    def _scan(self, path: str) -> str:
         for prefix, name in self._assigned:
             if _under(path, prefix):
                 return name

@@ -64,6 +64,27 @@ def test_a_unit_gets_its_path_sandbox_and_default_signals(session, tmp_path):
     assert stdin.stdout == ""
 
 
+def test_the_spawner_leaves_its_account_of_spawns_in_the_pilot_sandbox(tmp_path):
+    """As it exits, the spawner writes how many units it started and the wall time it spent in
+    posix_spawn (the serial path: bench/throughput.py prints it) and waiting for requests. A
+    spawn that fails is not counted."""
+    with rpg.Session(sandbox=str(tmp_path / "session")) as session:
+        _, pilot, umgr = local_pilot(session, cores=2)
+        units = umgr.submit_units([rpg.UnitDescription(executable="/bin/true")
+                                   for _ in range(12)] +
+                                  [rpg.UnitDescription(executable="/no/such/program")])
+        assert umgr.wait_units(timeout=30) == ["DONE"] * 12 + ["FAILED"]
+        spawner = spawner_of(pilot).pid
+        assert "cannot start" in units[-1].reason, units[-1].reason
+    found = list((tmp_path / "session").rglob("spawner.*.stats.json"))
+    assert [p.name for p in found] == [f"spawner.{spawner}.stats.json"], found
+    stats = json.loads(found[0].read_text())
+    assert stats["pid"] == spawner and stats["spawns"] == 12, stats
+    assert 0 < stats["spawn_s"] < stats["alive_s"], stats
+    assert 0 < stats["select_s"] < stats["alive_s"], stats
+    assert stats["spawn_s"] + stats["select_s"] <= stats["alive_s"], stats
+
+
 def test_each_unit_leads_its_own_group_in_the_spawners_session_without_a_terminal(session):
     """Its own process group: cancel kills the whole tree. The spawner's session, not one of
     its own: with autogroup scheduling every session is a scheduling entity, and a unit a
@@ -209,7 +230,7 @@ class ServerAsNobody:
         self.proc = subprocess.Popen(
             [SYSTEM_PYTHON, "-I", "-S", server, str(req_r), str(rep_w)],
             pass_fds=(req_r, rep_w), user=65534, group=65534, extra_groups=[],
-            start_new_session=True, cwd="/tmp")
+            start_new_session=True, cwd=os.path.dirname(server))  # nobody cannot write there
         os.close(req_r)
         os.close(rep_w)
         self.buf = b""

@@ -459,6 +459,50 @@ def test_a_loop_thread_gets_short_slices_and_what_it_starts_keeps_the_default():
     assert out["lane"] == default and out["child"] == default, (default, out)
 
 
+NICED_LOOP = """
+import errno, json, os, sys, time
+import structlog
+from rpg.io_pool import LoopWatch
+nice = int(sys.argv[1])
+deadline = time.monotonic() + 5
+while True:  # one autogroup change per 100 ms, machine-wide, for an ordinary user
+    try:
+        with open("/proc/self/autogroup", "w") as fh:
+            fh.write(str(nice))
+        break
+    except OSError as exc:
+        if exc.errno != errno.EAGAIN or time.monotonic() > deadline:
+            raise
+        time.sleep(0.12)
+with structlog.testing.capture_logs() as logs:
+    watch = LoopWatch("niced").start()
+    stats = watch.stats()
+    watch.stop()
+print(json.dumps({"stats": stats, "events": [e["event"] for e in logs]}))
+"""
+
+
+def _niced_loop(nice: int) -> dict:
+    if not os.path.exists("/proc/self/autogroup"):
+        pytest.skip("no autogroup scheduling in this kernel")
+    out = subprocess.run([sys.executable, "-c", NICED_LOOP, str(nice)], capture_output=True,
+                         text=True, timeout=60, start_new_session=True)  # a session of its own
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_loop_started_in_a_niced_session_says_so():
+    """An application started from a niced shell (or session) runs its embedded hub's loop at
+    that priority, behind its pilot's units: the watch says so once, and its stats carry the
+    thread's nice and the session's autogroup nice. At nice 0 it says nothing."""
+    niced = _niced_loop(19)
+    assert niced["stats"]["autogroup_nice"] == 19 and niced["stats"]["nice"] == 0, niced
+    assert niced["events"].count("loop_niced") == 1, niced
+    plain = _niced_loop(0)
+    assert plain["stats"]["autogroup_nice"] == 0 and plain["stats"]["nice"] == 0, plain
+    assert "loop_niced" not in plain["events"], plain
+
+
 def test_loop_watch_counts_a_real_block():
     watch = LoopWatch("test-positive").start()
     try:

@@ -30,7 +30,7 @@ from gevent.events import EventLoopBlocked
 
 from rpg.internals import QuietMonitor
 from rpg.log import get_logger
-from rpg.threads import request_short_slice
+from rpg.threads import loop_priority, request_short_slice
 
 _total_lock = threading.Lock()
 _total_blocked = 0
@@ -121,12 +121,20 @@ class LoopWatch:
         self._own_monitor = False
         self._ticker: Any = None
         self.slice_s: float | None = None  # the time slice the kernel gave the loop's thread
+        self.priority: dict[str, int | None] = {}  # its nice and autogroup nice (at start)
         self._log = get_logger("loop_watch", loop=name)
 
     def start(self) -> "LoopWatch":
         hub = gevent.get_hub()
         self._hub = hub
         self.slice_s = request_short_slice(LOOP_SLICE_S)
+        self.priority = loop_priority()
+        if any(v for v in self.priority.values()):  # None or 0: nothing to say
+            self._log.warning(
+                "loop_niced", **self.priority,
+                why="this loop runs below normal priority (inherited from the process or its "
+                    "session): its pilot's units and its agent outrank it for the cores, and "
+                    "its lag grows while they are busy; start the application at nice 0")
         _watches[hub] = self
         if hub.periodic_monitoring_thread is None:
             self._monitor = QuietMonitor(hub)
@@ -209,6 +217,7 @@ class LoopWatch:
             "ticks": self._n,
             "rests": self.rests,
             "slice_ms": None if self.slice_s is None else round(self.slice_s * 1000, 3),
+            **self.priority,
         }
 
     def stop(self) -> None:

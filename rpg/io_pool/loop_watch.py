@@ -129,7 +129,7 @@ class LoopWatch:
         self._hub = hub
         self.slice_s = request_short_slice(LOOP_SLICE_S)
         self.priority = loop_priority()
-        if any(v for v in self.priority.values()):  # None or 0: nothing to say
+        if any((v or 0) > 0 for v in self.priority.values()):  # 0, None, below: fine
             self._log.warning(
                 "loop_niced", **self.priority,
                 why="this loop runs below normal priority (inherited from the process or its "

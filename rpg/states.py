@@ -72,7 +72,36 @@ def path(kind: str, old: str, new: str) -> list[str]:
 
     ``new`` must be ahead of ``old`` on the path, or final (reached from wherever ``old`` is).
     Raises IllegalTransition otherwise (a step backwards, leaving a final state, unknown state).
+
+    The hub asks this about twice per state change (an agent's update is checked, then
+    applied): the answer for each (kind, old, new) of known states is worked out once.
     """
+    try:
+        steps = _PATHS[(kind, old, new)]
+    except KeyError:
+        steps = _remember(kind, old, new)
+    except TypeError:  # an unhashable state (a malformed report): no such state
+        return _path(kind, old, new)
+    if type(steps) is str:
+        raise IllegalTransition(steps)
+    return list(steps)
+
+
+_PATHS: dict[tuple[str, str, str], tuple[str, ...] | str] = {}  # or the IllegalTransition's text
+
+
+def _remember(kind: str, old: str, new: str) -> tuple[str, ...] | str:
+    try:
+        answer: tuple[str, ...] | str = tuple(_path(kind, old, new))
+    except IllegalTransition as exc:
+        answer = str(exc)
+    known = UNIT_STATES if kind == "unit" else PILOT_STATES
+    if kind in ("unit", "pilot") and old in known and new in known:  # bounded: 2 x 9 x 9
+        _PATHS[(kind, old, new)] = answer
+    return answer
+
+
+def _path(kind: str, old: str, new: str) -> list[str]:
     order = UNIT_PATH if kind == "unit" else PILOT_PATH
     states = UNIT_STATES if kind == "unit" else PILOT_STATES
     if new not in states:

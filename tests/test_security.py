@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import rpg
 from rpg import states
+from rpg.hub.service import UNIT_FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,72 @@ def test_malformed_messages_get_clear_errors_and_change_nothing(live, kind, payl
             assert why
     elif kind == "pull":
         assert out["units"] == [] and out["cancel"] == []
+
+
+LONG = "x" * ((1 << 20) + 1)  # one character past the hub's MAX_TEXT
+field_value = st.one_of(st.none(), st.booleans(), I64, st.floats(), st.text(max_size=8),
+                        st.sampled_from(["canceled", "agent", "bogus", LONG]),
+                        st.lists(st.lists(st.one_of(st.sampled_from(["ok", "error"]),
+                                                    st.binary(max_size=4), st.text(max_size=4),
+                                                    st.floats()), max_size=4), max_size=2))
+@st.composite
+def agent_update(draw):
+    """An update as the agent sends it for the unit in flight, most often with one part of it
+    wrong: another unit, a state, a time, a field."""
+    upd = ["mine", draw(st.sampled_from([states.STAGING_OUT, states.DONE, states.FAILED,
+                                         states.CANCELED])), time.time(), {}]
+    upd[3] = draw(st.dictionaries(st.sampled_from(sorted(UNIT_FIELDS)), field_value,
+                                  max_size=3))
+    part = draw(st.integers(0, 4))
+    if part == 0:
+        upd[0] = draw(st.sampled_from(["ended", "unit.999999", None, 7]))
+    elif part == 1:
+        upd[1] = draw(st.sampled_from(sorted(states.UNIT_STATES) + ["BOGUS", 3]))
+    elif part == 2:
+        upd[2] = draw(st.one_of(st.floats(allow_nan=True), st.integers(-2, 2), st.booleans()))
+    elif part == 3:
+        upd[3] = draw(st.one_of(st.dictionaries(st.sampled_from(["x", 1, "reason"]),
+                                                field_value, min_size=1, max_size=2),
+                                st.none(), I64))
+    return upd
+
+
+@pytest.fixture(scope="module")
+def in_flight(live):
+    """A unit of the live session running on its pilot (the updates below name it)."""
+    session, pilot, umgr, _ = live
+    u = umgr.submit_units(rpg.UnitDescription(executable="/bin/sleep", arguments=["60"]))
+    assert u.wait(state="EXECUTING", timeout=20) == "EXECUTING"
+    ended = umgr.submit_units(rpg.UnitDescription(executable="/bin/true"))
+    assert ended.wait(timeout=20) == "DONE"
+    yield u, ended
+    u.cancel()
+    assert u.wait(timeout=20) == "CANCELED"
+
+
+@settings(max_examples=400, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(upd=st.one_of(agent_update(), agent_update().map(lambda u: u[:3]), st.none()))
+def test_the_hubs_quick_check_of_an_update_agrees_with_its_full_check(live, in_flight, upd):
+    """HubService._valid_update takes a well-formed update without the checks that name the
+    problem (rpg/hub/service.py); what it accepts, and how it refuses, must be theirs."""
+    session, pilot, _, _ = live
+    running, ended = in_flight
+    if isinstance(upd, list) and upd and upd[0] in ("mine", "ended"):
+        upd[0] = running.uid if upd[0] == "mine" else ended.uid
+    svc = session.hub.service
+
+    def outcome(check):
+        p = svc._hub.pilots[pilot.uid]
+        try:
+            return "ok", check(p, list(upd) if isinstance(upd, list) else upd)
+        except Exception as exc:
+            return type(exc).__name__, str(exc)
+
+    quick = session.hub.call(lambda: outcome(svc._valid_update))
+    full = session.hub.call(lambda: outcome(svc._checked_update))
+    assert quick == full
+    assert running.state == "EXECUTING"  # checking changes nothing
 
 
 def test_the_hub_survives_the_garbage_and_runs_normally(live):

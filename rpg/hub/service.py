@@ -241,6 +241,23 @@ class HubService:
                 "shutdown": p.stopping and p.stop_reason}
 
     def _valid_update(self, p: "PilotRecord", upd: Any) -> tuple[str, str, float, dict]:
+        """``upd`` checked (ProtocolError names what is wrong; IllegalTransition a step the
+        table refuses): (uid, state, time, fields). The usual update, exactly as an agent
+        sends it, is checked here without building the words of errors it does not have
+        (each of the checks below formats its message before it tests); anything else takes
+        the checks that name the problem."""
+        if type(upd) is list and len(upd) == 4:
+            uid, state, ts, fields = upd
+            unit = self._hub.units.get(uid) if type(uid) is str else None
+            if (unit is not None and unit.at_agent and uid in p.in_flight
+                    and type(state) is str and state in AGENT_STATES
+                    and type(ts) is float and ts > 0 and type(fields) is dict
+                    and all(_plain_field(k, v) for k, v in fields.items())):
+                states.path("unit", unit.state, state)  # raises IllegalTransition
+                return uid, state, ts, fields
+        return self._checked_update(p, upd)
+
+    def _checked_update(self, p: "PilotRecord", upd: Any) -> tuple[str, str, float, dict]:
         require(isinstance(upd, list) and len(upd) == 4,
                "an update must be [uid, state, time, fields]")
         uid, state, ts, fields = upd
@@ -269,6 +286,25 @@ class HubService:
         unit = self._hub.units[uid]
         states.path("unit", unit.state, state)  # raises IllegalTransition
         return uid, state, float(ts), clean
+
+
+AGENT_STATES = states.UNIT_STATES - {states.NEW, states.BOUND}  # what an agent may report
+
+
+def _plain_field(key: str, value: Any) -> bool:
+    """True if ``key: value`` is an update field that ``_checked_update`` takes as it is: a
+    known field whose value has exactly its type (or is None), a text within MAX_TEXT, a
+    known reason_code (never None). Results are always looked at in full."""
+    want = UNIT_FIELDS.get(key)  # type: ignore[call-overload]
+    if want is None or key == "results":
+        return False
+    if value is None:
+        return key != "reason_code"  # which the full check refuses as unknown
+    if type(value) is not want:
+        return False
+    if want is str:
+        return len(value) <= MAX_TEXT and (key != "reason_code" or value in REASON_CODES)
+    return True
 
 
 def _check_results(results: list) -> None:

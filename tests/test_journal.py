@@ -144,3 +144,12 @@ def test_units_whose_agent_died_while_the_hub_was_down_fail_or_move(tmp_path):
                                                 **{u.uid: 2 for u in again}})
     finally:
         hub.stop()
+
+
+def test_an_agents_call_outwaits_the_hubs_journal_wait():
+    """A push whose reply waits for a stalled journal disk (JOURNAL_WAIT_S) is answered before
+    the agent gives up on it (CALL_TIMEOUT_S), not sent a second time."""
+    from rpg.agent.agent import CALL_TIMEOUT_S
+    from rpg.hub.service import JOURNAL_WAIT_S
+
+    assert CALL_TIMEOUT_S >= JOURNAL_WAIT_S + 2.0

@@ -60,6 +60,10 @@ EXIT_REJECTED = 4
 COLLECT_GATHER_S = 0.002  # outputs read in one lane hand-off per 2 ms, not one per unit
 FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
 SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
+# How long a pull or push waits for its reply. Above the hub's JOURNAL_WAIT_S (a reply waits
+# that long at most for a stalled journal disk, rpg/hub/service.py), so that such a push is
+# answered, not sent again.
+CALL_TIMEOUT_S = 15.0
 
 
 class Agent(HubLink):
@@ -121,9 +125,13 @@ class Agent(HubLink):
             float(self.cfg.function_worker_memory), self.log, self.counters,
             nice=int(self.cfg.unit_nice))
         ctx = self.ctx = zerorpc.Context()
-        timeout = max(1.0, self.hb_timeout)  # a silent hub is noticed within hb_timeout
-        self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
-        self.rpc_push = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=5)
+        # A silent hub is noticed within hb_timeout, and a call to a hub that restarted gives
+        # up within CALL_TIMEOUT_S (then the next one reaches the new hub). That bound was
+        # zerorpc's per-call heartbeat (lost after 2 x 5 s): a greenlet and a timer more per
+        # call, 30-50 us of CPU of a call's 530-580 (docs/performance.md, stop 37).
+        timeout = max(1.0, min(self.hb_timeout, CALL_TIMEOUT_S))
+        self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=None)
+        self.rpc_push = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=None)
         no_zero_copy(self.rpc_pull)
         no_zero_copy(self.rpc_push)
         self.rpc_pull.connect(self.cfg.hub_address)

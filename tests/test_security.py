@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import rpg
 from rpg import states
-from rpg.hub.service import UNIT_FIELDS
+from rpg.hub.service import MAX_TEXT, UNIT_FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_malformed_messages_get_clear_errors_and_change_nothing(live, kind, payl
         assert out["units"] == [] and out["cancel"] == []
 
 
-LONG = "x" * ((1 << 20) + 1)  # one character past the hub's MAX_TEXT
+LONG = "x" * (MAX_TEXT + 1)  # one character past what an update field may hold
 field_value = st.one_of(st.none(), st.booleans(), I64, st.floats(), st.text(max_size=8),
                         st.sampled_from(["canceled", "agent", "bogus", LONG]),
                         st.lists(st.lists(st.one_of(st.sampled_from(["ok", "error"]),

@@ -1,8 +1,9 @@
 """The agent: runs on the pilot's resource, in its own process, on its own gevent loop.
 
-It calls in to the hub, pulls units in batches (long poll), runs each unit's lifecycle as a
-greenlet (stage in, get cores, execute, stage out) and pushes state updates in batches, which
-double as heartbeats. If the hub goes silent past the heartbeat timeout, the agent kills its
+It calls in to the hub, pulls units in batches (long poll), runs each unit's lifecycle (stage
+in, get cores, execute, stage out) as a greenlet, or, for a plain executable unit, as a
+``PlainUnit`` driven by callbacks (rpg/agent/plain_unit.py), and pushes state updates in
+batches, which double as heartbeats. If the hub goes silent past the heartbeat timeout, the agent kills its
 units and exits; when its runtime ends it fails the units still running and exits. Given
 ``hub_pid`` (a local agent of an embedded hub) it also watches that process through a pidfd and
 stops at once when it is gone; without it (a hub service that may restart) it waits out the
@@ -11,7 +12,6 @@ heartbeat timeout. Its side of the wire (register, pull, push) is rpg/agent/hub_
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import resource
@@ -35,6 +35,7 @@ from rpg.agent.function_workers import (
     worker_env,
 )
 from rpg.agent.hub_link import HubLink, _HubLost, _Rejected
+from rpg.agent.plain_unit import FD_SHORT_WAIT_S, NoTime, PlainUnit, UnitFailed, own_files
 from rpg.agent.resources import (
     ResourceError,
     SrunPlacer,
@@ -43,7 +44,14 @@ from rpg.agent.resources import (
     raise_nofile_limit,
 )
 from rpg.agent.scheduler import Scheduler, format_ids
-from rpg.agent.unit_process import KILL_WAIT_S, Spawners, UnitProcess, unit_argv
+from rpg.agent.unit_process import (
+    FD_SHORT,
+    KILL_WAIT_S,
+    SPAWN_RETRY_S,
+    Spawners,
+    UnitProcess,
+    unit_argv,
+)
 from rpg.gc_policy import FullCollections
 from rpg.internals import route_loop_errors
 from rpg.io_pool import Batcher, IOPool, IOPoolError, LoopWatch, SpawnError
@@ -58,8 +66,6 @@ EXIT_OK = 0
 EXIT_HUB_LOST = 3
 EXIT_REJECTED = 4
 COLLECT_GATHER_S = 0.002  # outputs read in one lane hand-off per 2 ms, not one per unit
-FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
-SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
 # How long a pull or push waits for its reply. Above the hub's JOURNAL_WAIT_S (a reply waits
 # that long at most for a stalled journal disk, rpg/hub/service.py), so that such a push is
 # answered, not sent again.
@@ -313,6 +319,15 @@ class Agent(HubLink):
 
     # -- one unit --------------------------------------------------------------------------------
 
+    def _start_unit(self, uid: str, desc: dict[str, Any]) -> Any:
+        """A plain executable unit (no staging, no timeout, not srun, not a function) runs as
+        a PlainUnit, driven by callbacks (rpg/agent/plain_unit.py); any other as a greenlet."""
+        if (desc.get("payload") is None and desc.get("timeout") is None
+                and not desc["input_staging"] and not desc["output_staging"]
+                and desc.get("launch") != "srun"):
+            return PlainUnit(self, uid, desc).begin()
+        return gevent.spawn(self._unit, uid, desc)
+
     def _unit(self, uid: str, desc: dict[str, Any]) -> None:
         sandbox = os.path.join(self.sandbox, uid)
         slots = child = None
@@ -321,7 +336,7 @@ class Agent(HubLink):
         try:
             self.report(uid, states.STAGING_IN, sandbox=sandbox)
             if desc.get("payload") is None:  # its sandbox and output files, batched per disk
-                self._preparer(sandbox).call(sandbox, _own_files(desc))
+                self._preparer(sandbox).call(sandbox, own_files(desc))
             if desc["input_staging"]:
                 self._stage(desc["input_staging"], "in", sandbox,
                             create=desc.get("payload") is not None)
@@ -330,14 +345,14 @@ class Agent(HubLink):
             argv = unit_argv(desc)
             if desc.get("launch") == "srun":
                 if self.srun is None:
-                    raise _UnitFailed("launch='srun' needs a pilot on SLURM (resource='slurm')")
+                    raise UnitFailed("launch='srun' needs a pilot on SLURM (resource='slurm')")
                 slots, argv = self.srun.place(desc, argv, extra)
             elif not self.sched.fits_ever(cores, gpus):
-                raise _UnitFailed(f"needs {cores} cores and {gpus} gpus on one node; "
+                raise UnitFailed(f"needs {cores} cores and {gpus} gpus on one node; "
                                   f"the pilot's nodes are smaller")
             else:
                 slots = self.sched.allocate(cores, gpus)
-            self._check_time(desc)
+            self.check_time(desc)
             self.executing += 1
             executing = started = True
             if desc.get("payload") is not None:
@@ -383,25 +398,11 @@ class Agent(HubLink):
             why += unreadable  # never report DONE with output silently missing
             self._finish(uid, desc, sandbox, why, fields, stage_out=not timed_out)
         except GreenletExit:
-            state, reason = self.cancel_reasons.get(uid, (states.CANCELED, "canceled"))
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
-            if self.stop_info is not None and self.stop_info[0] == "runtime":
-                # Its walltime: the hub moves it if it had not started (or may run again).
-                self.report(uid, state, reason=reason, exit_code=rc,
-                            reason_code="pilot_walltime")
-            elif not started and self.stop_info is not None:
-                # The pilot ends before it ran: the hub may give it to another pilot.
-                self.report(uid, state, reason=reason, reason_code="not_started")
-            elif self.stop_info is not None:
-                # The pilot ended under it (shutdown, a signal): the hub knows whether that
-                # was the application's cancel (then it ends CANCELED), or whether the unit
-                # may run again elsewhere (restartable).
-                self.report(uid, state, reason=reason, exit_code=rc, reason_code="pilot_ended")
-            else:
-                self.report(uid, state, reason=reason, exit_code=rc)
-        except _NoTime as exc:  # it did not start: the hub may give it to another pilot
+            self.report_ended(uid, started, rc)
+        except NoTime as exc:  # it did not start: the hub may give it to another pilot
             self.report(uid, states.FAILED, reason=str(exc), reason_code="drained")
-        except (_UnitFailed, StagingError, IOPoolError, SpawnError, OSError,
+        except (UnitFailed, StagingError, IOPoolError, SpawnError, OSError,
                 ResourceError, WorkerGone) as exc:
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
             self.report(uid, states.FAILED, reason=str(exc), exit_code=rc)
@@ -416,14 +417,32 @@ class Agent(HubLink):
             self.cancel_reasons.pop(uid, None)
             self.signaled.discard(uid)
 
-    def _check_time(self, desc: dict) -> None:
+    def report_ended(self, uid: str, started: bool, rc: int | None) -> None:
+        """Report a unit that a cancel or the pilot's end stopped (``rc``: its exit code, if
+        its process ran and was seen to exit)."""
+        state, reason = self.cancel_reasons.get(uid, (states.CANCELED, "canceled"))
+        if self.stop_info is not None and self.stop_info[0] == "runtime":
+            # Its walltime: the hub moves it if it had not started (or may run again).
+            self.report(uid, state, reason=reason, exit_code=rc, reason_code="pilot_walltime")
+        elif not started and self.stop_info is not None:
+            # The pilot ends before it ran: the hub may give it to another pilot.
+            self.report(uid, state, reason=reason, reason_code="not_started")
+        elif self.stop_info is not None:
+            # The pilot ended under it (shutdown, a signal): the hub knows whether that was
+            # the application's cancel (then it ends CANCELED), or whether the unit may run
+            # again elsewhere (restartable).
+            self.report(uid, state, reason=reason, exit_code=rc, reason_code="pilot_ended")
+        else:
+            self.report(uid, state, reason=reason, exit_code=rc)
+
+    def check_time(self, desc: dict) -> None:
         """Walltime-aware draining: a unit whose runtime estimate would overrun what is left
         of the pilot's runtime does not start here (it may go to a pilot with more time)."""
         runtime = desc.get("runtime")
         if runtime and self.ends_at is not None:
             left = self.ends_at - time.monotonic()
             if runtime > left:
-                raise _NoTime(f"pilot walltime: its runtime ({runtime:g} s) would overrun the "
+                raise NoTime(f"pilot walltime: its runtime ({runtime:g} s) would overrun the "
                               f"pilot's, which has {max(left, 0.0):.1f} s left")
 
     def _call(self, uid: str, desc: dict, sandbox: str, slots: Any) -> tuple[list, str | None]:
@@ -453,7 +472,7 @@ class Agent(HubLink):
         """Start the unit; "too many open files" (ours or the system's) waits and retries, it
         does not fail the unit, unless it lasts SPAWN_RETRY_S."""
         deadline = time.monotonic() + SPAWN_RETRY_S
-        delay = 0.05
+        delay = FD_SHORT_WAIT_S
         while True:
             try:
                 return self._spawn_once(argv, sandbox, env, desc)
@@ -522,19 +541,7 @@ class Agent(HubLink):
         return env
 
 
-def _own_files(desc: dict[str, Any]) -> tuple[str, ...]:
-    """The unit's stdout and stderr names that are files directly in its sandbox."""
-    return tuple(n for n in (desc["stdout"], desc["stderr"]) if n and "/" not in n)
-
-
 def _write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(data, fh)
 
-
-class _UnitFailed(Exception):
-    pass
-
-
-class _NoTime(Exception):
-    """A unit's runtime would overrun the pilot's: it is not started."""

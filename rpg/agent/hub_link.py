@@ -5,7 +5,7 @@ restarted hub's question of which units it holds.
 ``HubLink`` is a part of ``Agent`` (rpg/agent/agent.py), kept here so that the wire and the
 unit lifecycle each fit in one file; it uses the agent's identity (``uid``, ``token``,
 ``cfg``), its clients (``ctx``, ``rpc_pull``, ``rpc_push``), its units (``units``,
-``executing``, ``cancel_reasons``, ``_unit``), its loop watch (``watch``) and ``stop``.
+``executing``, ``cancel_reasons``, ``_start_unit``), its loop watch (``watch``) and ``stop``.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class HubLink:
             for item in resp["units"]:
                 uid = item["uid"]
                 if uid not in self.units:
-                    self.units[uid] = gevent.spawn(self._unit, uid, item["description"])
+                    self.units[uid] = self._start_unit(uid, item["description"])
                     self.counters["units"] += 1
             signaled: list[Any] = []
             for i, uid in enumerate(resp["cancel"]):

@@ -114,23 +114,35 @@ class Scheduler:
 
     def allocate(self, cores: int, gpus: int = 0) -> Slots:
         """Cores and GPUs on one node; waits (cooperatively) in line until they are free."""
+        got = self.request(cores, gpus)
+        if isinstance(got, Slots):
+            return got
+        try:
+            return got[2].get()
+        except BaseException:
+            self.leave(got)
+            raise
+
+    def request(self, cores: int, gpus: int = 0) -> Slots | list[Any]:
+        """Cores and GPUs now, or, without waiting, a place in line: a waiter whose
+        AsyncResult (``waiter[2]``) gets them in turn. One who gives up calls ``leave``."""
         if not self._waiters:
             slots = self.try_allocate(cores, gpus)
             if slots is not None:
                 return slots
         waiter = [cores, gpus, AsyncResult()]
         self._waiters.append(waiter)
-        try:
-            return waiter[2].get()
-        except BaseException:
-            if waiter[2].ready():  # granted, but we are leaving: give it back
-                self.free(waiter[2].value)
-            else:
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    pass
-            raise
+        return waiter
+
+    def leave(self, waiter: list[Any]) -> None:
+        """Give up a place in line; cores already granted to it go back."""
+        if waiter[2].ready():
+            self.free(waiter[2].value)
+        else:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
 
     def free(self, slots: Slots) -> None:
         n = slots.node

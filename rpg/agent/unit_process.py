@@ -1,6 +1,6 @@
 """A unit's process: its command line, and its start, wait and kill through the agent's spawner.
 
-The agent runs a unit's lifecycle (``Agent._unit``). Its processes are started by
+The agent runs a unit's lifecycle (``Agent._unit``, ``PlainUnit``). Its processes are started by
 ``rpg/agent/spawn_server.py``, a small process of the agent's own (why: see that file), over
 two pipes: ``Spawner`` here is the agent's end, on its gevent loop. Requests go out in one
 frame per loop iteration, replies (starts and exits of many units) come back in frames a
@@ -35,6 +35,13 @@ SPAWNERS = 1  # spawner processes. Measured here (2 cores, 2026-12-06, bench/con
 #              against 9-10 and 12-13 (the CPU is full): one, while the CPU is the limit
 REPLY_SLICE = 128  # the spawner's replies applied per turn of the loop (an exit wakes a unit)
 SPAWN_TIMEOUT_S = 120.0  # a spawn the spawner did not answer (a stalled disk) fails the unit
+FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
+SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
+NO_SPAWNER_RETRY_S = 0.1  # while a dead spawner is replaced, a spawn looks again this often
+
+
+def no_spawner() -> SpawnError:
+    return SpawnError(errno.EAGAIN, "the agent has no spawner running")
 
 
 def unit_argv(desc: Mapping[str, Any]) -> list[str]:
@@ -52,6 +59,17 @@ KILL_WAIT_S = 30.0  # how long a SIGKILLed group may take to go before the unit 
 
 class SpawnerGone(SpawnError):
     """The spawner process died: the units it had started were killed with it."""
+
+
+def start_error(proc: "UnitProcess", argv: list[str]) -> SpawnError:
+    """What a start the spawner refused raises (``proc.error`` is set)."""
+    if isinstance(proc.error, SpawnerGone):
+        return proc.error
+    return SpawnError(proc.error.errno, f"cannot start {argv[0]!r}: {proc.error.strerror}")
+
+
+def start_timed_out(argv: list[str], timeout: float) -> SpawnError:
+    return SpawnError(errno.ETIMEDOUT, f"the spawner did not start {argv[0]!r} in {timeout:g} s")
 
 
 class UnitProcess:
@@ -148,22 +166,26 @@ class Spawner:
               stderr: str, timeout: float) -> UnitProcess:
         """Ask for a unit's start and wait for the answer. A caller killed meanwhile (cancel)
         leaves a kill request behind it: the process, if it started, does not outlive it."""
+        proc = self.request(uid, argv, cwd, env, stdout, stderr)
+        try:
+            if not proc._started.wait(timeout):
+                raise start_timed_out(argv, timeout)
+        except BaseException:
+            proc.signal_group(signal.SIGKILL)
+            raise
+        if proc.error is not None:
+            raise start_error(proc, argv)
+        return proc
+
+    def request(self, uid: str, argv: list[str], cwd: str, env: Mapping[str, str], stdout: str,
+                stderr: str) -> UnitProcess:
+        """Ask for a unit's start, without waiting: its ``_started`` is set when the spawner
+        answers (then ``error``, if any, says why it did not start: ``start_error``)."""
         if self.closed:
             raise SpawnerGone(errno.EPIPE, "the agent's spawner has stopped")
         key = self.next_key = self.next_key + 1
         proc = self.procs[key] = UnitProcess(self, key, uid)
         self.send(["spawn", key, list(argv), cwd, dict(env), stdout, stderr])
-        try:
-            if not proc._started.wait(timeout):
-                raise SpawnError(errno.ETIMEDOUT,
-                                 f"the spawner did not start {argv[0]!r} in {timeout:g} s")
-        except BaseException:
-            proc.signal_group(signal.SIGKILL)
-            raise
-        if proc.error is not None:
-            if isinstance(proc.error, SpawnerGone):
-                raise proc.error
-            raise SpawnError(proc.error.errno, f"cannot start {argv[0]!r}: {proc.error.strerror}")
         return proc
 
     def send(self, msg: list) -> None:
@@ -319,15 +341,21 @@ class Spawners:
               stdout: str, stderr: str) -> UnitProcess:
         deadline = gevent.get_hub().loop.now() + SPAWN_TIMEOUT_S
         while True:  # the spawners in turn; one that is being replaced is skipped
-            live = [s for s in self.slots if s is not None]
-            if live:
+            spawner = self.next()
+            if spawner is not None:
                 break
             if gevent.get_hub().loop.now() > deadline:
-                raise SpawnError(errno.EAGAIN, "the agent has no spawner running")
-            gevent.sleep(0.1)
+                raise no_spawner()
+            gevent.sleep(NO_SPAWNER_RETRY_S)
+        return spawner.spawn(uid, argv, sandbox, env, stdout, stderr, SPAWN_TIMEOUT_S)
+
+    def next(self) -> Spawner | None:
+        """The spawner whose turn it is; None while none runs (one is being replaced)."""
+        live = [s for s in self.slots if s is not None]
+        if not live:
+            return None
         self.turn += 1
-        return live[self.turn % len(live)].spawn(uid, argv, sandbox, env, stdout, stderr,
-                                                 SPAWN_TIMEOUT_S)
+        return live[self.turn % len(live)]
 
     def niced(self) -> list[dict[str, Any] | None]:
         """Per spawner: the autogroup nice value it set, or why not (None: not asked, or

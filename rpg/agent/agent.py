@@ -3,11 +3,11 @@
 It calls in to the hub, pulls units in batches (long poll), runs each unit's lifecycle (stage
 in, get cores, execute, stage out) as a greenlet, or, for a plain executable unit, as a
 ``PlainUnit`` driven by callbacks (rpg/agent/plain_unit.py), and pushes state updates in
-batches, which double as heartbeats. If the hub goes silent past the heartbeat timeout, the agent kills its
-units and exits; when its runtime ends it fails the units still running and exits. Given
-``hub_pid`` (a local agent of an embedded hub) it also watches that process through a pidfd and
-stops at once when it is gone; without it (a hub service that may restart) it waits out the
-heartbeat timeout. Its side of the wire (register, pull, push) is rpg/agent/hub_link.py.
+batches, which double as heartbeats. If the hub goes silent past the heartbeat timeout, the
+agent kills its units and exits; when its runtime ends it fails the units still running and
+exits. Given ``hub_pid`` (a local agent of an embedded hub) it also watches that process through
+a pidfd and stops at once when it is gone; without it (a hub service that may restart) it waits
+out the heartbeat timeout. Its side of the wire (register, pull, push) is rpg/agent/hub_link.py.
 """
 
 from __future__ import annotations

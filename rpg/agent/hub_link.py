@@ -33,7 +33,7 @@ PUSH_GATHER_S = 0.005  # updates gathered before a push (as Dask's BatchedSend: 
 PUSH_GATHER_BUSY_S = 0.012  # after a push of PUSH_BUSY updates or more: a zerorpc call costs
 PUSH_BUSY = 64  # ~330 us of CPU on each side, so a busy agent pushes less often, in bulk
 CANCEL_SLICE = 128  # units a pull's cancels kill per slice (yield_to_loop between)
-PULL_BATCH = 64  # units a pull takes: each starts a greenlet in the same loop iteration
+PULL_BATCH = 64  # units a pull takes: each begins (its greenlet or first step) in one turn
 
 ENCODING_ERRORS = frozenset({"UnicodeError", "UnicodeEncodeError", "UnicodeDecodeError",
                              "PackException", "PackValueError", "PackOverflowError",

@@ -393,3 +393,30 @@ def test_agent_json_with_a_bad_unit_nice_is_refused_naming_it(value, problem):
     assert AgentConfig.from_json({**cfg, "unit_nice": 19}).unit_nice == 19
     with pytest.raises(AgentConfigError, match=f"unit_nice must be {problem}"):
         AgentConfig.from_json({**cfg, "unit_nice": value})
+
+
+def test_a_unit_killed_before_its_greenlet_first_ran_is_still_reported(tmp_path):
+    """A unit and its cancel can come in one pull reply (the hub resends a lost reply). A unit
+    with staging runs as a greenlet; killed before its first step, the greenlet never runs its
+    body, which is what reports a unit. It is reported CANCELED all the same, and let go."""
+    import gevent
+
+    from rpg.agent.agent import Agent
+    from rpg.launch_config import AgentConfig
+
+    agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
+                              hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,
+                              gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
+                              staging_timeout=10, kill_grace=1))
+    desc = {"executable": "/bin/true", "arguments": [], "cores": 1, "gpus": 0,
+            "stdout": "STDOUT", "stderr": "STDERR", "timeout": None,
+            "input_staging": [{"source": str(tmp_path / "in"), "target": "in"}],
+            "output_staging": []}
+    agent._start_unit("unit.000001", desc)
+    assert "unit.000001" in agent.units
+    agent.cancel_unit("unit.000001", "CANCELED", "canceled by the application", [])
+    gevent.sleep(0)
+    gevent.sleep(0)
+    assert agent.units == {} and agent.cancel_reasons == {}
+    assert [(u[0], u[1], u[3]) for u in agent.updates] == [
+        ("unit.000001", "CANCELED", {"reason": "canceled by the application", "exit_code": None})]

@@ -129,3 +129,33 @@ def test_cancels_at_every_step_of_plain_units_end_each_once_in_order_with_cores_
     assert whole.wait(timeout=30) == "DONE", (whole.state, whole.reason)
     assert whole.stdout == "both\n"
     assert wait_no_pilot_processes(pilot_key(session.uid, pilot.uid)) == []
+
+
+def test_a_plain_unit_ended_by_another_greenlet_wakes_its_joiners(tmp_path):
+    """The agent's ``_stop_units`` waits for its units with ``gevent.joinall``, while another
+    greenlet (a cancel's escalation) may end one. A PlainUnit calls its waiters from the hub,
+    as a greenlet's end does: ended from a greenlet, it wakes the join at once."""
+    import gevent
+
+    from rpg.agent.agent import Agent
+    from rpg.agent.plain_unit import PlainUnit
+    from rpg.launch_config import AgentConfig
+
+    agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
+                              hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,
+                              gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
+                              staging_timeout=10, kill_grace=1))
+    unit = agent.units["unit.000001"] = PlainUnit(agent, "unit.000001",
+                                                   {"stdout": "STDOUT", "stderr": "STDERR"})
+    agent.cancel_reasons["unit.000001"] = ("CANCELED", "canceled by the application")
+    t0 = time.monotonic()
+    joiner = gevent.spawn(gevent.joinall, [unit], timeout=5)
+    gevent.sleep(0)  # the joiner waits now
+    ender = gevent.spawn(unit.kill)
+    ender.join(timeout=5)
+    assert ender.successful(), ender.exception
+    assert joiner.get(timeout=5) == [unit]
+    assert time.monotonic() - t0 < 1
+    assert unit.ready() and agent.units == {}
+    assert [(u[0], u[1]) for u in agent.updates] == [("unit.000001", "CANCELED")]
+    assert gevent.joinall([unit], timeout=1) == [unit]  # one that has ended: at once

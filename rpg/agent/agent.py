@@ -94,10 +94,10 @@ class Agent(HubLink):
             if self.resource_manager == "slurm"
             else [[socket.gethostname(), self.cores, self.gpus]])
         self.log = get_logger("agent", pilot=self.uid)
-        self.units: dict[str, Any] = {}  # uid -> greenlet
+        self.units: dict[str, Any] = {}  # uid -> its greenlet or PlainUnit
         self.executing = 0
         self.cancel_reasons: dict[str, tuple[str, str]] = {}
-        self.running: dict[str, UnitProcess] = {}  # units whose greenlet waits for the exit
+        self.running: dict[str, UnitProcess] = {}  # units whose process runs: its exit ends them
         self.signaled: set[str] = set()  # ... that a cancel sent SIGTERM: they end CANCELED
         self._escalations: set[Any] = set()  # greenlets that SIGKILL what SIGTERM left
         self.done = Event()
@@ -319,14 +319,27 @@ class Agent(HubLink):
 
     # -- one unit --------------------------------------------------------------------------------
 
-    def _start_unit(self, uid: str, desc: dict[str, Any]) -> Any:
-        """A plain executable unit (no staging, no timeout, not srun, not a function) runs as
-        a PlainUnit, driven by callbacks (rpg/agent/plain_unit.py); any other as a greenlet."""
+    def _start_unit(self, uid: str, desc: dict[str, Any]) -> None:
+        """Hold the unit (in ``units``) and start it. A plain executable unit (no staging, no
+        timeout, not srun, not a function) runs as a PlainUnit, driven by callbacks
+        (rpg/agent/plain_unit.py); any other as a greenlet."""
         if (desc.get("payload") is None and desc.get("timeout") is None
-                and not desc["input_staging"] and not desc["output_staging"]
+                and not desc.get("input_staging") and not desc.get("output_staging")
                 and desc.get("launch") != "srun"):
-            return PlainUnit(self, uid, desc).begin()
-        return gevent.spawn(self._unit, uid, desc)
+            unit = self.units[uid] = PlainUnit(self, uid, desc)
+            unit.begin()  # it may end at once (then it is gone from units already)
+            return
+        g = self.units[uid] = gevent.spawn(self._unit, uid, desc)
+        g.rawlink(lambda g, uid=uid: self._unit_gone(uid, g))
+
+    def _unit_gone(self, uid: str, g: Any) -> None:
+        """A unit's greenlet ended. One killed before its first step never ran its body, so
+        nothing reported it: it is reported here, as a kill before its start."""
+        if self.units.get(uid) is g:
+            self.report_ended(uid, False, None)
+            self.units.pop(uid, None)
+            self.cancel_reasons.pop(uid, None)
+            self.signaled.discard(uid)
 
     def _unit(self, uid: str, desc: dict[str, Any]) -> None:
         sandbox = os.path.join(self.sandbox, uid)

@@ -117,7 +117,7 @@ class HubLink:
             for item in resp["units"]:
                 uid = item["uid"]
                 if uid not in self.units:
-                    self.units[uid] = self._start_unit(uid, item["description"])
+                    self._start_unit(uid, item["description"])
                     self.counters["units"] += 1
             signaled: list[Any] = []
             for i, uid in enumerate(resp["cancel"]):

@@ -171,7 +171,6 @@ class PlainUnit:
     def _start_timed_out(self) -> None:
         if self.dead:
             return
-        self.timer = None
         self.proc.signal_group(signal.SIGKILL)
         self._failed(start_timed_out(self.argv, SPAWN_TIMEOUT_S))
 
@@ -187,11 +186,15 @@ class PlainUnit:
                 if exc.errno in FD_SHORT and time.monotonic() <= self.fd_deadline:
                     a.counters["fd_waits"] += 1  # too many open files: wait and retry
                     a.log.warning("spawn_fds_short", error=str(exc)[:200], retry_s=self.fd_delay)
+                    self.spawn_deadline = time.monotonic() + SPAWN_TIMEOUT_S
                     self._later(self.fd_delay, self._respawn)
                     self.fd_delay = min(1.0, self.fd_delay * 2)
                     return
                 raise exc
             a.report(self.uid, states.EXECUTING)  # the process exists now
+            if proc._exited.is_set():  # its exit came in the same frame: no cancel between
+                self._exited(None)
+                return
             a.running[self.uid] = proc  # a cancel signals it; its exit ends the unit
             proc._exited.rawlink(self._exited)
         except Exception as exc:
@@ -201,15 +204,15 @@ class PlainUnit:
         if self.dead:
             return
         a, proc, uid = self.agent, self.proc, self.uid
-        a.running.pop(uid, None)
-        self._stop_timer()
-        if uid in a.signaled or self.killed:  # canceled while it ran (or its spawner died)
-            self._ended(proc.returncode)
-            return
-        if proc.error is not None:  # the spawner died under it
-            self._failed(proc.error)
-            return
         try:
+            a.running.pop(uid, None)
+            self._stop_timer()
+            if uid in a.signaled or self.killed:  # canceled while it ran (or its spawner died)
+                self._ended(proc.returncode)
+                return
+            if proc.error is not None:  # the spawner died under it
+                self._failed(proc.error)
+                return
             self.rc = proc.returncode
             self._release()
             a.report(uid, states.STAGING_OUT)
@@ -222,18 +225,20 @@ class PlainUnit:
         if self.dead:
             return
         self.waiting = self.batcher = None
-        if not result.successful():
-            self._failed(result.exception)
-            return
-        out, err, unreadable = result.value
-        rc = self.rc
-        fields = {"exit_code": rc, "stdout": out, "stderr": err}
-        why = [] if rc == 0 else [f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"]
-        why += unreadable  # never report DONE with output silently missing
-        if why:
-            self._end(states.FAILED, reason="; ".join(why), **fields)
-        else:
-            self._end(states.DONE, **fields)
+        try:
+            if not result.successful():
+                raise result.exception
+            out, err, unreadable = result.value
+            rc = self.rc
+            fields = {"exit_code": rc, "stdout": out, "stderr": err}
+            why = [] if rc == 0 else [f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"]
+            why += unreadable  # never report DONE with output silently missing
+            if why:
+                self._end(states.FAILED, reason="; ".join(why), **fields)
+            else:
+                self._end(states.DONE, **fields)
+        except Exception as exc:
+            self._failed(exc)
 
     # -- cancel --------------------------------------------------------------------------------
 
@@ -243,7 +248,8 @@ class PlainUnit:
             return
         proc = self.proc
         if proc is not None and self.uid in self.agent.running:  # its process runs
-            if self.killed:  # a second kill: SIGKILL was sent and its exit never came
+            if self.killed:  # a second kill: its exit has not come; it ends here, unseen
+                proc.signal_group(signal.SIGKILL)
                 self._ended(None)
                 return
             self.killed = True
@@ -260,7 +266,6 @@ class PlainUnit:
         self._ended(self.rc)
 
     def _kill_hard(self) -> None:
-        self.timer = None
         if self.dead:
             return
         self.proc.signal_group(signal.SIGKILL)
@@ -316,8 +321,10 @@ class PlainUnit:
         a.cancel_reasons.pop(uid, None)
         a.signaled.discard(uid)
         links, self.links = self.links, None
-        for callback in links or ():
-            callback(self)
+        if links:  # from the hub, as gevent calls a greenlet's links (joinall's must be)
+            run = gevent.get_hub().loop.run_callback
+            for callback in links:
+                run(callback, self)
 
     def _release(self) -> None:
         if self.slots is not None:

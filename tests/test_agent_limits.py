@@ -420,3 +420,27 @@ def test_a_unit_killed_before_its_greenlet_first_ran_is_still_reported(tmp_path)
     assert agent.units == {} and agent.cancel_reasons == {}
     assert [(u[0], u[1], u[3]) for u in agent.updates] == [
         ("unit.000001", "CANCELED", {"reason": "canceled by the application", "exit_code": None})]
+
+
+def test_an_unforeseen_error_in_a_units_greenlet_fails_the_unit_saying_so(tmp_path):
+    """Whatever a unit's step raises, the unit ends FAILED with the error's words: it is never
+    left unreported. Here an agent that was never run has no lanes, so the first step that
+    needs one raises AttributeError, an error no step expects."""
+    import gevent
+
+    from rpg.agent.agent import Agent
+    from rpg.launch_config import AgentConfig
+
+    agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
+                              hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,
+                              gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
+                              staging_timeout=10, kill_grace=1))
+    desc = {"executable": "/bin/true", "arguments": [], "cores": 1, "gpus": 0,
+            "stdout": "STDOUT", "stderr": "STDERR", "timeout": 5.0,
+            "input_staging": [], "output_staging": []}
+    agent._start_unit("unit.000001", desc)
+    gevent.joinall([agent.units["unit.000001"]], timeout=5)
+    assert agent.units == {}
+    states_seen = [(u[1], u[3].get("reason")) for u in agent.updates]
+    assert states_seen[0] == ("STAGING_IN", None)
+    assert states_seen[-1][0] == "FAILED" and "has no attribute" in states_seen[-1][1]

@@ -30,14 +30,12 @@ from gevent.socket import wait_read
 from rpg import states
 from rpg.agent.function_workers import (
     FunctionWorkers,
-    WorkerGone,
     function_outcome,
     worker_env,
 )
 from rpg.agent.hub_link import HubLink, _HubLost, _Rejected
 from rpg.agent.plain_unit import FD_SHORT_WAIT_S, NoTime, PlainUnit, UnitFailed, own_files
 from rpg.agent.resources import (
-    ResourceError,
     SrunPlacer,
     nodes_from_environment,
     open_fd_count,
@@ -415,8 +413,9 @@ class Agent(HubLink):
             self.report_ended(uid, started, rc)
         except NoTime as exc:  # it did not start: the hub may give it to another pilot
             self.report(uid, states.FAILED, reason=str(exc), reason_code="drained")
-        except (UnitFailed, StagingError, IOPoolError, SpawnError, OSError,
-                ResourceError, WorkerGone) as exc:
+        except Exception as exc:  # UnitFailed, StagingError, IOPoolError, SpawnError, OSError,
+            # ResourceError, WorkerGone; and anything unforeseen (a batch aborted, a bug): the
+            # unit FAILS saying so, never goes unreported (a PlainUnit does the same)
             rc = child.terminate(grace=self.kill_grace) if child is not None else None
             self.report(uid, states.FAILED, reason=str(exc), exit_code=rc)
         finally:

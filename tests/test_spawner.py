@@ -309,3 +309,45 @@ def test_a_kernel_without_autogroups_is_said_so_and_the_spawner_serves_on(server
         assert [m[0] for m in got if m[0] != "niced"] == ["started", "exited"], got
     finally:
         assert server.close() == 0
+
+
+def test_a_second_kill_while_a_unit_is_terminated_sends_sigkill_and_returns(tmp_path):
+    """A unit's greenlet that was killed waits up to ``kill_grace`` for its process to take
+    SIGTERM. A second kill meanwhile (a cancel, the escalation, the agent's stop) must not
+    leave the unit unreported: the wait ends at once and the group gets SIGKILL."""
+    import signal as sig
+
+    import gevent
+
+    from rpg.agent.agent import Agent
+    from rpg.agent.unit_process import Spawner
+    from rpg.launch_config import AgentConfig
+    from rpg.log import get_logger
+
+    agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
+                              hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,
+                              gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
+                              staging_timeout=10, kill_grace=20))
+    spawner = Spawner(dict(os.environ), str(tmp_path), os.environ, get_logger("test"),
+                      lambda *a: None)
+    spawner.start()
+    spawner.run()
+    try:
+        ready = tmp_path / "ready"
+        proc = spawner.spawn("unit.000001",
+                             ["/bin/sh", "-c", f'trap "" TERM; touch {ready}; sleep 30'],
+                             str(tmp_path), {}, str(tmp_path / "out"), str(tmp_path / "err"),
+                             10)
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:  # SIGTERM is ignored now
+            gevent.sleep(0.02)
+        ender = gevent.spawn(agent._terminate, proc)
+        gevent.sleep(0.3)  # SIGTERM sent and ignored; it waits out its 20 s grace
+        assert not ender.ready() and proc.returncode is None
+        t0 = time.monotonic()
+        ender.kill(block=True, timeout=5)  # the second kill
+        assert time.monotonic() - t0 < 1
+        assert ender.dead
+        assert proc.wait(timeout=5) == -sig.SIGKILL
+    finally:
+        spawner.close()

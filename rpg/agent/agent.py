@@ -34,7 +34,14 @@ from rpg.agent.function_workers import (
     worker_env,
 )
 from rpg.agent.hub_link import HubLink, _HubLost, _Rejected
-from rpg.agent.plain_unit import FD_SHORT_WAIT_S, NoTime, PlainUnit, UnitFailed, own_files
+from rpg.agent.plain_unit import (
+    FD_SHORT_WAIT_S,
+    NoTime,
+    PlainUnit,
+    UnitFailed,
+    failure_reason,
+    own_files,
+)
 from rpg.agent.resources import (
     SrunPlacer,
     nodes_from_environment,
@@ -409,15 +416,16 @@ class Agent(HubLink):
             why += unreadable  # never report DONE with output silently missing
             self._finish(uid, desc, sandbox, why, fields, stage_out=not timed_out)
         except GreenletExit:
-            rc = child.terminate(grace=self.kill_grace) if child is not None else None
+            rc = self._terminate(child)
             self.report_ended(uid, started, rc)
         except NoTime as exc:  # it did not start: the hub may give it to another pilot
             self.report(uid, states.FAILED, reason=str(exc), reason_code="drained")
         except Exception as exc:  # UnitFailed, StagingError, IOPoolError, SpawnError, OSError,
             # ResourceError, WorkerGone; and anything unforeseen (a batch aborted, a bug): the
             # unit FAILS saying so, never goes unreported (a PlainUnit does the same)
-            rc = child.terminate(grace=self.kill_grace) if child is not None else None
-            self.report(uid, states.FAILED, reason=str(exc), exit_code=rc)
+            rc = self._terminate(child)
+            self.report(uid, states.FAILED, reason=failure_reason(exc, self.log, uid),
+                        exit_code=rc)
         finally:
             if slots is not None:
                 self.sched.free(slots)
@@ -428,6 +436,18 @@ class Agent(HubLink):
             self.units.pop(uid, None)
             self.cancel_reasons.pop(uid, None)
             self.signaled.discard(uid)
+
+    def _terminate(self, child: UnitProcess | None) -> int | None:
+        """End a unit's process (SIGTERM, SIGKILL after ``kill_grace``); its exit code, if
+        seen. A second kill while it waits (a cancel, the escalation, the agent's stop) sends
+        SIGKILL and returns at once: the unit is reported all the same."""
+        if child is None:
+            return None
+        try:
+            return child.terminate(grace=self.kill_grace)
+        except GreenletExit:
+            child.signal_group(signal.SIGKILL)
+            return child.returncode
 
     def report_ended(self, uid: str, started: bool, rc: int | None) -> None:
         """Report a unit that a cancel or the pilot's end stopped (``rc``: its exit code, if

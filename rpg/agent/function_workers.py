@@ -258,7 +258,9 @@ class FunctionWorkers:
                         results = [[calls.ERROR, None, text, 0.0]] * max(ncalls, 1)
                         continue
                     results.append([status, data, text, seconds])
-            except TimeoutError:  # gevent's socket.timeout is one too
+            except TimeoutError as exc:  # gevent's socket.timeout is one too
+                if isinstance(exc, IOPoolError):  # a result file's read, not the unit's time
+                    raise
                 self.counters["worker_kills"] += 1
                 worker.kill()
                 problem = (f"timed out after {timeout:g} s; its function worker (pid "
@@ -275,13 +277,15 @@ class FunctionWorkers:
                 results += [[calls.NOT_RUN, None, "not started", 0.0]] * (ncalls - len(results))
             return results, problem
         finally:
-            if worker is not None:
-                self.busy.discard(worker)
-                if finished and not self.closed:
-                    self.idle.append(worker)
-                else:
-                    worker.kill()  # canceled mid-call, or died: a new one takes its place
-            self.slots.release()
+            try:
+                if worker is not None:
+                    self.busy.discard(worker)
+                    if finished and not self.closed:
+                        self.idle.append(worker)
+                    else:
+                        worker.kill()  # canceled mid-call, or died: a new one takes its place
+            finally:  # a second kill during that kill must not take the slot with it
+                self.slots.release()
 
     def close(self) -> None:
         """End every worker (the pilot ends): idle ones exit at EOF, busy ones are killed."""

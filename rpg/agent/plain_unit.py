@@ -24,11 +24,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+import traceback
 from typing import TYPE_CHECKING, Any, Callable
 
 import gevent
 
 from rpg import states
+from rpg.agent.function_workers import WorkerGone
+from rpg.agent.resources import ResourceError
 from rpg.agent.scheduler import Slots
 from rpg.agent.unit_process import (
     FD_SHORT,
@@ -41,6 +44,8 @@ from rpg.agent.unit_process import (
     start_timed_out,
     unit_argv,
 )
+from rpg.io_pool import IOPoolError
+from rpg.staging import StagingError
 
 if TYPE_CHECKING:
     from rpg.agent.agent import Agent
@@ -54,6 +59,20 @@ class UnitFailed(Exception):
 
 class NoTime(Exception):
     """A unit's runtime would overrun the pilot's: it is not started."""
+
+
+# What a unit's steps raise by design; their words are the unit's reason as they are.
+EXPECTED = (UnitFailed, NoTime, StagingError, IOPoolError, OSError, ResourceError, WorkerGone)
+
+
+def failure_reason(exc: BaseException, log: Any, uid: str) -> str:
+    """A failed unit's reason: an expected error's own words; an unforeseen one (a bug) also
+    its type, and its traceback in the agent's log."""
+    if isinstance(exc, EXPECTED):
+        return str(exc)
+    log.error("unit_step_failed", unit=uid, error=repr(exc)[:300],
+              traceback="".join(traceback.format_exception(exc))[-4000:])
+    return f"{type(exc).__name__}: {exc}"
 
 
 def own_files(desc: dict[str, Any]) -> tuple[str, ...]:
@@ -299,7 +318,8 @@ class PlainUnit:
         if isinstance(exc, NoTime):  # it did not start: the hub may give it to another pilot
             self._end(states.FAILED, reason=str(exc), reason_code="drained")
         else:
-            self._end(states.FAILED, reason=str(exc), exit_code=self.rc)
+            self._end(states.FAILED, reason=failure_reason(exc, self.agent.log, self.uid),
+                      exit_code=self.rc)
 
     def _ended(self, rc: int | None) -> None:
         if self.dead:

@@ -436,8 +436,9 @@ def test_an_unforeseen_error_in_a_units_greenlet_fails_the_unit_saying_so(tmp_pa
                               gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
                               staging_timeout=10, kill_grace=1))
     desc = {"executable": "/bin/true", "arguments": [], "cores": 1, "gpus": 0,
-            "stdout": "STDOUT", "stderr": "STDERR", "timeout": 5.0,
-            "input_staging": [], "output_staging": []}
+            "stdout": "STDOUT", "stderr": "STDERR", "timeout": None,  # staging: a greenlet
+            "input_staging": [{"source": str(tmp_path / "in"), "target": "in"}],
+            "output_staging": []}
     agent._start_unit("unit.000001", desc)
     gevent.joinall([agent.units["unit.000001"]], timeout=5)
     assert agent.units == {}

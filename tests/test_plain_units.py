@@ -159,3 +159,41 @@ def test_a_plain_unit_ended_by_another_greenlet_wakes_its_joiners(tmp_path):
     assert unit.ready() and agent.units == {}
     assert [(u[0], u[1]) for u in agent.updates] == [("unit.000001", "CANCELED")]
     assert gevent.joinall([unit], timeout=1) == [unit]  # one that has ended: at once
+
+
+def test_a_plain_unit_that_ignores_sigterm_past_its_timeout_is_killed_and_fails_saying_so(
+        session):
+    """A unit's timeout is a timer of the agent's loop: SIGTERM when it runs out, SIGKILL after
+    the pilot's kill_grace. The unit FAILS naming its timeout, with the exit code of the kill,
+    and its core goes to the next unit."""
+    _, pilot, umgr = local_pilot(session, cores=1, kill_grace=1.0)
+    u, after = umgr.submit_units([
+        rpg.UnitDescription(executable="/bin/sh", arguments=["-c", "trap '' TERM; sleep 60"],
+                            timeout=0.5),
+        rpg.UnitDescription(executable="/bin/echo", arguments=["next"])])
+    assert u.wait(timeout=30) == "FAILED", (u.state, u.reason)
+    assert u.reason == "timed out after 0.5 s; killed", u.reason
+    assert u.exit_code == -9
+    assert [s for s, _ in u.history][-3:] == ["EXECUTING", "STAGING_OUT", "FAILED"]
+    assert after.wait(timeout=30) == "DONE" and after.stdout == "next\n"
+    assert wait_no_pilot_processes(pilot_key(session.uid, pilot.uid)) == []
+
+
+def test_a_plain_unit_canceled_while_its_timeout_ends_it_ends_canceled(session):
+    """Its timeout ran out and its process, ignoring SIGTERM, waits out the grace; a cancel
+    then ends it CANCELED (the application's word wins), by SIGKILL after the grace."""
+    _, pilot, umgr = local_pilot(session, cores=1, kill_grace=2.0)
+    u = umgr.submit_units(rpg.UnitDescription(
+        executable="/bin/sh", arguments=["-c", "trap '' TERM; echo ready; sleep 60"],
+        timeout=0.3))
+    assert u.wait(state="EXECUTING", timeout=30) == "EXECUTING"
+    time.sleep(1.0)  # its timeout has run out: SIGTERM was sent and ignored
+    assert u.state == "EXECUTING"
+    t0 = time.monotonic()
+    umgr.cancel_units(u.uid)
+    assert u.wait(timeout=30) == "CANCELED", (u.state, u.reason)
+    assert time.monotonic() - t0 < 10
+    assert u.reason == "canceled by the application"
+    assert u.exit_code == -9
+    assert wait_no_pilot_processes(pilot_key(session.uid, pilot.uid)) == []
+    assert pilot.state == "ACTIVE"

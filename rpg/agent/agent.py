@@ -325,10 +325,10 @@ class Agent(HubLink):
     # -- one unit --------------------------------------------------------------------------------
 
     def _start_unit(self, uid: str, desc: dict[str, Any]) -> None:
-        """Hold the unit (in ``units``) and start it. A plain executable unit (no staging, no
-        timeout, not srun, not a function) runs as a PlainUnit, driven by callbacks
+        """Hold the unit (in ``units``) and start it. A plain executable unit (no staging, not
+        srun, not a function) runs as a PlainUnit, driven by callbacks
         (rpg/agent/plain_unit.py); any other as a greenlet."""
-        if (desc.get("payload") is None and desc.get("timeout") is None
+        if (desc.get("payload") is None
                 and not desc.get("input_staging") and not desc.get("output_staging")
                 and desc.get("launch") != "srun"):
             unit = self.units[uid] = PlainUnit(self, uid, desc)

@@ -1,12 +1,14 @@
 """A plain executable unit's lifecycle, driven by callbacks: no greenlet of its own.
 
-Most units are an executable with no staging, no timeout and no ``srun`` (the many small tasks
-rpg is for). ``Agent._unit`` runs a unit as a greenlet: one made and freed per unit (its frame
+Most units are an executable with no staging and no ``srun`` (the many small tasks rpg is
+for). ``Agent._unit`` runs a unit as a greenlet: one made and freed per unit (its frame
 stack mapped and unmapped) and five waits, each a switch into it and back. ``PlainUnit`` takes
 the same steps, with the same reports in the same order and the same outcomes, as callbacks on
 what each step waits for: its sandbox made (a ``Batcher`` result), its cores (a place in the
 scheduler's line), its start and its exit (the spawner's replies), its outputs read. Any other
-unit (staging, a timeout, srun, a function) keeps its greenlet.
+unit (staging, srun, a function) keeps its greenlet. A timeout is a timer of the loop's: when
+it runs out, the process gets SIGTERM, then SIGKILL after ``kill_grace``, and the unit FAILS
+("timed out after ... s; killed") once its exit is seen.
 
 Cancel: ``kill()``, the call ``Agent.cancel_unit``, ``escalate_later`` and ``_stop_units`` make
 on a unit's greenlet, ends it where it is, as GreenletExit ends ``Agent._unit``: a unit not
@@ -84,8 +86,8 @@ class PlainUnit:
     """One plain executable unit on its way through the agent (see the module's doc)."""
 
     __slots__ = ("agent", "uid", "desc", "sandbox", "argv", "slots", "proc", "waiting", "batcher",
-                 "timer", "started", "executing", "killed", "dead", "links", "spawn_deadline",
-                 "fd_deadline", "fd_delay", "rc")
+                 "timer", "started", "executing", "killed", "timed_out", "collecting", "dead",
+                 "links", "spawn_deadline", "fd_deadline", "fd_delay", "rc")
 
     def __init__(self, agent: Agent, uid: str, desc: dict[str, Any]) -> None:
         self.agent = agent
@@ -101,6 +103,8 @@ class PlainUnit:
         self.started = False  # it got its cores: its process is, or is about to be, running
         self.executing = False  # ... and counts in the agent's ``executing`` until it exits
         self.killed = False  # kill() sent SIGTERM to its running process
+        self.timed_out = False  # its timeout ran out: its process is being ended
+        self.collecting = False  # its process has ended (or was given up on): outputs next
         self.dead = False  # reported final; every callback that comes later is ignored
         self.links: list[Callable[[Any], None]] | None = None
         self.spawn_deadline = 0.0
@@ -216,11 +220,30 @@ class PlainUnit:
                 return
             a.running[self.uid] = proc  # a cancel signals it; its exit ends the unit
             proc._exited.rawlink(self._exited)
+            timeout = self.desc.get("timeout")
+            if timeout is not None:
+                self._later(timeout, self._timed_out)
         except Exception as exc:
             self._failed(exc)
 
+    def _timed_out(self) -> None:
+        """Its timeout ran out: SIGTERM, SIGKILL after ``kill_grace``; it FAILS once its exit
+        is seen (or after KILL_WAIT_S more), as a greenlet's ``terminate`` ends it."""
+        if self.dead or self.collecting:
+            return
+        self.timed_out = True
+        self.agent.running.pop(self.uid, None)  # a cancel from now on is a kill, as for a greenlet
+        self.proc.signal_group(signal.SIGTERM)
+        self._later(self.agent.kill_grace, self._timeout_kill)
+
+    def _timeout_kill(self) -> None:
+        if self.dead or self.collecting:
+            return
+        self.proc.signal_group(signal.SIGKILL)
+        self._later(KILL_WAIT_S, self._after_exit, None)
+
     def _exited(self, _event: Any) -> None:
-        if self.dead:
+        if self.dead or self.collecting:
             return
         a, proc, uid = self.agent, self.proc, self.uid
         try:
@@ -229,16 +252,21 @@ class PlainUnit:
             if uid in a.signaled or self.killed:  # canceled while it ran (or its spawner died)
                 self._ended(proc.returncode)
                 return
-            if proc.error is not None:  # the spawner died under it
+            if proc.error is not None and not self.timed_out:  # the spawner died under it
                 self._failed(proc.error)
                 return
-            self.rc = proc.returncode
-            self._release()
-            a.report(uid, states.STAGING_OUT)
-            self._call(a._collector(self.sandbox), self._collected, self.sandbox,
-                       self.desc["stdout"], self.desc["stderr"])
+            self._after_exit(proc.returncode)
         except Exception as exc:
             self._failed(exc)
+
+    def _after_exit(self, rc: int | None) -> None:
+        """Its process is gone (``rc`` None: not seen to exit): cores back, outputs read."""
+        self.collecting = True
+        self.rc = rc
+        self._release()
+        self.agent.report(self.uid, states.STAGING_OUT)
+        self._call(self.agent._collector(self.sandbox), self._collected, self.sandbox,
+                   self.desc["stdout"], self.desc["stderr"])
 
     def _collected(self, result: Any) -> None:
         if self.dead:
@@ -250,7 +278,8 @@ class PlainUnit:
             out, err, unreadable = result.value
             rc = self.rc
             fields = {"exit_code": rc, "stdout": out, "stderr": err}
-            why = [] if rc == 0 else [f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"]
+            why = [f"timed out after {self.desc['timeout']:g} s; killed"] if self.timed_out else \
+                [] if rc == 0 else [f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"]
             why += unreadable  # never report DONE with output silently missing
             if why:
                 self._end(states.FAILED, reason="; ".join(why), **fields)
@@ -266,7 +295,8 @@ class PlainUnit:
         if self.dead:
             return
         proc = self.proc
-        if proc is not None and self.uid in self.agent.running:  # its process runs
+        if proc is not None and not self.collecting and (
+                self.uid in self.agent.running or self.timed_out):  # its process runs
             if self.killed:  # a second kill: its exit has not come; it ends here, unseen
                 proc.signal_group(signal.SIGKILL)
                 self._ended(None)

@@ -229,18 +229,30 @@ class PlainUnit:
     def _timed_out(self) -> None:
         """Its timeout ran out: SIGTERM, SIGKILL after ``kill_grace``; it FAILS once its exit
         is seen (or after KILL_WAIT_S more), as a greenlet's ``terminate`` ends it."""
-        if self.dead or self.collecting:
+        proc = self.proc
+        if self.dead or self.collecting or proc.returncode is not None or proc.error is not None:
+            return  # its exit (or its spawner's death) came first: _exited, queued, ends it
+        self.agent.running.pop(self.uid, None)  # a cancel from now on is a kill, as for a greenlet
+        if self.uid in self.agent.signaled:  # canceled before: it ends as a kill ends it
+            self.killed = True
+            proc.signal_group(signal.SIGTERM)
+            self._later(self.agent.kill_grace, self._kill_hard)
             return
         self.timed_out = True
-        self.agent.running.pop(self.uid, None)  # a cancel from now on is a kill, as for a greenlet
-        self.proc.signal_group(signal.SIGTERM)
+        proc.signal_group(signal.SIGTERM)
         self._later(self.agent.kill_grace, self._timeout_kill)
 
     def _timeout_kill(self) -> None:
         if self.dead or self.collecting:
             return
         self.proc.signal_group(signal.SIGKILL)
-        self._later(KILL_WAIT_S, self._after_exit, None)
+        self._later(KILL_WAIT_S, self._gave_up)
+
+    def _gave_up(self) -> None:
+        """SIGKILL had KILL_WAIT_S and no exit came: it ends with no exit code seen (as a
+        greenlet's ``terminate`` returns None)."""
+        if not (self.dead or self.collecting):
+            self._after_exit(self.proc.returncode)
 
     def _exited(self, _event: Any) -> None:
         if self.dead or self.collecting:

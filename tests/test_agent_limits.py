@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import pytest
 from pilots import local_pilot as shared_local_pilot
+from pilots import unrun_agent
 from procs import wait_no_pilot_processes
 
 import rpg
@@ -316,13 +317,8 @@ def test_agent_with_a_hub_pid_already_gone_stops_at_once(tmp_path):
 def test_an_update_that_cannot_be_encoded_is_repaired_alone(tmp_path):
     """Every update the agent reports is checked: one msgpack refuses (a lone surrogate, a
     value of a type it cannot pack) is repaired or stripped to its state, alone."""
-    from rpg.agent.agent import Agent
-    from rpg.launch_config import AgentConfig
 
-    agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
-                              hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,
-                              gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
-                              staging_timeout=10, kill_grace=1))
+    agent = unrun_agent(str(tmp_path))
     bad = os.fsdecode(b"caf\xe9")
     good = ["unit.1", "DONE", 1.0, {"exit_code": 0, "stdout": "ok ✓"}]
     assert agent._encodable(good) is good
@@ -401,13 +397,8 @@ def test_a_unit_killed_before_its_greenlet_first_ran_is_still_reported(tmp_path)
     body, which is what reports a unit. It is reported CANCELED all the same, and let go."""
     import gevent
 
-    from rpg.agent.agent import Agent
-    from rpg.launch_config import AgentConfig
 
-    agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
-                              hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,
-                              gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
-                              staging_timeout=10, kill_grace=1))
+    agent = unrun_agent(str(tmp_path))
     desc = {"executable": "/bin/true", "arguments": [], "cores": 1, "gpus": 0,
             "stdout": "STDOUT", "stderr": "STDERR", "timeout": None,
             "input_staging": [{"source": str(tmp_path / "in"), "target": "in"}],
@@ -428,13 +419,8 @@ def test_an_unforeseen_error_in_a_units_greenlet_fails_the_unit_saying_so(tmp_pa
     needs one raises AttributeError, an error no step expects."""
     import gevent
 
-    from rpg.agent.agent import Agent
-    from rpg.launch_config import AgentConfig
 
-    agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
-                              hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,
-                              gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
-                              staging_timeout=10, kill_grace=1))
+    agent = unrun_agent(str(tmp_path))
     desc = {"executable": "/bin/true", "arguments": [], "cores": 1, "gpus": 0,
             "stdout": "STDOUT", "stderr": "STDERR", "timeout": None,  # staging: a greenlet
             "input_staging": [{"source": str(tmp_path / "in"), "target": "in"}],

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 import time
 import types
 
 import pytest
-from pilots import local_pilot
+from pilots import local_pilot, record_states, unrun_agent
 from procs import wait_no_pilot_processes
 from test_units import check_callback_order
 
@@ -78,15 +77,8 @@ def test_cancels_at_every_step_of_plain_units_end_each_once_in_order_with_cores_
     running and being collected. Each unit ends once, with its states in order, the outcome its
     kind and its cancel call for; then a unit that needs both cores still runs."""
     rng = random.Random(16)
-    seen: dict[str, list[str]] = {}
-    lock = threading.Lock()
-
-    def on_state(unit, state):
-        with lock:
-            seen.setdefault(unit.uid, []).append(state)
-
     _, pilot, umgr = local_pilot(session, cores=2)
-    umgr.register_callback(on_state)
+    seen = record_states(umgr)
     assert pilot.wait(state="ACTIVE", timeout=30) == "ACTIVE", pilot.reason
     kinds = [i % 3 for i in range(400)]
     descs = [rpg.UnitDescription(executable="/bin/true") if k == 0 else
@@ -137,14 +129,9 @@ def test_a_plain_unit_ended_by_another_greenlet_wakes_its_joiners(tmp_path):
     as a greenlet's end does: ended from a greenlet, it wakes the join at once."""
     import gevent
 
-    from rpg.agent.agent import Agent
     from rpg.agent.plain_unit import PlainUnit
-    from rpg.launch_config import AgentConfig
 
-    agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
-                              hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,
-                              gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
-                              staging_timeout=10, kill_grace=1))
+    agent = unrun_agent(str(tmp_path))
     unit = agent.units["unit.000001"] = PlainUnit(agent, "unit.000001",
                                                    {"stdout": "STDOUT", "stderr": "STDERR"})
     agent.cancel_reasons["unit.000001"] = ("CANCELED", "canceled by the application")

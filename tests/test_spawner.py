@@ -20,7 +20,7 @@ import pytest
 import rpg
 from rpg.agent.unit_process import SERVER
 from rpg.io_pool.sweep import pilot_key
-from tests.pilots import local_pilot
+from tests.pilots import local_pilot, unrun_agent
 from tests.procs import wait_no_pilot_processes, wait_pilot_processes
 
 
@@ -319,15 +319,10 @@ def test_a_second_kill_while_a_unit_is_terminated_sends_sigkill_and_returns(tmp_
 
     import gevent
 
-    from rpg.agent.agent import Agent
     from rpg.agent.unit_process import Spawner
-    from rpg.launch_config import AgentConfig
     from rpg.log import get_logger
 
-    agent = Agent(AgentConfig(pilot_uid="pilot.000000", session_uid="s", token="t",
-                              hub_address="tcp://127.0.0.1:9", sandbox=str(tmp_path), cores=1,
-                              gpus=0, runtime_s=0, heartbeat_interval=1, heartbeat_timeout=1,
-                              staging_timeout=10, kill_grace=20))
+    agent = unrun_agent(str(tmp_path), kill_grace=20)
     spawner = Spawner(dict(os.environ), str(tmp_path), os.environ, get_logger("test"),
                       lambda *a: None)
     spawner.start()

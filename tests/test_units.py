@@ -6,12 +6,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import threading
 import time
 
 import psutil
 import pytest
-from pilots import local_pilot
+from pilots import local_pilot, record_states
 from procs import wait_no_pilot_processes
 
 import rpg
@@ -44,15 +43,8 @@ def test_200_units_of_several_kinds(session, tmp_path):
     (data / "linkme.txt").write_text("linked\n")
     outdir = tmp_path / "out"
 
-    seen: dict[str, list[str]] = {}
-    lock = threading.Lock()
-
-    def on_state(unit, state):
-        with lock:
-            seen.setdefault(unit.uid, []).append(state)
-
     _, pilot, umgr = local_pilot(session, cores=4)
-    umgr.register_callback(on_state)
+    seen = record_states(umgr)
     descs, expect = [], []
     for i in range(200):
         kind = i % 5

@@ -39,6 +39,7 @@ from rpg.agent.plain_unit import (
     NoTime,
     PlainUnit,
     UnitFailed,
+    exit_problems,
     failure_reason,
     own_files,
 )
@@ -411,8 +412,7 @@ class Agent(HubLink):
             out, err, unreadable = self._collector(sandbox).call(sandbox, desc["stdout"],
                                                                  desc["stderr"])
             fields = {"exit_code": rc, "stdout": out, "stderr": err}
-            why = [f"timed out after {timeout:g} s; killed"] if timed_out else \
-                [] if rc == 0 else [f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"]
+            why = exit_problems(rc, timeout if timed_out else None)
             why += unreadable  # never report DONE with output silently missing
             self._finish(uid, desc, sandbox, why, fields, stage_out=not timed_out)
         except GreenletExit:

@@ -77,6 +77,15 @@ def failure_reason(exc: BaseException, log: Any, uid: str) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def exit_problems(rc: int | None, timed_out_after: float | None = None) -> list[str]:
+    """Why a unit whose process ended did not succeed (empty: it did), for both paths."""
+    if timed_out_after is not None:
+        return [f"timed out after {timed_out_after:g} s; killed"]
+    if rc == 0:
+        return []
+    return [f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"]
+
+
 def own_files(desc: dict[str, Any]) -> tuple[str, ...]:
     """The unit's stdout and stderr names that are files directly in its sandbox."""
     return tuple(n for n in (desc["stdout"], desc["stderr"]) if n and "/" not in n)
@@ -290,8 +299,7 @@ class PlainUnit:
             out, err, unreadable = result.value
             rc = self.rc
             fields = {"exit_code": rc, "stdout": out, "stderr": err}
-            why = [f"timed out after {self.desc['timeout']:g} s; killed"] if self.timed_out else \
-                [] if rc == 0 else [f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"]
+            why = exit_problems(rc, self.desc["timeout"] if self.timed_out else None)
             why += unreadable  # never report DONE with output silently missing
             if why:
                 self._end(states.FAILED, reason="; ".join(why), **fields)

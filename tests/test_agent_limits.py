@@ -431,3 +431,26 @@ def test_an_unforeseen_error_in_a_units_greenlet_fails_the_unit_saying_so(tmp_pa
     states_seen = [(u[1], u[3].get("reason")) for u in agent.updates]
     assert states_seen[0] == ("STAGING_IN", None)
     assert states_seen[-1][0] == "FAILED" and "has no attribute" in states_seen[-1][1]
+
+
+@pytest.mark.parametrize("why, code", [("runtime", "pilot_walltime"), ("signal", "not_started")])
+def test_a_unit_that_comes_after_the_stop_began_is_reported_not_started(tmp_path, why, code):
+    """A pull under way when the agent's stop began can still bring units (its reply comes
+    during the stop). Such a unit is not started, on either path (a plain unit; one with
+    staging, a greenlet): it is reported at once with the stop's state and reason, and a code
+    that lets the hub give it to another pilot. (Before, it started, and only the agent's last
+    kill, after the final push, ended it: its report never reached the hub.)"""
+    agent = unrun_agent(str(tmp_path))
+    agent.stop(why, "FAILED", "the stop's reason")
+    plain = {"executable": "/bin/true", "arguments": [], "cores": 1, "gpus": 0,
+             "stdout": "STDOUT", "stderr": "STDERR", "timeout": None, "input_staging": [],
+             "output_staging": []}
+    staged = {**plain, "input_staging": [{"source": str(tmp_path / "in"), "target": "in"}]}
+    agent._start_unit("unit.000001", plain)
+    agent._start_unit("unit.000002", staged)
+    assert agent.units == {} and agent.cancel_reasons == {}
+    assert [(u[0], u[1], u[3]) for u in agent.updates] == [
+        (uid, "FAILED", {"reason": "the stop's reason", "reason_code": code,
+                         **({"exit_code": None} if why == "runtime" else {})})
+        for uid in ("unit.000001", "unit.000002")]
+    assert not (tmp_path / "unit.000001").exists()  # nothing was done for it

@@ -3,9 +3,11 @@ happens when it or the agent dies."""
 
 from __future__ import annotations
 
+import glob
 import json
 import marshal
 import os
+import resource
 import select
 import shutil
 import signal
@@ -346,3 +348,81 @@ def test_a_second_kill_while_a_unit_is_terminated_sends_sigkill_and_returns(tmp_
         assert proc.wait(timeout=5) == -sig.SIGKILL
     finally:
         spawner.close()
+
+
+def _log_count(pilot, event: str) -> int:
+    """How many times the agent logged ``event`` so far (its log is agent.out or agent.err)."""
+    n = 0
+    for name in ("agent.out", "agent.err"):
+        try:
+            with open(os.path.join(pilot.sandbox, name), errors="replace") as fh:
+                n += fh.read().count(event)
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def test_a_spawner_whose_fd_table_is_full_still_starts_units(session, tmp_path):
+    """The spawner's soft RLIMIT_NOFILE is lowered (prlimit, from outside) to its lowest free
+    fd, so it cannot open one more file. Units start all the same, on both paths (a plain
+    unit, and one with staging, which runs as a greenlet): each start only replaces fds 0-2
+    (glibc's posix_spawn closes a target fd before its open), and the spawner opens nothing of
+    its own per unit. So "too many open files" never reaches a unit from its spawn here (the
+    agent's FD_SHORT retry is left for ENFILE, the system's table full). The spawner also
+    exits cleanly at the pilot's end with its table full."""
+    _, pilot, umgr = local_pilot(session, cores=1)
+    first = umgr.submit_units(rpg.UnitDescription(executable="/bin/true"))
+    assert first.wait(timeout=30) == "DONE", first.reason  # the spawner is in its loop now
+    spawner = spawner_of(pilot)
+    held = {int(n) for n in os.listdir(f"/proc/{spawner.pid}/fd")}
+    lowest_free = min(set(range(len(held) + 1)) - held)
+    _, hard = resource.prlimit(spawner.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(spawner.pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+    src = tmp_path / "in.txt"
+    src.write_text("staged\n")
+    plain, staged = umgr.submit_units([
+        rpg.UnitDescription(executable="/bin/sh", arguments=["-c", "echo ran; ls"]),
+        rpg.UnitDescription(executable="/bin/sh", arguments=["-c", "echo ran; ls"],
+                            input_staging=[{"source": str(src), "target": "in.txt"}])])
+    assert umgr.wait_units([plain.uid, staged.uid], timeout=30) == ["DONE", "DONE"], \
+        (plain.reason, staged.reason)
+    assert plain.stdout.split() == ["ran", "STDERR", "STDOUT"]
+    assert staged.stdout.split() == ["ran", "STDERR", "STDOUT", "in.txt"]
+    assert spawner_of(pilot).pid == spawner.pid  # the same spawner served them
+    assert _log_count(pilot, "spawn_fds_short") == 0
+    pilot.cancel()
+    assert pilot.wait(timeout=30) in rpg.FINAL
+    assert not spawner.is_running()
+    stats = glob.glob(os.path.join(pilot.sandbox, f"spawner.{spawner.pid}.stats.json"))
+    assert len(stats) == 1, os.listdir(pilot.sandbox)  # written with its fd table full
+
+
+def test_a_unit_whose_exit_is_not_seen_at_the_pilots_end_is_reported_by_the_agent(session):
+    """The spawner is stopped (SIGSTOP) under a running unit, so neither the stop's SIGTERM and
+    SIGKILL nor the unit's exit get through; then the pilot's walltime runs out. The agent
+    waits kill_grace + STOP_WAIT_S for the exit, then reports the unit itself, with the stop's
+    words and no exit code: the final push carries it (without that, the hub ended it with its
+    own words, "pilot ... ended")."""
+    from rpg.agent.agent import STOP_WAIT_S
+
+    pmgr = rpg.PilotManager(session)
+    pilot = pmgr.submit_pilots(rpg.PilotDescription(resource="local", cores=1, runtime=0.05,
+                                                    kill_grace=0.5))
+    umgr = rpg.UnitManager(session)
+    umgr.add_pilots(pilot)
+    unit = umgr.submit_units(rpg.UnitDescription(executable="/bin/sleep", arguments=["60"]))
+    assert unit.wait(state="EXECUTING", timeout=30) == "EXECUTING", (unit.state, unit.reason)
+    spawner = spawner_of(pilot)
+    spawner.suspend()
+    try:
+        assert unit.wait(timeout=3 + 0.5 + STOP_WAIT_S + 15) == "FAILED", unit.state
+    finally:
+        try:
+            spawner.resume()
+        except psutil.NoSuchProcess:
+            pass
+    assert unit.reason == "pilot walltime: its runtime of 3 s ran out", unit.reason
+    assert unit.exit_code is None
+    assert pilot.wait(timeout=30) in rpg.FINAL
+    assert _log_count(pilot, "units_not_seen_to_exit") == 1
+    assert wait_no_pilot_processes(pilot_key(session.uid, pilot.uid)) == []

@@ -76,6 +76,10 @@ COLLECT_GATHER_S = 0.002  # outputs read in one lane hand-off per 2 ms, not one 
 # that long at most for a stalled journal disk, rpg/hub/service.py), so that such a push is
 # answered, not sent again.
 CALL_TIMEOUT_S = 15.0
+# How long a stop waits, after ``kill_grace``, for the units' SIGKILLed groups to be seen to
+# exit. A unit whose exit is not seen by then (a process in D state on a dead disk, a stalled
+# spawner) is reported there, with no exit code, so that the final push carries it.
+STOP_WAIT_S = 10.0
 
 
 class Agent(HubLink):
@@ -141,7 +145,7 @@ class Agent(HubLink):
         # up within CALL_TIMEOUT_S (then the next one reaches the new hub). That bound was
         # zerorpc's per-call heartbeat (lost after 2 x 5 s): a greenlet and a timer more per
         # call, 30-50 us of CPU of a call's 530-580 (docs/performance.md, stop 37).
-        timeout = max(1.0, min(self.hb_timeout, CALL_TIMEOUT_S))
+        timeout = self.call_timeout = max(1.0, min(self.hb_timeout, CALL_TIMEOUT_S))
         self.rpc_pull = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=None)
         self.rpc_push = zerorpc.Client(context=ctx, timeout=timeout, heartbeat=None)
         no_zero_copy(self.rpc_pull)
@@ -162,7 +166,8 @@ class Agent(HubLink):
                 raise _HubLost(self.stop_info[2] if self.stop_info else "agent stopped")
             if registering.get() is not None:
                 raise registering.value
-            loops += [gevent.spawn(self._pull_loop), gevent.spawn(self._push_loop)]
+            puller = gevent.spawn(self._pull_loop)
+            loops += [puller, gevent.spawn(self._push_loop)]
             if self.gc_policy is not None:
                 loops.append(gevent.spawn(self._full_collections, self.gc_policy))
             runtime = float(self.cfg.runtime_s or 0)
@@ -187,6 +192,9 @@ class Agent(HubLink):
             elif why == "rejected":
                 code = EXIT_REJECTED
             else:
+                # A pull under way when the stop began may still bring units: they are
+                # reported as not started (_start_unit), and the final push must carry that.
+                puller.join(timeout=self.call_timeout + 1.0)
                 pusher = gevent.spawn(self._final_push)
                 gevent.wait([pusher, self.hub_gone], count=1)  # the hub may die meanwhile
                 pusher.kill(block=True, timeout=1.0)
@@ -318,17 +326,36 @@ class Agent(HubLink):
         self._escalations.add(gevent.spawn(escalate))
 
     def _stop_units(self, unit_state: str, reason: str) -> None:
+        """End every unit held (as ``unit_state``, ``reason``) and wait for their reports. A
+        unit whose SIGKILLed group is not seen to exit within ``kill_grace`` + STOP_WAIT_S is
+        killed a second time, which reports it at once with no exit code seen (both paths):
+        no unit the stop ended is left out of the final push."""
         for uid, g in list(self.units.items()):
             self.cancel_reasons.setdefault(uid, (unit_state, reason))
             g.kill(block=False)
-        gevent.joinall(list(self.units.values()), timeout=self.kill_grace + 10)
+        gevent.joinall(list(self.units.values()), timeout=self.kill_grace + STOP_WAIT_S)
+        left = list(self.units.items())
+        if left:
+            self.log.warning("units_not_seen_to_exit", units=len(left), first=left[0][0],
+                             waited_s=self.kill_grace + STOP_WAIT_S)
+            for _, g in left:
+                g.kill(block=False)
+            gevent.joinall([g for _, g in left], timeout=STOP_WAIT_S)
 
     # -- one unit --------------------------------------------------------------------------------
 
     def _start_unit(self, uid: str, desc: dict[str, Any]) -> None:
         """Hold the unit (in ``units``) and start it. A plain executable unit (no staging, not
         srun, not a function) runs as a PlainUnit, driven by callbacks
-        (rpg/agent/plain_unit.py); any other as a greenlet."""
+        (rpg/agent/plain_unit.py); any other as a greenlet. One that comes after the stop
+        began (in the reply to a pull that was under way) is not started: it is reported as
+        such, and the hub may give it to another pilot."""
+        if self.done.is_set():
+            _, state, reason = self.stop_info or ("?", states.CANCELED, "agent stopped")
+            self.cancel_reasons[uid] = (state, reason)
+            self.report_ended(uid, False, None)
+            del self.cancel_reasons[uid]
+            return
         if (desc.get("payload") is None
                 and not desc.get("input_staging") and not desc.get("output_staging")
                 and desc.get("launch") != "srun"):

@@ -140,6 +140,9 @@ class Server:
                 self.flush()
         finally:
             self.kill_all()
+            signal.set_wakeup_fd(-1)
+            for fd in (wake_r, wake_w):  # two fds free for the stats, even from a full table
+                os.close(fd)
             self.write_stats()
 
     def _on_chld(self, *_: object) -> None:
@@ -247,9 +250,9 @@ class Server:
         stats = {"pid": os.getpid(), "spawns": self.spawns, "spawn_s": round(self.spawn_s, 6),
                  "select_s": round(self.select_s, 6),
                  "alive_s": round(time.monotonic() - self.started, 6)}
-        import json  # here: not on the start-up path of every pilot
-
         try:
+            import json  # here: not on the start-up path of every pilot
+
             with open(os.path.join(self.home, STATS_FILE.format(pid=os.getpid())), "w") as fh:
                 fh.write(json.dumps(stats))
         except OSError:

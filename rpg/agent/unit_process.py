@@ -35,7 +35,9 @@ SPAWNERS = 1  # spawner processes. Measured here (2 cores, 2026-12-06, bench/con
 #              against 9-10 and 12-13 (the CPU is full): one, while the CPU is the limit
 REPLY_SLICE = 128  # the spawner's replies applied per turn of the loop (an exit wakes a unit)
 SPAWN_TIMEOUT_S = 120.0  # a spawn the spawner did not answer (a stalled disk) fails the unit
-FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries
+FD_SHORT = (errno.EMFILE, errno.ENFILE)  # a spawn that hits these waits and retries. Only
+#   ENFILE (the system's table full) can come from a start today: a start only replaces the
+#   spawner's fds 0-2, which glibc closes before each open (tests/test_spawner.py)
 SPAWN_RETRY_S = 300.0  # how long a unit waits out "too many open files" before it fails
 NO_SPAWNER_RETRY_S = 0.1  # while a dead spawner is replaced, a spawn looks again this often
 

@@ -397,32 +397,47 @@ def test_a_spawner_whose_fd_table_is_full_still_starts_units(session, tmp_path):
     assert len(stats) == 1, os.listdir(pilot.sandbox)  # written with its fd table full
 
 
-def test_a_unit_whose_exit_is_not_seen_at_the_pilots_end_is_reported_by_the_agent(session):
+@pytest.mark.parametrize("kind", ["plain", "greenlet"])
+def test_a_unit_whose_exit_is_not_seen_at_the_pilots_end_is_reported_by_the_agent(session,
+                                                                                  tmp_path,
+                                                                                  kind):
     """The spawner is stopped (SIGSTOP) under a running unit, so neither the stop's SIGTERM and
     SIGKILL nor the unit's exit get through; then the pilot's walltime runs out. The agent
-    waits kill_grace + STOP_WAIT_S for the exit, then reports the unit itself, with the stop's
-    words and no exit code: the final push carries it (without that, the hub ended it with its
-    own words, "pilot ... ended")."""
+    waits kill_grace + STOP_WAIT_S for the exit, then reports the unit itself (both paths: a
+    plain unit, and one with staging, a greenlet), with the stop's words and no exit code: the
+    final push carries it (without that, the hub ended it with its own words). "plain" leaves
+    the spawner stopped: the agent SIGKILLs it at its exit and then kills the unit's group,
+    which the spawner can no longer do."""
     from rpg.agent.agent import STOP_WAIT_S
 
+    src = tmp_path / "in.txt"
+    src.write_text("staged\n")
+    staging = [{"source": str(src), "target": "in.txt"}] if kind == "greenlet" else []
     pmgr = rpg.PilotManager(session)
     pilot = pmgr.submit_pilots(rpg.PilotDescription(resource="local", cores=1, runtime=0.05,
                                                     kill_grace=0.5))
     umgr = rpg.UnitManager(session)
     umgr.add_pilots(pilot)
-    unit = umgr.submit_units(rpg.UnitDescription(executable="/bin/sleep", arguments=["60"]))
+    unit = umgr.submit_units(rpg.UnitDescription(executable="/bin/sleep", arguments=["60"],
+                                                 input_staging=staging))
     assert unit.wait(state="EXECUTING", timeout=30) == "EXECUTING", (unit.state, unit.reason)
     spawner = spawner_of(pilot)
     spawner.suspend()
     try:
         assert unit.wait(timeout=3 + 0.5 + STOP_WAIT_S + 15) == "FAILED", unit.state
+        assert unit.reason == "pilot walltime: its runtime of 3 s ran out", unit.reason
+        assert unit.exit_code is None
+        if kind == "plain":
+            assert pilot.wait(timeout=40) in rpg.FINAL
+            killed = [json.loads(line)["killed"] for name in ("agent.out", "agent.err")
+                      for line in open(os.path.join(pilot.sandbox, name))
+                      if "units_left_by_spawner_killed" in line]
+            assert killed == [1]  # the sleep 60, killed by the agent itself
     finally:
         try:
             spawner.resume()
         except psutil.NoSuchProcess:
             pass
-    assert unit.reason == "pilot walltime: its runtime of 3 s ran out", unit.reason
-    assert unit.exit_code is None
     assert pilot.wait(timeout=30) in rpg.FINAL
     assert _log_count(pilot, "units_not_seen_to_exit") == 1
     assert wait_no_pilot_processes(pilot_key(session.uid, pilot.uid)) == []

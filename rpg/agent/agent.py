@@ -194,7 +194,7 @@ class Agent(HubLink):
             else:
                 # A pull under way when the stop began may still bring units: they are
                 # reported as not started (_start_unit), and the final push must carry that.
-                puller.join(timeout=self.call_timeout + 1.0)
+                gevent.wait([puller, self.hub_gone], count=1, timeout=self.call_timeout + 1.0)
                 pusher = gevent.spawn(self._final_push)
                 gevent.wait([pusher, self.hub_gone], count=1)  # the hub may die meanwhile
                 pusher.kill(block=True, timeout=1.0)
@@ -356,6 +356,7 @@ class Agent(HubLink):
             self.report_ended(uid, False, None)
             del self.cancel_reasons[uid]
             return
+        self.counters["units"] += 1
         if (desc.get("payload") is None
                 and not desc.get("input_staging") and not desc.get("output_staging")
                 and desc.get("launch") != "srun"):

@@ -118,7 +118,6 @@ class HubLink:
                 uid = item["uid"]
                 if uid not in self.units:
                     self._start_unit(uid, item["description"])
-                    self.counters["units"] += 1
             signaled: list[Any] = []
             for i, uid in enumerate(resp["cancel"]):
                 if i and i % CANCEL_SLICE == 0:
@@ -128,7 +127,7 @@ class HubLink:
                 self.escalate_later(signaled)
             if resp["shutdown"]:
                 self.stop("shutdown", states.CANCELED, str(resp["shutdown"]))
-            elif resp.get("resync"):
+            elif resp.get("resync") and not self.done.is_set():  # stopping: the final push tells
                 self._tell_holding()
 
     def _tell_holding(self) -> None:

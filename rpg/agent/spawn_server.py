@@ -255,7 +255,7 @@ class Server:
 
             with open(os.path.join(self.home, STATS_FILE.format(pid=os.getpid())), "w") as fh:
                 fh.write(json.dumps(stats))
-        except OSError:
+        except Exception:  # best effort: never the reason this process exits badly
             pass
 
     def kill_all(self) -> None:

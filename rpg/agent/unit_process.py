@@ -279,10 +279,12 @@ class Spawner:
         self.procs.clear()
         self.on_gone(self, reason, left)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the spawner: it kills and reaps what still runs, then exits; reap it."""
+    def close(self, timeout: float = 10.0) -> list[tuple[int, str]]:
+        """Stop the spawner: it kills and reaps what still runs, then exits; reap it. One that
+        does not exit within ``timeout`` (stalled) is SIGKILLed: the units it had started are
+        returned, (pid, uid), for the caller to kill (``kill_unit_groups``, blocking)."""
         if self.child is None:
-            return
+            return []
         self.closed = True
         gevent.killall([g for g in self._greenlets if g is not gevent.getcurrent()],
                        timeout=1.0)
@@ -291,10 +293,14 @@ class Spawner:
                 os.close(fd)
             except OSError:
                 pass
+        left: list[tuple[int, str]] = []
         if self.child.wait(timeout=timeout) is None:
             self.child.kill_group(signal.SIGKILL)
             self.child.wait(timeout=5)
+            left = [(p.pid, p.uid) for p in self.procs.values() if p.pid is not None]
+            self.log.warning("spawner_killed_at_close", units=len(left))
         self.child = None
+        return left
 
 
 class Spawners:
@@ -365,6 +371,14 @@ class Spawners:
         return [s.niced if s is not None else None for s in self.slots]
 
     def close(self) -> None:
+        """Stop every spawner. The units a stalled one leaves behind (it was SIGKILLed, and they
+        were not its to kill any more) have their groups killed here."""
         for spawner in self.slots:
             if spawner is not None:
-                spawner.close()
+                left = spawner.close()
+                if left:
+                    try:
+                        killed = self.pool.spawn.run(kill_unit_groups, left, timeout=30)
+                        self.log.warning("units_left_by_spawner_killed", killed=killed)
+                    except Exception as exc:
+                        self.log.error("units_left_by_spawner_not_killed", error=str(exc))

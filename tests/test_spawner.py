@@ -407,7 +407,7 @@ def test_a_unit_whose_exit_is_not_seen_at_the_pilots_end_is_reported_by_the_agen
     plain unit, and one with staging, a greenlet), with the stop's words and no exit code: the
     final push carries it (without that, the hub ended it with its own words). "plain" leaves
     the spawner stopped: the agent SIGKILLs it at its exit and then kills the unit's group,
-    which the spawner can no longer do."""
+    which the spawner can no longer do, and its heartbeat goes on meanwhile."""
     from rpg.agent.agent import STOP_WAIT_S
 
     src = tmp_path / "in.txt"
@@ -415,7 +415,7 @@ def test_a_unit_whose_exit_is_not_seen_at_the_pilots_end_is_reported_by_the_agen
     staging = [{"source": str(src), "target": "in.txt"}] if kind == "greenlet" else []
     pmgr = rpg.PilotManager(session)
     pilot = pmgr.submit_pilots(rpg.PilotDescription(resource="local", cores=1, runtime=0.05,
-                                                    kill_grace=0.5))
+                                                    kill_grace=0.5, heartbeat_timeout=4))
     umgr = rpg.UnitManager(session)
     umgr.add_pilots(pilot)
     unit = umgr.submit_units(rpg.UnitDescription(executable="/bin/sleep", arguments=["60"],
@@ -428,7 +428,10 @@ def test_a_unit_whose_exit_is_not_seen_at_the_pilots_end_is_reported_by_the_agen
         assert unit.reason == "pilot walltime: its runtime of 3 s ran out", unit.reason
         assert unit.exit_code is None
         if kind == "plain":
-            assert pilot.wait(timeout=40) in rpg.FINAL
+            # The agent's pushes go on while it waits 10 s for the stalled spawner at its exit:
+            # its heartbeat, or the hub would end the pilot FAILED after 4 s of silence.
+            assert pilot.wait(timeout=40) == "DONE", (pilot.state, pilot.reason)
+            assert pilot.reason == "agent finished (runtime ended)", pilot.reason
             killed = [json.loads(line)["killed"] for name in ("agent.out", "agent.err")
                       for line in open(os.path.join(pilot.sandbox, name))
                       if "units_left_by_spawner_killed" in line]

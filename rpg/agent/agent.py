@@ -153,6 +153,7 @@ class Agent(HubLink):
         self.rpc_pull.connect(self.cfg.hub_address)
         self.rpc_push.connect(self.cfg.hub_address)
         loops: list[Any] = []
+        pusher_loop: Any = None
         code = EXIT_OK
         try:
             self._raise_fd_limit()  # after connect: counts what zmq holds too
@@ -167,7 +168,8 @@ class Agent(HubLink):
             if registering.get() is not None:
                 raise registering.value
             puller = gevent.spawn(self._pull_loop)
-            loops += [puller, gevent.spawn(self._push_loop)]
+            pusher_loop = gevent.spawn(self._push_loop)
+            loops += [puller, pusher_loop]
             if self.gc_policy is not None:
                 loops.append(gevent.spawn(self._full_collections, self.gc_policy))
             runtime = float(self.cfg.runtime_s or 0)
@@ -208,9 +210,14 @@ class Agent(HubLink):
             code = EXIT_HUB_LOST
         finally:
             self._stop_units(states.CANCELED, "agent exiting")
-            gevent.killall(loops + list(self._escalations), timeout=5)
+            # The push loop goes last: its pushes are the heartbeat while the spawners and the
+            # workers close (a stalled spawner takes 10 s, the default heartbeat timeout).
+            gevent.killall([g for g in loops if g is not pusher_loop] + list(self._escalations),
+                           timeout=5)
             self.spawners.close()
             self.workers.close()
+            if pusher_loop is not None:
+                gevent.killall([pusher_loop], timeout=5)
             self._write_stats(code)
             self.rpc_pull.close()
             self.rpc_push.close()

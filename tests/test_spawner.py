@@ -432,9 +432,9 @@ def test_a_unit_whose_exit_is_not_seen_at_the_pilots_end_is_reported_by_the_agen
             # its heartbeat, or the hub would end the pilot FAILED after 4 s of silence.
             assert pilot.wait(timeout=40) == "DONE", (pilot.state, pilot.reason)
             assert pilot.reason == "agent finished (runtime ended)", pilot.reason
-            killed = [json.loads(line)["killed"] for name in ("agent.out", "agent.err")
+            killed = [json.loads(line)["units_killed"] for name in ("agent.out", "agent.err")
                       for line in open(os.path.join(pilot.sandbox, name))
-                      if "units_left_by_spawner_killed" in line]
+                      if "spawner_killed_at_close" in line]
             assert killed == [1]  # the sleep 60, killed by the agent itself
     finally:
         try:

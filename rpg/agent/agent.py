@@ -154,6 +154,7 @@ class Agent(HubLink):
         self.rpc_push.connect(self.cfg.hub_address)
         loops: list[Any] = []
         pusher_loop: Any = None
+        final_pushed = False  # the orderly end: the stop's reports went in the final push
         code = EXIT_OK
         try:
             self._raise_fd_limit()  # after connect: counts what zmq holds too
@@ -202,6 +203,8 @@ class Agent(HubLink):
                 pusher.kill(block=True, timeout=1.0)
                 if self.hub_gone.is_set():
                     code = EXIT_HUB_LOST
+                else:
+                    final_pushed = True
         except _Rejected as exc:
             self.log.error("agent_rejected", error=str(exc))
             code = EXIT_REJECTED
@@ -209,6 +212,10 @@ class Agent(HubLink):
             self.log.error("hub_lost", error=str(exc))
             code = EXIT_HUB_LOST
         finally:
+            if not final_pushed and pusher_loop is not None:
+                # No orderly end (a crash, the hub lost or refusing): the hub ends what is left,
+                # in its own words (a crash is no cancel); pushing "agent exiting" would not be.
+                gevent.killall([pusher_loop], timeout=5)
             self._stop_units(states.CANCELED, "agent exiting")
             # The push loop goes last: its pushes are the heartbeat while the spawners and the
             # workers close (a stalled spawner takes 10 s, the default heartbeat timeout).

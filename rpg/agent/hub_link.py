@@ -19,6 +19,7 @@ import gevent
 import msgpack
 import zerorpc
 from gevent.event import Event
+from gevent.lock import Semaphore
 
 from rpg import states
 from rpg.io_pool import yield_to_loop
@@ -50,6 +51,9 @@ class HubLink:
         self.last_ok = time.monotonic()
         self.pull_got = 0  # the last pull reply it got (the hub resends one it never got)
         self.last_push = 0  # updates the last push carried (a busy agent gathers longer)
+        # One push at a time: the push loop's and the final push's would race at the hub,
+        # which applies each in a greenlet that yields, so a unit's states could be reordered.
+        self.push_lock = Semaphore()
 
     def _register(self) -> Exception | None:
         """Call in; returns the _Rejected or _HubLost that ends the agent, or None."""
@@ -156,6 +160,10 @@ class HubLink:
             self._push_once()
 
     def _push_once(self) -> bool:
+        with self.push_lock:
+            return self._push_locked()
+
+    def _push_locked(self) -> bool:
         n, size = 0, 0
         for upd in self.updates[:PUSH_BATCH]:  # and results of at most PUSH_BYTES, but one
             size += _result_bytes(upd[3])
@@ -207,6 +215,9 @@ class HubLink:
         while self.updates and time.monotonic() < deadline:
             if not self._push_once():
                 gevent.sleep(0.1)
+        # A push under way (the push loop's) has its answer before this returns.
+        if self.push_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self.push_lock.release()
 
     def _encodable(self, update: list[Any]) -> list[Any]:
         """``update`` if msgpack can encode it; else repaired (strings made UTF-8-safe) or

@@ -23,7 +23,7 @@ from gevent.socket import wait_read, wait_write
 
 from rpg.io_pool import SpawnError, spawn, yield_to_loop
 from rpg.io_pool.process import Child
-from rpg.io_pool.sweep import kill_unit_groups
+from rpg.io_pool.sweep import kill_child_groups, kill_unit_groups
 
 SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawn_server.py")
 HEADER_SIZE = 4
@@ -279,12 +279,14 @@ class Spawner:
         self.procs.clear()
         self.on_gone(self, reason, left)
 
-    def close(self, timeout: float = 10.0) -> list[tuple[int, str]]:
+    def close(self, timeout: float = 10.0,
+              kill_units: Callable[[int], int] | None = None) -> None:
         """Stop the spawner: it kills and reaps what still runs, then exits; reap it. One that
-        does not exit within ``timeout`` (stalled) is SIGKILLed: the units it had started are
-        returned, (pid, uid), for the caller to kill (``kill_unit_groups``, blocking)."""
+        does not exit within ``timeout`` (stalled) is stopped (SIGSTOP), so that its units stay
+        its unreaped children, and ``kill_units(its pid)`` kills their groups (blocking: the
+        caller runs it in a lane); then it is SIGKILLed."""
         if self.child is None:
-            return []
+            return
         self.closed = True
         gevent.killall([g for g in self._greenlets if g is not gevent.getcurrent()],
                        timeout=1.0)
@@ -293,14 +295,18 @@ class Spawner:
                 os.close(fd)
             except OSError:
                 pass
-        left: list[tuple[int, str]] = []
         if self.child.wait(timeout=timeout) is None:
+            killed: Any = None
+            try:
+                os.kill(self.child.pid, signal.SIGSTOP)
+                if kill_units is not None:
+                    killed = kill_units(self.child.pid)
+            except Exception as exc:  # a spawner gone meanwhile, a lane that refused
+                killed = f"{type(exc).__name__}: {exc}"
+            self.log.warning("spawner_killed_at_close", units_killed=killed)
             self.child.kill_group(signal.SIGKILL)
             self.child.wait(timeout=5)
-            left = [(p.pid, p.uid) for p in self.procs.values() if p.pid is not None]
-            self.log.warning("spawner_killed_at_close", units=len(left))
         self.child = None
-        return left
 
 
 class Spawners:
@@ -371,14 +377,11 @@ class Spawners:
         return [s.niced if s is not None else None for s in self.slots]
 
     def close(self) -> None:
-        """Stop every spawner. The units a stalled one leaves behind (it was SIGKILLed, and they
-        were not its to kill any more) have their groups killed here."""
+        """Stop every spawner. A stalled one's units (it cannot kill them, and once it is
+        SIGKILLed they are nobody's) have their groups killed here, from the spawn lane."""
+        def kill_units(pid: int) -> int:
+            return self.pool.spawn.run(kill_child_groups, pid, timeout=30)
+
         for spawner in self.slots:
             if spawner is not None:
-                left = spawner.close()
-                if left:
-                    try:
-                        killed = self.pool.spawn.run(kill_unit_groups, left, timeout=30)
-                        self.log.warning("units_left_by_spawner_killed", killed=killed)
-                    except Exception as exc:
-                        self.log.error("units_left_by_spawner_not_killed", error=str(exc))
+                spawner.close(kill_units=kill_units)

@@ -71,6 +71,31 @@ def kill_unit_groups(leaders: list[tuple[int, str]]) -> int:
     return killed
 
 
+def kill_child_groups(parent: int) -> int:
+    """SIGKILL the process group of each child of ``parent``, which the caller has stopped
+    (SIGSTOP): none of its children is reaped meanwhile, so no pid here can have been reused,
+    a zombie leader's group included. Each unit leads its own group; a child that does not is
+    killed alone. Returns how many were signaled."""
+    killed = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[-1].split()
+            if int(fields[1]) != parent:
+                continue
+            pid, pgrp = int(name), int(fields[2])
+            if pgrp == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except (OSError, IndexError, ValueError):
+            continue
+    return killed
+
+
 UNIT_SANDBOX_PREFIX = "unit."  # a unit's sandbox is <pilot sandbox>/<unit uid>
 
 

@@ -154,6 +154,7 @@ class Agent(HubLink):
         self.rpc_push.connect(self.cfg.hub_address)
         loops: list[Any] = []
         pusher_loop: Any = None
+        pusher: Any = None  # the final push
         final_pushed = False  # the orderly end: the stop's reports went in the final push
         code = EXIT_OK
         try:
@@ -201,10 +202,10 @@ class Agent(HubLink):
                 pusher = gevent.spawn(self._final_push)
                 gevent.wait([pusher, self.hub_gone], count=1)  # the hub may die meanwhile
                 pusher.kill(block=True, timeout=1.0)
-                if self.hub_gone.is_set():
+                if self.hub_gone.is_set() or self.hub_silent:
                     code = EXIT_HUB_LOST
                 else:
-                    final_pushed = True
+                    final_pushed = pusher.successful()
         except _Rejected as exc:
             self.log.error("agent_rejected", error=str(exc))
             code = EXIT_REJECTED
@@ -212,10 +213,10 @@ class Agent(HubLink):
             self.log.error("hub_lost", error=str(exc))
             code = EXIT_HUB_LOST
         finally:
-            if not final_pushed and pusher_loop is not None:
+            if not final_pushed:
                 # No orderly end (a crash, the hub lost or refusing): the hub ends what is left,
                 # in its own words (a crash is no cancel); pushing "agent exiting" would not be.
-                gevent.killall([pusher_loop], timeout=5)
+                gevent.killall([g for g in (pusher_loop, pusher) if g is not None], timeout=5)
             self._stop_units(states.CANCELED, "agent exiting")
             # The push loop goes last: its pushes are the heartbeat while the spawners and the
             # workers close (a stalled spawner takes 10 s, the default heartbeat timeout).

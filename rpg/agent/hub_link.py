@@ -54,6 +54,8 @@ class HubLink:
         # One push at a time: the push loop's and the final push's would race at the hub,
         # which applies each in a greenlet that yields, so a unit's states could be reordered.
         self.push_lock = Semaphore()
+        self.push_failed: BaseException | None = None  # a push's call that got no answer
+        self.hub_silent = False  # the hub has not answered for hb_timeout (stop: "hub_lost")
 
     def _register(self) -> Exception | None:
         """Call in; returns the _Rejected or _HubLost that ends the agent, or None."""
@@ -90,6 +92,7 @@ class HubLink:
         silent = time.monotonic() - self.last_ok
         self.log.warning("hub_call_failed", error=str(exc)[:200], silent_s=round(silent, 2))
         if silent > self.hb_timeout:
+            self.hub_silent = True  # also during a stop already under way (its final push)
             self.stop("hub_lost", states.CANCELED, f"hub silent for {silent:.1f} s")
         else:
             gevent.sleep(min(0.5, self.hb_interval))
@@ -161,7 +164,11 @@ class HubLink:
 
     def _push_once(self) -> bool:
         with self.push_lock:
-            return self._push_locked()
+            ok = self._push_locked()
+        failed, self.push_failed = self.push_failed, None
+        if failed is not None:
+            self._rpc_failed(failed)  # its pause, outside the lock
+        return ok
 
     def _push_locked(self) -> bool:
         n, size = 0, 0
@@ -193,7 +200,7 @@ class HubLink:
         except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as exc:
             self.updates[:0] = batch  # keep order; resend next time
             self.have_updates.set()
-            self._rpc_failed(exc)
+            self.push_failed = exc
             return False
         finally:
             self.pushing = []

@@ -23,7 +23,7 @@ from gevent.socket import wait_read, wait_write
 
 from rpg.io_pool import SpawnError, spawn, yield_to_loop
 from rpg.io_pool.process import Child
-from rpg.io_pool.sweep import kill_child_groups, kill_unit_groups
+from rpg.io_pool.sweep import kill_stalled_spawners_units, kill_unit_groups
 
 SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawn_server.py")
 HEADER_SIZE = 4
@@ -280,11 +280,12 @@ class Spawner:
         self.on_gone(self, reason, left)
 
     def close(self, timeout: float = 10.0,
-              kill_units: Callable[[int], int] | None = None) -> None:
+              kill_units: Callable[[int, list], int] | None = None) -> None:
         """Stop the spawner: it kills and reaps what still runs, then exits; reap it. One that
         does not exit within ``timeout`` (stalled) is stopped (SIGSTOP), so that its units stay
-        its unreaped children, and ``kill_units(its pid)`` kills their groups (blocking: the
-        caller runs it in a lane); then it is SIGKILLed."""
+        its unreaped children, and ``kill_units(its pid, [(pid, uid) of the units it said it
+        started]``) kills their groups (blocking: the caller runs it in a lane); then it is
+        SIGKILLed."""
         if self.child is None:
             return
         self.closed = True
@@ -300,7 +301,8 @@ class Spawner:
             try:
                 os.kill(self.child.pid, signal.SIGSTOP)
                 if kill_units is not None:
-                    killed = kill_units(self.child.pid)
+                    killed = kill_units(self.child.pid, [(p.pid, p.uid) for p in
+                                                         self.procs.values() if p.pid is not None])
             except Exception as exc:  # a spawner gone meanwhile, a lane that refused
                 killed = f"{type(exc).__name__}: {exc}"
             self.log.warning("spawner_killed_at_close", units_killed=killed)
@@ -379,8 +381,8 @@ class Spawners:
     def close(self) -> None:
         """Stop every spawner. A stalled one's units (it cannot kill them, and once it is
         SIGKILLed they are nobody's) have their groups killed here, from the spawn lane."""
-        def kill_units(pid: int) -> int:
-            return self.pool.spawn.run(kill_child_groups, pid, timeout=30)
+        def kill_units(pid: int, leaders: list) -> int:
+            return self.pool.spawn.run(kill_stalled_spawners_units, pid, leaders, timeout=30)
 
         for spawner in self.slots:
             if spawner is not None:

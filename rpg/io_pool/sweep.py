@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from rpg.io_pool import blocking
 
@@ -71,12 +72,12 @@ def kill_unit_groups(leaders: list[tuple[int, str]]) -> int:
     return killed
 
 
-def kill_child_groups(parent: int) -> int:
+def kill_child_groups(parent: int) -> list[int]:
     """SIGKILL the process group of each child of ``parent``, which the caller has stopped
     (SIGSTOP): none of its children is reaped meanwhile, so no pid here can have been reused,
     a zombie leader's group included. Each unit leads its own group; a child that does not is
-    killed alone. Returns how many were signaled."""
-    killed = 0
+    killed alone. Returns the pids signaled."""
+    killed: list[int] = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -90,10 +91,31 @@ def kill_child_groups(parent: int) -> int:
                 os.killpg(pid, signal.SIGKILL)
             else:
                 os.kill(pid, signal.SIGKILL)
-            killed += 1
+            killed.append(pid)
         except (OSError, IndexError, ValueError):
             continue
     return killed
+
+
+def kill_stalled_spawners_units(spawner: int, leaders: list[tuple[int, str]],
+                                wait_s: float = 1.0) -> int:
+    """The units of a spawner the caller has just sent SIGSTOP: once it is seen stopped (or a
+    zombie), up to ``wait_s``, its children's groups (``kill_child_groups``); and the
+    ``(pid, uid)`` leaders the caller knew of, checked by environment (``kill_unit_groups``),
+    for those that stopped being its children first (it reaped them, or it exited). Returns
+    how many were signaled."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{spawner}/stat", "rb") as fh:
+                state = fh.read().rsplit(b")", 1)[-1].split()[0]
+        except (OSError, IndexError):
+            break
+        if state in (b"T", b"t", b"Z"):
+            break
+        time.sleep(0.01)
+    children = kill_child_groups(spawner)
+    return len(children) + kill_unit_groups([lu for lu in leaders if lu[0] not in children])
 
 
 UNIT_SANDBOX_PREFIX = "unit."  # a unit's sandbox is <pilot sandbox>/<unit uid>

@@ -408,7 +408,7 @@ def test_a_unit_whose_exit_is_not_seen_at_the_pilots_end_is_reported_by_the_agen
     final push carries it (without that, the hub ended it with its own words). "plain" leaves
     the spawner stopped: the agent SIGKILLs it at its exit and then kills the unit's group,
     which the spawner can no longer do, and its heartbeat goes on meanwhile."""
-    from rpg.agent.agent import STOP_WAIT_S
+    from rpg.agent.ending import STOP_WAIT_S
 
     src = tmp_path / "in.txt"
     src.write_text("staged\n")

@@ -21,6 +21,13 @@ import time
 from rpg.io_pool import blocking
 
 
+def _stat(pid: int | str) -> list[bytes]:
+    """The fields of ``/proc/PID/stat`` after the command name (which may hold spaces and
+    parentheses): [state, ppid, pgrp, session, tty, ...]. Raises OSError if it is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return fh.read().rsplit(b")", 1)[-1].split()
+
+
 def pilot_key(session_uid: str, pilot_uid: str) -> str:
     """The marker that names one pilot of one session on a machine."""
     return f"{session_uid}/{pilot_uid}"
@@ -42,8 +49,7 @@ def pilot_processes(key: str, sandbox: str | None = None) -> list[int]:
         if not name.isdigit() or int(name) in spare:
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[-1].split()
+            fields = _stat(name)
             if fields[0] == b"Z":
                 continue  # a zombie: dead already, its parent (or init) reaps it
             with open(f"/proc/{name}/environ", "rb") as fh:
@@ -82,8 +88,7 @@ def kill_child_groups(parent: int) -> list[int]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[-1].split()
+            fields = _stat(name)
             if int(fields[1]) != parent:
                 continue
             pid, pgrp = int(name), int(fields[2])
@@ -107,8 +112,7 @@ def kill_stalled_spawners_units(spawner: int, leaders: list[tuple[int, str]],
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
-            with open(f"/proc/{spawner}/stat", "rb") as fh:
-                state = fh.read().rsplit(b")", 1)[-1].split()[0]
+            state = _stat(spawner)[0]
         except (OSError, IndexError):
             break
         if state in (b"T", b"t", b"Z"):
@@ -137,8 +141,7 @@ def _self_and_ancestors() -> set[int]:
     while pid > 0 and pid not in pids:
         pids.add(pid)
         try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                pid = int(fh.read().rsplit(b")", 1)[-1].split()[1])
+            pid = int(_stat(pid)[1])
         except (OSError, IndexError, ValueError):
             break
     return pids
